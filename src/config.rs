@@ -1,0 +1,889 @@
+//! The configuration file: serde structs that mirror the YAML exactly
+//! (`deny_unknown_fields` everywhere, `server` included), converted once into
+//! the validated runtime [`Config`]. `tollgate check` and `tollgate serve -t`
+//! both call [`Config::load`], so they accept and reject the same files.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
+use std::time::Duration;
+
+use http::Uri;
+use pingora::server::configuration::ServerConf;
+use serde::Deserialize;
+use serde_yaml::Value;
+
+use crate::race::{Strategy, SuccessRule};
+
+/// One problem in a configuration file, with the field path it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Field path such as `routes[1].strategy`; empty for the whole file.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in one file (serde stops at the first syntax or type
+/// error; the semantic checks after it report all they find).
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+fn err(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        path: path.into(),
+        message: message.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// File format
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    server: Option<Value>,
+    #[serde(default = "default_listen")]
+    listen: Vec<String>,
+    #[serde(default = "default_admin_listen")]
+    admin_listen: String,
+    #[serde(default)]
+    store: FileStore,
+    #[serde(default)]
+    auth: FileAuth,
+    #[serde(default)]
+    rate_limit: FileRateLimit,
+    #[serde(default)]
+    credits: FileCredits,
+    routes: Vec<FileRoute>,
+    #[serde(default)]
+    notify: Option<FileNotify>,
+}
+
+fn default_listen() -> Vec<String> {
+    vec!["0.0.0.0:8080".to_string()]
+}
+
+fn default_admin_listen() -> String {
+    "127.0.0.1:9091".to_string()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileStore {
+    redis_url: Option<String>,
+    #[serde(default = "default_key_prefix")]
+    key_prefix: String,
+    keys_file: Option<String>,
+    #[serde(default = "default_on_error")]
+    on_error: String,
+}
+
+impl Default for FileStore {
+    fn default() -> Self {
+        FileStore {
+            redis_url: None,
+            key_prefix: default_key_prefix(),
+            keys_file: None,
+            on_error: default_on_error(),
+        }
+    }
+}
+
+fn default_key_prefix() -> String {
+    "tollgate:".to_string()
+}
+
+fn default_on_error() -> String {
+    "deny".to_string()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAuth {
+    #[serde(default = "default_query_param")]
+    query_param: String,
+}
+
+impl Default for FileAuth {
+    fn default() -> Self {
+        FileAuth {
+            query_param: default_query_param(),
+        }
+    }
+}
+
+fn default_query_param() -> String {
+    "api_key".to_string()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRateLimit {
+    #[serde(default = "default_per_second")]
+    per_second: u32,
+}
+
+impl Default for FileRateLimit {
+    fn default() -> Self {
+        FileRateLimit {
+            per_second: default_per_second(),
+        }
+    }
+}
+
+fn default_per_second() -> u32 {
+    50
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCredits {
+    #[serde(default = "yes")]
+    refund_on_failure: bool,
+    #[serde(default = "yes")]
+    charge_cache_hits: bool,
+}
+
+impl Default for FileCredits {
+    fn default() -> Self {
+        FileCredits {
+            refund_on_failure: true,
+            charge_cache_hits: true,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRoute {
+    name: String,
+    prefix: String,
+    backends: Vec<String>,
+    #[serde(default = "default_strategy")]
+    strategy: String,
+    #[serde(default = "default_hedge_after_ms")]
+    hedge_after_ms: u64,
+    #[serde(default = "default_timeout_ms")]
+    timeout_ms: u64,
+    #[serde(default = "default_success")]
+    success: String,
+    #[serde(default = "default_cost")]
+    cost: u64,
+    #[serde(default)]
+    costs: BTreeMap<String, u64>,
+    #[serde(default)]
+    cache: Option<FileCache>,
+    #[serde(default = "default_max_response_bytes")]
+    max_response_bytes: usize,
+}
+
+fn default_strategy() -> String {
+    "race".to_string()
+}
+fn default_hedge_after_ms() -> u64 {
+    50
+}
+fn default_timeout_ms() -> u64 {
+    30_000
+}
+fn default_success() -> String {
+    "json_status".to_string()
+}
+fn default_cost() -> u64 {
+    1
+}
+fn default_max_response_bytes() -> usize {
+    8 * 1024 * 1024
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCache {
+    ttl_seconds: u64,
+    #[serde(default)]
+    stale_if_error_seconds: u64,
+    #[serde(default = "default_cache_max_body")]
+    max_body_bytes: usize,
+}
+
+fn default_cache_max_body() -> usize {
+    1024 * 1024
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileNotify {
+    webhook_url: Option<String>,
+    #[serde(default = "default_min_interval")]
+    min_interval_seconds: u64,
+}
+
+fn default_min_interval() -> u64 {
+    300
+}
+
+// ---------------------------------------------------------------------------
+// Runtime configuration
+// ---------------------------------------------------------------------------
+
+/// The validated configuration the gateway runs on.
+#[derive(Debug)]
+pub struct Config {
+    /// Passed to Pingora's `Server` as is.
+    pub server: ServerConf,
+    pub listen: Vec<SocketAddr>,
+    pub admin_listen: SocketAddr,
+    pub store: StoreConfig,
+    pub auth: AuthConfig,
+    pub rate_limit: RateLimitConfig,
+    pub credits: CreditsConfig,
+    pub routes: Vec<Route>,
+    pub notify: NotifyConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnStoreError {
+    Deny,
+    Allow,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub redis_url: Option<String>,
+    pub key_prefix: String,
+    pub keys_file: Option<String>,
+    pub on_error: OnStoreError,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub query_param: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct RateLimitConfig {
+    pub per_second: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct CreditsConfig {
+    pub refund_on_failure: bool,
+    pub charge_cache_hits: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct NotifyConfig {
+    pub webhook_url: Option<Uri>,
+    pub min_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub ttl: Duration,
+    pub stale_if_error: Duration,
+    pub max_body_bytes: usize,
+}
+
+/// One upstream replica of a route.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    /// `host:port` as written in the config: the metrics label and log name.
+    pub label: String,
+    /// Resolved once at load time.
+    pub addr: SocketAddr,
+    /// The `Host` header sent to this backend.
+    pub host_header: String,
+    /// The URL's own path without a trailing `/` (empty when the URL has none);
+    /// the client's path is appended to it.
+    pub base_path: String,
+}
+
+/// A route: requests whose path starts with `prefix` race its `backends`.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    pub prefix: String,
+    pub backends: Vec<Backend>,
+    pub strategy: Strategy,
+    pub hedge_after: Duration,
+    pub timeout: Duration,
+    pub success: SuccessRule,
+    pub cost: u64,
+    /// `(path prefix, cost)`, longest prefix first.
+    pub costs: Vec<(String, u64)>,
+    pub cache: Option<CacheConfig>,
+    /// A backend answer with a larger body fails that attempt.
+    pub max_response_bytes: usize,
+}
+
+impl Route {
+    /// The cost of a request path: the longest matching `costs` prefix, else `cost`.
+    pub fn cost_for(&self, path: &str) -> u64 {
+        self.costs
+            .iter()
+            .find(|(prefix, _)| path.starts_with(prefix.as_str()))
+            .map_or(self.cost, |(_, cost)| *cost)
+    }
+}
+
+impl Config {
+    /// Read, parse and validate a configuration file.
+    pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigErrors> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![err(
+                "",
+                format!("cannot read {}: {e}", path.display()),
+            )])
+        })?;
+        Config::from_yaml(&text)
+    }
+
+    /// Parse and validate configuration text.
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigErrors> {
+        // serde_yaml's message starts with the field path ("routes[1].cost: ...").
+        let file: FileConfig =
+            serde_yaml::from_str(text).map_err(|e| ConfigErrors(vec![err("", e.to_string())]))?;
+        Config::try_from(file)
+    }
+}
+
+impl TryFrom<FileConfig> for Config {
+    type Error = ConfigErrors;
+
+    fn try_from(file: FileConfig) -> Result<Self, Self::Error> {
+        let mut errors = Vec::new();
+
+        let server = convert_server(file.server, &mut errors);
+
+        if file.listen.is_empty() {
+            errors.push(err("listen", "must list at least one address"));
+        }
+        let listen = file
+            .listen
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| socket_addr(&format!("listen[{i}]"), a, &mut errors))
+            .collect();
+        let admin_listen = socket_addr("admin_listen", &file.admin_listen, &mut errors);
+
+        let on_error = match file.store.on_error.as_str() {
+            "deny" => OnStoreError::Deny,
+            "allow" => OnStoreError::Allow,
+            other => {
+                errors.push(unknown_value("store.on_error", other, "deny | allow"));
+                OnStoreError::Deny
+            }
+        };
+        if let Some(url) = &file.store.redis_url {
+            if !(url.starts_with("redis://") || url.starts_with("unix://")) {
+                errors.push(err(
+                    "store.redis_url",
+                    format!("expected a redis:// or unix:// URL, got \"{url}\""),
+                ));
+            }
+        }
+        let store = StoreConfig {
+            redis_url: file.store.redis_url,
+            key_prefix: file.store.key_prefix,
+            keys_file: file.store.keys_file,
+            on_error,
+        };
+
+        let q = &file.auth.query_param;
+        if q.is_empty()
+            || !q
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+        {
+            errors.push(err(
+                "auth.query_param",
+                format!("expected a query parameter name of letters, digits, _ - ., got \"{q}\""),
+            ));
+        }
+        if file.rate_limit.per_second == 0 {
+            errors.push(err("rate_limit.per_second", "must be at least 1"));
+        }
+
+        if file.routes.is_empty() {
+            errors.push(err("routes", "must list at least one route"));
+        }
+        let mut names = HashSet::new();
+        let mut prefixes = HashSet::new();
+        let mut routes = Vec::new();
+        for (i, r) in file.routes.into_iter().enumerate() {
+            let at = format!("routes[{i}]");
+            if !names.insert(r.name.clone()) {
+                errors.push(err(
+                    format!("{at}.name"),
+                    format!("duplicate route name \"{}\"", r.name),
+                ));
+            }
+            if !prefixes.insert(r.prefix.clone()) {
+                errors.push(err(
+                    format!("{at}.prefix"),
+                    format!("duplicate route prefix \"{}\"", r.prefix),
+                ));
+            }
+            if let Some(route) = convert_route(&at, r, &mut errors) {
+                routes.push(route);
+            }
+        }
+
+        let notify = match file.notify {
+            None => NotifyConfig {
+                webhook_url: None,
+                min_interval: Duration::from_secs(default_min_interval()),
+            },
+            Some(n) => NotifyConfig {
+                webhook_url: n.webhook_url.as_deref().and_then(|u| {
+                    http_url("notify.webhook_url", u, &mut errors).map(|(uri, _)| uri)
+                }),
+                min_interval: Duration::from_secs(n.min_interval_seconds),
+            },
+        };
+
+        match (errors.is_empty(), server, admin_listen) {
+            (true, Some(server), Some(admin_listen)) => Ok(Config {
+                server,
+                listen,
+                admin_listen,
+                store,
+                auth: AuthConfig {
+                    query_param: file.auth.query_param,
+                },
+                rate_limit: RateLimitConfig {
+                    per_second: file.rate_limit.per_second,
+                },
+                credits: CreditsConfig {
+                    refund_on_failure: file.credits.refund_on_failure,
+                    charge_cache_hits: file.credits.charge_cache_hits,
+                },
+                routes,
+                notify,
+            }),
+            _ => Err(ConfigErrors(errors)),
+        }
+    }
+}
+
+fn unknown_value(path: &str, got: &str, expected: &str) -> ConfigError {
+    err(
+        path,
+        format!("unknown value \"{got}\", expected {expected}"),
+    )
+}
+
+/// The `server` section is Pingora's `ServerConf`, which ignores unknown keys;
+/// tollgate rejects them, so a misspelt `grace_period_second` is not silently lost.
+fn convert_server(value: Option<Value>, errors: &mut Vec<ConfigError>) -> Option<ServerConf> {
+    let value = match value {
+        None | Some(Value::Null) => return Some(ServerConf::default()),
+        Some(v) => v,
+    };
+    let Value::Mapping(map) = &value else {
+        errors.push(err(
+            "server",
+            "expected a mapping of Pingora server settings",
+        ));
+        return None;
+    };
+    // The fields ServerConf knows are the ones it serializes.
+    let known = match serde_yaml::to_value(ServerConf::default()) {
+        Ok(Value::Mapping(m)) => m,
+        _ => serde_yaml::Mapping::new(),
+    };
+    let mut ok = true;
+    for key in map.keys() {
+        if !known.contains_key(key) {
+            ok = false;
+            let name = key.as_str().unwrap_or("?");
+            let mut expected: Vec<&str> = known.keys().filter_map(Value::as_str).collect();
+            expected.sort_unstable();
+            errors.push(err(
+                format!("server.{name}"),
+                format!("unknown field, expected one of: {}", expected.join(", ")),
+            ));
+        }
+    }
+    if !ok {
+        return None;
+    }
+    let conf: ServerConf = match serde_yaml::from_value(value) {
+        Ok(c) => c,
+        Err(e) => {
+            errors.push(err("server", e.to_string()));
+            return None;
+        }
+    };
+    match conf.validate() {
+        Ok(c) => Some(c),
+        Err(e) => {
+            errors.push(err("server", e.to_string()));
+            None
+        }
+    }
+}
+
+fn socket_addr(path: &str, text: &str, errors: &mut Vec<ConfigError>) -> Option<SocketAddr> {
+    match text.parse::<SocketAddr>() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            errors.push(err(
+                path,
+                format!("expected an IP address and port such as 127.0.0.1:8080, got \"{text}\""),
+            ));
+            None
+        }
+    }
+}
+
+/// Parse an `http://host[:port][/path]` URL; returns it with its `host:port`.
+fn http_url(path: &str, text: &str, errors: &mut Vec<ConfigError>) -> Option<(Uri, String)> {
+    let fail = |errors: &mut Vec<ConfigError>, why: &str| {
+        errors.push(err(path, format!("{why}, got \"{text}\"")));
+        None
+    };
+    let Ok(uri) = text.parse::<Uri>() else {
+        return fail(errors, "expected a URL such as http://127.0.0.1:9001");
+    };
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => return fail(errors, "https backends are not supported (plain HTTP only)"),
+        _ => return fail(errors, "expected a URL such as http://127.0.0.1:9001"),
+    }
+    let Some(host) = uri.host() else {
+        return fail(errors, "expected a URL with a host");
+    };
+    if uri.query().is_some() {
+        return fail(errors, "a backend URL cannot carry a query string");
+    }
+    let port = uri.port_u16().unwrap_or(80);
+    let host_port = format!("{host}:{port}");
+    Some((uri, host_port))
+}
+
+fn convert_route(at: &str, r: FileRoute, errors: &mut Vec<ConfigError>) -> Option<Route> {
+    let before = errors.len();
+    if r.name.is_empty()
+        || !r
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+    {
+        errors.push(err(
+            format!("{at}.name"),
+            format!(
+                "expected letters, digits, _ - . (it becomes a metrics label), got \"{}\"",
+                r.name
+            ),
+        ));
+    }
+    if !r.prefix.starts_with('/') {
+        errors.push(err(
+            format!("{at}.prefix"),
+            format!("expected a path starting with /, got \"{}\"", r.prefix),
+        ));
+    }
+    if r.backends.is_empty() {
+        errors.push(err(
+            format!("{at}.backends"),
+            "must list at least one backend URL",
+        ));
+    }
+    let mut labels = HashSet::new();
+    let mut backends = Vec::new();
+    for (j, text) in r.backends.iter().enumerate() {
+        let path = format!("{at}.backends[{j}]");
+        let Some((uri, label)) = http_url(&path, text, errors) else {
+            continue;
+        };
+        if !labels.insert(label.clone()) {
+            errors.push(err(&path, format!("duplicate backend {label}")));
+            continue;
+        }
+        let addr = match label.to_socket_addrs().map(|mut a| a.next()) {
+            Ok(Some(addr)) => addr,
+            _ => {
+                errors.push(err(&path, format!("cannot resolve {label}")));
+                continue;
+            }
+        };
+        let host_header = match uri.port_u16() {
+            Some(_) => label.clone(),
+            None => uri.host().unwrap_or_default().to_string(),
+        };
+        backends.push(Backend {
+            label,
+            addr,
+            host_header,
+            base_path: uri.path().trim_end_matches('/').to_string(),
+        });
+    }
+    let strategy = match r.strategy.as_str() {
+        "race" => Strategy::Race,
+        "hedge" => Strategy::Hedge,
+        "failover" => Strategy::Failover,
+        other => {
+            errors.push(unknown_value(
+                &format!("{at}.strategy"),
+                other,
+                "race | hedge | failover",
+            ));
+            Strategy::Race
+        }
+    };
+    let success = match r.success.as_str() {
+        "json_status" => SuccessRule::JsonStatus,
+        "http_2xx" => SuccessRule::Http2xx,
+        other => {
+            errors.push(unknown_value(
+                &format!("{at}.success"),
+                other,
+                "json_status | http_2xx",
+            ));
+            SuccessRule::JsonStatus
+        }
+    };
+    if r.timeout_ms == 0 {
+        errors.push(err(format!("{at}.timeout_ms"), "must be at least 1"));
+    }
+    if r.hedge_after_ms == 0 {
+        errors.push(err(format!("{at}.hedge_after_ms"), "must be at least 1"));
+    }
+    if r.max_response_bytes == 0 {
+        errors.push(err(
+            format!("{at}.max_response_bytes"),
+            "must be at least 1",
+        ));
+    }
+    let mut costs: Vec<(String, u64)> = r.costs.into_iter().collect();
+    for (p, _) in &costs {
+        if !p.starts_with(&r.prefix) {
+            errors.push(err(
+                format!("{at}.costs"),
+                format!(
+                    "prefix \"{p}\" can never match: it does not start with the route prefix \"{}\"",
+                    r.prefix
+                ),
+            ));
+        }
+    }
+    costs.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
+    let cache = r.cache.map(|c| {
+        if c.ttl_seconds == 0 {
+            errors.push(err(format!("{at}.cache.ttl_seconds"), "must be at least 1"));
+        }
+        CacheConfig {
+            ttl: Duration::from_secs(c.ttl_seconds),
+            stale_if_error: Duration::from_secs(c.stale_if_error_seconds),
+            max_body_bytes: c.max_body_bytes,
+        }
+    });
+    if errors.len() > before {
+        return None;
+    }
+    Some(Route {
+        name: r.name,
+        prefix: r.prefix,
+        backends,
+        strategy,
+        hedge_after: Duration::from_millis(r.hedge_after_ms),
+        timeout: Duration::from_millis(r.timeout_ms),
+        success,
+        cost: r.cost,
+        costs,
+        cache,
+        max_response_bytes: r.max_response_bytes,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str =
+        "routes:\n  - name: v1\n    prefix: /api/v1/\n    backends: [\"http://127.0.0.1:9001\"]\n";
+
+    fn errors_of(yaml: &str) -> Vec<String> {
+        match Config::from_yaml(yaml) {
+            Ok(_) => Vec::new(),
+            Err(ConfigErrors(e)) => e.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = Config::from_yaml(MINIMAL).unwrap();
+        assert_eq!(c.listen, vec!["0.0.0.0:8080".parse().unwrap()]);
+        assert_eq!(c.admin_listen, "127.0.0.1:9091".parse().unwrap());
+        let r = &c.routes[0];
+        assert_eq!(r.strategy, Strategy::Race);
+        assert_eq!(r.success, SuccessRule::JsonStatus);
+        assert_eq!(r.timeout, Duration::from_secs(30));
+        assert_eq!(r.backends[0].label, "127.0.0.1:9001");
+        assert_eq!(r.backends[0].base_path, "");
+        assert_eq!(c.store.on_error, OnStoreError::Deny);
+        assert_eq!(c.auth.query_param, "api_key");
+    }
+
+    #[test]
+    fn unknown_strategy_names_path_and_choices() {
+        let yaml = format!("{MINIMAL}  - name: v2\n    prefix: /api/v2/\n    backends: [\"http://127.0.0.1:9001\"]\n    strategy: fastest\n");
+        assert_eq!(
+            errors_of(&yaml),
+            vec![
+                r#"routes[1].strategy: unknown value "fastest", expected race | hedge | failover"#
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_field_in_route_names_path() {
+        let yaml = format!("{MINIMAL}    fastest: true\n");
+        let e = errors_of(&yaml);
+        assert_eq!(e.len(), 1);
+        assert!(e[0].starts_with("routes[0]"), "{e:?}");
+        assert!(e[0].contains("unknown field `fastest`"), "{e:?}");
+    }
+
+    #[test]
+    fn unknown_field_in_server_is_an_error() {
+        let yaml = format!("server:\n  threads: 2\n  grace_period_second: 5\n{MINIMAL}");
+        let e = errors_of(&yaml);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("server.grace_period_second: unknown field"),
+            "{e:?}"
+        );
+        assert!(e[0].contains("grace_period_seconds"), "{e:?}");
+    }
+
+    #[test]
+    fn server_fields_reach_pingora() {
+        let yaml = format!("server:\n  threads: 3\n  grace_period_seconds: 7\n{MINIMAL}");
+        let c = Config::from_yaml(&yaml).unwrap();
+        assert_eq!(c.server.threads, 3);
+        assert_eq!(c.server.grace_period_seconds, Some(7));
+    }
+
+    #[test]
+    fn empty_backends_bad_urls_and_duplicates_are_reported_together() {
+        let yaml = "routes:\n  - name: a\n    prefix: /a/\n    backends: []\n  - name: a\n    prefix: /a/\n    backends: [\"ftp://x\", \"http://127.0.0.1:1?q=1\", \"not a url\"]\n";
+        let e = errors_of(yaml);
+        assert!(
+            e.contains(&"routes[0].backends: must list at least one backend URL".to_string()),
+            "{e:?}"
+        );
+        assert!(
+            e.contains(&"routes[1].name: duplicate route name \"a\"".to_string()),
+            "{e:?}"
+        );
+        assert!(
+            e.contains(&"routes[1].prefix: duplicate route prefix \"/a/\"".to_string()),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("routes[1].backends[0]: expected a URL")),
+            "{e:?}"
+        );
+        assert!(e.iter().any(|m| m.starts_with("routes[1].backends[1]: a backend URL cannot carry a query")), "{e:?}");
+        assert!(
+            e.iter().any(|m| m.starts_with("routes[1].backends[2]:")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn type_errors_name_the_field() {
+        let yaml = format!("{MINIMAL}    timeout_ms: soon\n");
+        let e = errors_of(&yaml);
+        assert_eq!(e.len(), 1);
+        assert!(
+            e[0].starts_with("routes[0].timeout_ms: invalid type"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn other_sections_are_validated() {
+        let yaml = format!("store:\n  on_error: maybe\n  redis_url: http://x\nrate_limit:\n  per_second: 0\nlisten: [\"nowhere\"]\n{MINIMAL}");
+        let e = errors_of(&yaml);
+        assert!(
+            e.contains(
+                &r#"store.on_error: unknown value "maybe", expected deny | allow"#.to_string()
+            ),
+            "{e:?}"
+        );
+        assert!(e.iter().any(|m| m.starts_with("store.redis_url:")), "{e:?}");
+        assert!(
+            e.contains(&"rate_limit.per_second: must be at least 1".to_string()),
+            "{e:?}"
+        );
+        assert!(e.iter().any(|m| m.starts_with("listen[0]:")), "{e:?}");
+    }
+
+    #[test]
+    fn backend_base_path_and_host_header() {
+        let yaml = "routes:\n  - name: v1\n    prefix: /api/v1/\n    backends: [\"http://localhost/base/\", \"http://127.0.0.1:9002/x\"]\n";
+        let c = Config::from_yaml(yaml).unwrap();
+        let b = &c.routes[0].backends;
+        assert_eq!(b[0].label, "localhost:80");
+        assert_eq!(b[0].host_header, "localhost");
+        assert_eq!(b[0].base_path, "/base");
+        assert_eq!(b[1].host_header, "127.0.0.1:9002");
+        assert_eq!(b[1].base_path, "/x");
+    }
+
+    #[test]
+    fn longest_cost_prefix_wins() {
+        let yaml = format!("{MINIMAL}    cost: 2\n    costs: {{\"/api/v1/fundamentals/\": 5, \"/api/v1/fundamentals/big/\": 9}}\n");
+        let c = Config::from_yaml(&yaml).unwrap();
+        let r = &c.routes[0];
+        assert_eq!(r.cost_for("/api/v1/eod/AAPL"), 2);
+        assert_eq!(r.cost_for("/api/v1/fundamentals/AAPL"), 5);
+        assert_eq!(r.cost_for("/api/v1/fundamentals/big/AAPL"), 9);
+    }
+
+    #[test]
+    fn cost_prefix_outside_route_is_rejected() {
+        let yaml = format!("{MINIMAL}    costs: {{\"/other/\": 5}}\n");
+        let e = errors_of(&yaml);
+        assert!(
+            e[0].starts_with("routes[0].costs: prefix \"/other/\" can never match"),
+            "{e:?}"
+        );
+    }
+}

@@ -1,0 +1,17 @@
+//! tollgate: an API gateway for metered data APIs on Cloudflare Pingora.
+//!
+//! Each request is checked, routed by longest prefix and raced across the
+//! route's interchangeable backends; the first successful answer wins and the
+//! rest are cancelled. See `SPEC.md` (shared) for the contract.
+
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod admin;
+pub mod config;
+pub mod demo;
+pub mod logging;
+pub mod metrics;
+pub mod proxy;
+pub mod race;
+pub mod respond;
+pub mod router;

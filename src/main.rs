@@ -1,0 +1,129 @@
+//! The `tollgate` command: wiring only.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use pingora::proxy::http_proxy_service_with_name;
+use pingora::server::configuration::Opt;
+use pingora::server::Server;
+
+use tollgate::config::Config;
+use tollgate::metrics::Metrics;
+use tollgate::proxy::Gateway;
+use tollgate::{admin, demo, logging};
+
+#[derive(Parser)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "API gateway: keys, credits, rate limits, cache, racing replicas"
+)]
+struct Cli {
+    /// Configuration file (YAML).
+    #[arg(short = 'c', long = "conf", global = true, value_name = "FILE")]
+    conf: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        /// Run in the background (Pingora daemon mode).
+        #[arg(short, long)]
+        daemon: bool,
+        /// Take over the listening sockets of a running instance (graceful upgrade).
+        #[arg(short, long)]
+        upgrade: bool,
+        /// Test the configuration and exit.
+        #[arg(short, long)]
+        test: bool,
+    },
+    /// Validate the configuration; print each problem with its field path.
+    Check,
+    /// Run the gateway with demo backends listening on the config's backend addresses.
+    Demo,
+}
+
+fn load(conf: Option<&PathBuf>) -> Result<Config, ExitCode> {
+    let Some(path) = conf else {
+        eprintln!("tollgate: -c FILE is required");
+        return Err(ExitCode::from(2));
+    };
+    Config::load(path).map_err(|errors| {
+        eprintln!(
+            "{}: configuration has {} problem(s):",
+            path.display(),
+            errors.0.len()
+        );
+        for e in &errors.0 {
+            eprintln!("  {e}");
+        }
+        ExitCode::FAILURE
+    })
+}
+
+fn serve(mut config: Config, opt: Opt) -> ExitCode {
+    let metrics = match Metrics::register() {
+        Ok(m) => Arc::new(m),
+        Err(e) => {
+            eprintln!("tollgate: cannot register metrics: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let gateway = Gateway::new(&config, metrics);
+    let mut server = Server::new_with_opt_and_conf(opt, std::mem::take(&mut config.server));
+    // With -t this checks Pingora's side too, then exits.
+    server.bootstrap();
+
+    let mut proxy = http_proxy_service_with_name(&server.configuration, gateway, "tollgate");
+    for addr in &config.listen {
+        proxy.add_tcp(&addr.to_string());
+    }
+    server.add_service(proxy);
+    server.add_service(admin::service(&config.admin_listen.to_string()));
+    server.run_forever()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match load(cli.conf.as_ref()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match cli.command {
+        Command::Check => {
+            println!("configuration OK: {} route(s)", config.routes.len());
+            ExitCode::SUCCESS
+        }
+        Command::Serve {
+            daemon,
+            upgrade,
+            test,
+        } => {
+            logging::init();
+            let opt = Opt {
+                upgrade,
+                daemon,
+                nocapture: false,
+                test,
+                conf: None,
+            };
+            serve(config, opt)
+        }
+        Command::Demo => {
+            logging::init();
+            match demo::start(&config) {
+                Ok(addrs) => log::info!("demo backends listening on {addrs:?}"),
+                Err(e) => {
+                    eprintln!("tollgate demo: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+            serve(config, Opt::default())
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! The upstream race: send one request to a route's backends (all at once,
+//! staggered, or one by one), return the first answer that meets the route's
+//! success rule, and cancel the rest the moment there is a winner. Every
+//! backend's outcome and latency is kept for the log and the metrics.
+
+mod attempt;
+
+use std::time::Duration;
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use pingora::connectors::http::v1::Connector;
+use pingora::connectors::ConnectorOptions;
+use pingora::server::configuration::ServerConf;
+use pingora::upstreams::peer::HttpPeer;
+use tokio::time::Instant;
+
+pub use attempt::{classify, Answer, UpstreamRequest};
+
+use crate::config::Route;
+
+/// How a route's backends are tried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// Every backend at once.
+    Race,
+    /// Backend i starts `i × hedge_after` after the first (or at once when
+    /// every started attempt has already failed).
+    Hedge,
+    /// One at a time, in order; the next starts when the previous failed.
+    Failover,
+}
+
+/// What makes a backend answer a winner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SuccessRule {
+    /// 2xx and a JSON body whose top-level `status` is `true`.
+    JsonStatus,
+    /// Any 2xx.
+    Http2xx,
+}
+
+/// How one backend attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    /// The backend answered, but not with success (e.g. `"status": false`, 404).
+    NoData,
+    /// Connection failure, 5xx, broken or oversized answer.
+    Error,
+    Timeout,
+    /// Still running when another backend won; its connection was closed.
+    Cancelled,
+}
+
+impl Outcome {
+    /// The metrics label and log word.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::NoData => "no_data",
+            Outcome::Error => "error",
+            Outcome::Timeout => "timeout",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
+
+    pub const ALL: [Outcome; 5] = [
+        Outcome::Success,
+        Outcome::NoData,
+        Outcome::Error,
+        Outcome::Timeout,
+        Outcome::Cancelled,
+    ];
+}
+
+/// Why a race had no winner; decides the gateway's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Every backend answered, none with success → 404 `no_data`.
+    NoData,
+    /// At least one backend failed → 502 `upstream_failed`.
+    UpstreamFailed,
+    /// Every backend timed out → 504 `upstream_timeout`.
+    Timeout,
+}
+
+impl Failure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Failure::NoData => "no_data",
+            Failure::UpstreamFailed => "upstream_failed",
+            Failure::Timeout => "upstream_timeout",
+        }
+    }
+
+    fn of(attempts: &[AttemptRecord]) -> Failure {
+        if !attempts.is_empty() && attempts.iter().all(|a| a.outcome == Outcome::Timeout) {
+            Failure::Timeout
+        } else if attempts
+            .iter()
+            .any(|a| matches!(a.outcome, Outcome::Error | Outcome::Timeout))
+        {
+            Failure::UpstreamFailed
+        } else {
+            Failure::NoData
+        }
+    }
+}
+
+/// One backend of a route, ready to be called.
+pub struct Replica {
+    /// `host:port` from the config.
+    pub label: String,
+    peer: HttpPeer,
+    host_header: String,
+    base_path: String,
+}
+
+/// Per-attempt rules of a route.
+pub struct AttemptRules {
+    pub success: SuccessRule,
+    pub max_body: usize,
+    pub timeout: Duration,
+}
+
+/// A route's backends and how to race them.
+pub struct RouteUpstream {
+    pub replicas: Vec<Replica>,
+    strategy: Strategy,
+    hedge_after: Duration,
+    rules: AttemptRules,
+}
+
+impl RouteUpstream {
+    pub fn new(route: &Route) -> Self {
+        let replicas = route
+            .backends
+            .iter()
+            .map(|b| Replica {
+                label: b.label.clone(),
+                peer: HttpPeer::new(b.addr, false, String::new()),
+                host_header: b.host_header.clone(),
+                base_path: b.base_path.clone(),
+            })
+            .collect();
+        RouteUpstream {
+            replicas,
+            strategy: route.strategy,
+            hedge_after: route.hedge_after,
+            rules: AttemptRules {
+                success: route.success,
+                max_body: route.max_response_bytes,
+                timeout: route.timeout,
+            },
+        }
+    }
+
+    /// When backend `i` is due, counted from the race's start; `None`: only
+    /// when nothing else is in flight.
+    fn due(&self, i: usize) -> Option<Duration> {
+        match self.strategy {
+            Strategy::Race => Some(Duration::ZERO),
+            Strategy::Hedge => Some(self.hedge_after.saturating_mul(i as u32)),
+            Strategy::Failover => None,
+        }
+    }
+}
+
+/// One backend's part in a race.
+#[derive(Debug, Clone)]
+pub struct AttemptRecord {
+    /// Index into the route's backends.
+    pub backend: usize,
+    pub outcome: Outcome,
+    /// When it started, counted from the race's start.
+    pub started: Duration,
+    pub latency: Duration,
+    /// Why it failed, for the log only.
+    pub detail: Option<String>,
+}
+
+/// The result of a race.
+pub struct RaceReport {
+    /// In start order; backends never started (a hedge or failover that was
+    /// not needed) are absent.
+    pub attempts: Vec<AttemptRecord>,
+    /// The winning backend's index and answer.
+    pub winner: Option<(usize, Answer)>,
+}
+
+impl RaceReport {
+    /// Why there was no winner (meaningless when there is one).
+    pub fn failure(&self) -> Failure {
+        Failure::of(&self.attempts)
+    }
+}
+
+/// Runs races over Pingora's pooled HTTP/1 connector; one per proxy service.
+pub struct Racer {
+    connector: Connector,
+}
+
+impl Racer {
+    pub fn new(server: &ServerConf) -> Self {
+        Racer {
+            connector: Connector::new(Some(ConnectorOptions::from_server_conf(server))),
+        }
+    }
+
+    /// Race `req` over the route's backends as its strategy says.
+    pub async fn run(&self, route: &RouteUpstream, req: &UpstreamRequest<'_>) -> RaceReport {
+        let n = route.replicas.len();
+        let start = Instant::now();
+        let mut attempts: Vec<AttemptRecord> = Vec::with_capacity(n);
+        let mut in_flight = FuturesUnordered::new();
+        let mut next = 0;
+        let mut winner = None;
+
+        loop {
+            // Start every backend that is due, and the next one at once when
+            // nothing is in flight (nothing left to wait for).
+            while next < n {
+                let due = route.due(next).map(|d| start + d);
+                let now = Instant::now();
+                if !(in_flight.is_empty() || due.is_some_and(|d| d <= now)) {
+                    break;
+                }
+                let i = next;
+                let replica = &route.replicas[i];
+                in_flight.push(async move {
+                    (
+                        i,
+                        attempt::run(&self.connector, replica, req, &route.rules).await,
+                    )
+                });
+                attempts.push(AttemptRecord {
+                    backend: i,
+                    outcome: Outcome::Cancelled,
+                    started: now.saturating_duration_since(start),
+                    latency: Duration::ZERO,
+                    detail: None,
+                });
+                next += 1;
+            }
+            if in_flight.is_empty() {
+                break;
+            }
+            let wake = if next < n {
+                route.due(next).map(|d| start + d)
+            } else {
+                None
+            };
+            tokio::select! {
+                Some((i, result)) = in_flight.next() => {
+                    if let Some(rec) = attempts.iter_mut().find(|a| a.backend == i) {
+                        rec.outcome = result.outcome;
+                        rec.latency = result.latency;
+                        rec.detail = result.detail;
+                    }
+                    if result.outcome == Outcome::Success {
+                        winner = result.answer.map(|a| (i, a));
+                        break;
+                    }
+                }
+                _ = sleep_until_some(wake) => {}
+            }
+        }
+        // Dropping the losers closes their connections.
+        drop(in_flight);
+        let now = Instant::now();
+        for rec in attempts
+            .iter_mut()
+            .filter(|a| a.outcome == Outcome::Cancelled)
+        {
+            rec.latency = now.saturating_duration_since(start + rec.started);
+        }
+        RaceReport { attempts, winner }
+    }
+}
+
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(outcome: Outcome) -> AttemptRecord {
+        AttemptRecord {
+            backend: 0,
+            outcome,
+            started: Duration::ZERO,
+            latency: Duration::ZERO,
+            detail: None,
+        }
+    }
+
+    #[test]
+    fn failure_kind_follows_outcomes() {
+        use Outcome::*;
+        let f = |o: &[Outcome]| Failure::of(&o.iter().map(|&o| rec(o)).collect::<Vec<_>>());
+        assert_eq!(f(&[NoData, NoData]), Failure::NoData);
+        assert_eq!(f(&[NoData, Error]), Failure::UpstreamFailed);
+        assert_eq!(f(&[NoData, Timeout]), Failure::UpstreamFailed);
+        assert_eq!(f(&[Timeout, Timeout]), Failure::Timeout);
+        assert_eq!(f(&[Error]), Failure::UpstreamFailed);
+    }
+}

@@ -1,0 +1,274 @@
+//! One request to one backend: take a pooled connection (or open one), send
+//! the GET, read the answer up to the route's body cap, classify it with the
+//! success rule, and give the connection back to the pool when it is clean.
+//! Dropping the future mid-way drops the connection, which closes it: that is
+//! how a losing attempt is cancelled.
+
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
+use http::HeaderValue;
+use pingora::connectors::http::v1::Connector;
+use pingora::http::RequestHeader;
+use pingora::protocols::http::v1::client::HttpSession;
+use serde::Deserialize;
+
+use super::{AttemptRules, Outcome, Replica, SuccessRule};
+
+/// How long an idle upstream connection stays in the pool.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A pooled connection that fails before any answer byte was probably closed
+/// by the backend while idle: try again on another connection this many times.
+const STALE_CONNECTION_RETRIES: usize = 2;
+
+/// A backend's answer, kept whole: it is judged, then returned or cached.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub content_type: Option<HeaderValue>,
+    pub cache_control: Option<HeaderValue>,
+    pub body: Bytes,
+}
+
+/// What one attempt produced.
+pub struct AttemptResult {
+    pub outcome: Outcome,
+    /// Present for answers (success or not); the winner's is returned.
+    pub answer: Option<Answer>,
+    /// Why an attempt failed, for the log; never sent to clients.
+    pub detail: Option<String>,
+    pub latency: Duration,
+}
+
+/// What the backend is asked for: the same for every backend of a race
+/// except for the `Host` header and the backend URL's own path.
+pub struct UpstreamRequest<'a> {
+    /// Client path and query, auth parameter removed.
+    pub path_and_query: &'a str,
+    pub request_id: &'a str,
+    pub forwarded_for: Option<&'a str>,
+}
+
+/// Run one attempt with a per-attempt timeout.
+pub async fn run(
+    connector: &Connector,
+    replica: &Replica,
+    req: &UpstreamRequest<'_>,
+    rules: &AttemptRules,
+) -> AttemptResult {
+    let started = Instant::now();
+    let exchange = exchange(connector, replica, req, rules.max_body);
+    let timeout = rules.timeout;
+    let (outcome, answer, detail) = match tokio::time::timeout(timeout, exchange).await {
+        Err(_) => (
+            Outcome::Timeout,
+            None,
+            Some(format!("no answer within {} ms", timeout.as_millis())),
+        ),
+        Ok(Err(why)) => (Outcome::Error, None, Some(why)),
+        Ok(Ok(answer)) => {
+            let outcome = classify(rules.success, answer.status, &answer.body);
+            let detail = match outcome {
+                Outcome::Success => None,
+                _ => Some(format!("HTTP {}", answer.status)),
+            };
+            (outcome, Some(answer), detail)
+        }
+    };
+    AttemptResult {
+        outcome,
+        answer,
+        detail,
+        latency: started.elapsed(),
+    }
+}
+
+async fn exchange(
+    connector: &Connector,
+    replica: &Replica,
+    req: &UpstreamRequest<'_>,
+    max_body: usize,
+) -> Result<Answer, String> {
+    let header = request_header(&replica.host_header, &replica.base_path, req)?;
+    let peer = &replica.peer;
+    let mut tries = 0;
+    let mut session = loop {
+        let (mut session, reused) = connector
+            .get_http_session(peer)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        match send_and_read_header(&mut session, header.clone()).await {
+            Ok(()) => break session,
+            Err(e) if reused && tries < STALE_CONNECTION_RETRIES => {
+                log::debug!("pooled connection to {peer} failed ({e}), retrying on another");
+                tries += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let answer = read_answer(&mut session, max_body).await?;
+    connector
+        .release_http_session(session, peer, Some(POOL_IDLE_TIMEOUT))
+        .await;
+    Ok(answer)
+}
+
+fn request_header(
+    host_header: &str,
+    base_path: &str,
+    req: &UpstreamRequest<'_>,
+) -> Result<Box<RequestHeader>, String> {
+    let target = if base_path.is_empty() {
+        req.path_and_query.as_bytes().to_vec()
+    } else {
+        let mut t = Vec::with_capacity(base_path.len() + req.path_and_query.len());
+        t.extend_from_slice(base_path.as_bytes());
+        t.extend_from_slice(req.path_and_query.as_bytes());
+        t
+    };
+    let mut h = RequestHeader::build("GET", &target, Some(4)).map_err(|e| e.to_string())?;
+    let insert = |h: &mut RequestHeader, name: &'static str, value: &str| {
+        h.insert_header(name, value)
+            .map_err(|e| format!("request header {name}: {e}"))
+    };
+    insert(&mut h, "Host", host_header)?;
+    insert(&mut h, "X-Request-Id", req.request_id)?;
+    if let Some(ip) = req.forwarded_for {
+        insert(&mut h, "X-Forwarded-For", ip)?;
+    }
+    insert(
+        &mut h,
+        "User-Agent",
+        concat!("tollgate/", env!("CARGO_PKG_VERSION")),
+    )?;
+    Ok(Box::new(h))
+}
+
+async fn send_and_read_header(
+    session: &mut HttpSession,
+    header: Box<RequestHeader>,
+) -> Result<(), String> {
+    session
+        .write_request_header(header)
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    // Skip informational (1xx) answers.
+    loop {
+        session
+            .read_response()
+            .await
+            .map_err(|e| format!("read header: {e}"))?;
+        match session.get_status() {
+            Some(s) if s.is_informational() => continue,
+            Some(_) => return Ok(()),
+            None => return Err("read header: no status".to_string()),
+        }
+    }
+}
+
+async fn read_answer(session: &mut HttpSession, max_body: usize) -> Result<Answer, String> {
+    let status = session.get_status().map(|s| s.as_u16()).unwrap_or(0);
+    let content_type = session.get_header(CONTENT_TYPE).cloned();
+    let cache_control = session.get_header(CACHE_CONTROL).cloned();
+    let declared = std::str::from_utf8(session.get_header_bytes(CONTENT_LENGTH))
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok());
+    if declared.is_some_and(|n| n > max_body) {
+        return Err(format!(
+            "body of {} bytes is over the {max_body} byte cap",
+            declared.unwrap_or(0)
+        ));
+    }
+    let mut body = BytesMut::with_capacity(declared.unwrap_or(1024));
+    while let Some(chunk) = session
+        .read_body_ref()
+        .await
+        .map_err(|e| format!("read body: {e}"))?
+    {
+        if body.len() + chunk.len() > max_body {
+            return Err(format!("body is over the {max_body} byte cap"));
+        }
+        body.extend_from_slice(chunk);
+    }
+    Ok(Answer {
+        status,
+        content_type,
+        cache_control,
+        body: body.freeze(),
+    })
+}
+
+/// Only the top-level `status` member is read; everything else is skipped.
+#[derive(Deserialize)]
+struct StatusProbe {
+    #[serde(default)]
+    status: Option<bool>,
+}
+
+/// Judge an answer by the route's success rule. 5xx is a backend error; any
+/// other answer that is not a success means "no data" (the backend worked).
+pub fn classify(rule: SuccessRule, status: u16, body: &[u8]) -> Outcome {
+    if status >= 500 {
+        return Outcome::Error;
+    }
+    if !(200..300).contains(&status) {
+        return Outcome::NoData;
+    }
+    match rule {
+        SuccessRule::Http2xx => Outcome::Success,
+        SuccessRule::JsonStatus => match serde_json::from_slice::<StatusProbe>(body) {
+            Ok(StatusProbe { status: Some(true) }) => Outcome::Success,
+            _ => Outcome::NoData,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_status_needs_2xx_and_top_level_true() {
+        let ok = br#"{"data": {"status": false}, "status": true}"#;
+        assert_eq!(classify(SuccessRule::JsonStatus, 200, ok), Outcome::Success);
+        assert_eq!(classify(SuccessRule::JsonStatus, 203, ok), Outcome::Success);
+        for body in [
+            &br#"{"status": false}"#[..],
+            br#"{"status": "true"}"#,
+            br#"{"data": {"status": true}}"#,
+            br#"[{"status": true}]"#,
+            b"not json",
+            b"",
+        ] {
+            assert_eq!(
+                classify(SuccessRule::JsonStatus, 200, body),
+                Outcome::NoData
+            );
+        }
+        assert_eq!(classify(SuccessRule::JsonStatus, 404, ok), Outcome::NoData);
+        assert_eq!(classify(SuccessRule::JsonStatus, 503, ok), Outcome::Error);
+    }
+
+    #[test]
+    fn http_2xx_ignores_the_body() {
+        assert_eq!(classify(SuccessRule::Http2xx, 200, b"x"), Outcome::Success);
+        assert_eq!(classify(SuccessRule::Http2xx, 301, b""), Outcome::NoData);
+        assert_eq!(classify(SuccessRule::Http2xx, 500, b""), Outcome::Error);
+    }
+
+    #[test]
+    fn request_header_joins_base_path_and_sets_host() {
+        let req = UpstreamRequest {
+            path_and_query: "/api/v1/eod/AAPL?from=2020",
+            request_id: "abc",
+            forwarded_for: Some("10.0.0.1"),
+        };
+        let h = request_header("example:9001", "/base", &req).unwrap();
+        assert_eq!(h.raw_path(), b"/base/api/v1/eod/AAPL?from=2020");
+        assert_eq!(h.headers.get("host").unwrap(), "example:9001");
+        assert_eq!(h.headers.get("x-request-id").unwrap(), "abc");
+        assert_eq!(h.headers.get("x-forwarded-for").unwrap(), "10.0.0.1");
+    }
+}

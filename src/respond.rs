@@ -1,0 +1,178 @@
+//! The one place that writes responses: gateway-made JSON errors
+//! (`{"status": false, "error": CODE, "message": TEXT}`) and proxied answers.
+//! Each reject reason maps to exactly one status and error code here.
+
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use pingora::Result;
+use serde::Serialize;
+
+use crate::race::{Answer, Failure};
+
+/// The seed design's message for "no backend had data", kept word for word.
+pub const NO_DATA_MESSAGE: &str =
+    "All API Servers failed to respond - Or there is no Data for the requested resource and parameters";
+
+/// Why the gateway answers a request itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reject {
+    NoRoute,
+    MethodNotAllowed,
+    UriTooLong,
+    HeadersTooLarge,
+    BadRequest(&'static str),
+    NoData,
+    UpstreamFailed,
+    UpstreamTimeout,
+}
+
+impl Reject {
+    pub fn status(self) -> u16 {
+        match self {
+            Reject::NoRoute | Reject::NoData => 404,
+            Reject::MethodNotAllowed => 405,
+            Reject::UriTooLong => 414,
+            Reject::HeadersTooLarge => 431,
+            Reject::BadRequest(_) => 400,
+            Reject::UpstreamFailed => 502,
+            Reject::UpstreamTimeout => 504,
+        }
+    }
+
+    pub fn code(self) -> &'static str {
+        match self {
+            Reject::NoRoute => "no_route",
+            Reject::MethodNotAllowed => "method_not_allowed",
+            Reject::UriTooLong => "uri_too_long",
+            Reject::HeadersTooLarge => "headers_too_large",
+            Reject::BadRequest(_) => "bad_request",
+            Reject::NoData => "no_data",
+            Reject::UpstreamFailed => "upstream_failed",
+            Reject::UpstreamTimeout => "upstream_timeout",
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        match self {
+            Reject::NoRoute => "no route matches this path",
+            Reject::MethodNotAllowed => "only GET and HEAD are allowed",
+            Reject::UriTooLong => "the request target is over 8 KiB",
+            Reject::HeadersTooLarge => "the request headers are over 32 KiB",
+            Reject::BadRequest(why) => why,
+            Reject::NoData => NO_DATA_MESSAGE,
+            Reject::UpstreamFailed => "no backend server could answer",
+            Reject::UpstreamTimeout => "no backend server answered in time",
+        }
+    }
+
+    /// Headers a reason requires (e.g. `Allow` on 405).
+    fn headers(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Reject::MethodNotAllowed => &[("Allow", "GET, HEAD")],
+            _ => &[],
+        }
+    }
+}
+
+impl From<Failure> for Reject {
+    fn from(f: Failure) -> Self {
+        match f {
+            Failure::NoData => Reject::NoData,
+            Failure::UpstreamFailed => Reject::UpstreamFailed,
+            Failure::Timeout => Reject::UpstreamTimeout,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody {
+    status: bool,
+    error: &'static str,
+    message: &'static str,
+}
+
+/// The JSON body of a gateway-made answer.
+pub fn error_body(reject: Reject) -> Vec<u8> {
+    serde_json::to_vec(&ErrorBody {
+        status: false,
+        error: reject.code(),
+        message: reject.message(),
+    })
+    .unwrap_or_default()
+}
+
+/// What every response carries, whoever made it.
+pub struct Common<'a> {
+    pub request_id: &'a str,
+    /// HEAD: send headers only.
+    pub head: bool,
+}
+
+/// Answer with a gateway-made JSON error.
+pub async fn reject(session: &mut Session, common: &Common<'_>, reject: Reject) -> Result<()> {
+    let mut resp = ResponseHeader::build(reject.status(), Some(4))?;
+    for (name, value) in reject.headers() {
+        resp.insert_header(*name, *value)?;
+    }
+    resp.insert_header("Content-Type", "application/json")?;
+    send(session, common, resp, Bytes::from(error_body(reject))).await
+}
+
+/// Answer with a backend's answer (status, Content-Type and body unchanged).
+pub async fn proxied(
+    session: &mut Session,
+    common: &Common<'_>,
+    answer: &Answer,
+    x_cache: &'static str,
+) -> Result<()> {
+    let mut resp = ResponseHeader::build(answer.status, Some(6))?;
+    if let Some(ct) = &answer.content_type {
+        resp.insert_header("Content-Type", ct)?;
+    }
+    resp.insert_header("X-Cache", x_cache)?;
+    send(session, common, resp, answer.body.clone()).await
+}
+
+async fn send(
+    session: &mut Session,
+    common: &Common<'_>,
+    mut resp: ResponseHeader,
+    body: Bytes,
+) -> Result<()> {
+    resp.insert_header("Content-Length", body.len())?;
+    resp.insert_header("X-Request-Id", common.request_id)?;
+    if common.head || body.is_empty() {
+        session.write_response_header(Box::new(resp), true).await
+    } else {
+        session.write_response_header(Box::new(resp), false).await?;
+        session.write_response_body(Some(body), true).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_has_json_with_its_code() {
+        for r in [
+            Reject::NoRoute,
+            Reject::MethodNotAllowed,
+            Reject::UriTooLong,
+            Reject::HeadersTooLarge,
+            Reject::BadRequest("x"),
+            Reject::NoData,
+            Reject::UpstreamFailed,
+            Reject::UpstreamTimeout,
+        ] {
+            let v: serde_json::Value = serde_json::from_slice(&error_body(r)).unwrap();
+            assert_eq!(v["status"], false);
+            assert_eq!(v["error"], r.code());
+            assert_eq!(v["message"], r.message());
+        }
+        assert_eq!(Reject::from(Failure::Timeout).status(), 504);
+        assert_eq!(Reject::from(Failure::UpstreamFailed).status(), 502);
+        assert_eq!(Reject::from(Failure::NoData).status(), 404);
+    }
+}
