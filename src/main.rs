@@ -67,7 +67,7 @@ fn load(conf: Option<&PathBuf>) -> Result<Config, ExitCode> {
 }
 
 fn serve(mut config: Config, opt: Opt) -> ExitCode {
-    let metrics = match Metrics::register() {
+    let metrics = match Metrics::register(&config.routes) {
         Ok(m) => Arc::new(m),
         Err(e) => {
             eprintln!("tollgate: cannot register metrics: {e}");

@@ -6,10 +6,11 @@
 use std::time::Duration;
 
 use pingora_prometheus::prometheus::{
-    self, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry,
+    self, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
 };
 
-use crate::race::{AttemptRecord, Failure};
+use crate::config::Route;
+use crate::race::{AttemptRecord, Failure, Outcome};
 
 /// Seconds, from 100 µs to 300 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -27,7 +28,25 @@ pub struct Metrics {
     backend_duration: HistogramVec,
     race_wins: IntCounterVec,
     all_backends_failed: IntCounterVec,
+    /// Per route (config order), the series a race touches, resolved once.
+    routes: Vec<RouteSeries>,
 }
+
+/// A route's series, created at start so that they exist (at 0) before
+/// traffic and need no label lookup per request.
+struct RouteSeries {
+    duration: Histogram,
+    backends: Vec<BackendSeries>,
+    failed: [IntCounter; 3],
+}
+
+struct BackendSeries {
+    outcomes: [IntCounter; 5],
+    duration: Histogram,
+    wins: IntCounter,
+}
+
+const FAILURES: [Failure; 3] = [Failure::NoData, Failure::UpstreamFailed, Failure::Timeout];
 
 fn counter(
     registry: &Registry,
@@ -53,13 +72,14 @@ fn histogram(
 }
 
 impl Metrics {
-    /// Create every metric and register it in the process's default registry.
-    pub fn register() -> prometheus::Result<Metrics> {
-        Metrics::register_in(prometheus::default_registry())
+    /// Create every metric in the process's default registry (the one
+    /// `pingora-prometheus` serves), with the series of each route.
+    pub fn register(routes: &[Route]) -> prometheus::Result<Metrics> {
+        Metrics::register_in(prometheus::default_registry(), routes)
     }
 
-    pub fn register_in(r: &Registry) -> prometheus::Result<Metrics> {
-        Ok(Metrics {
+    pub fn register_in(r: &Registry, routes: &[Route]) -> prometheus::Result<Metrics> {
+        let mut m = Metrics {
             requests: counter(
                 r,
                 "tollgate_requests_total",
@@ -96,45 +116,80 @@ impl Metrics {
                 "Requests for which no backend succeeded, by route and reason.",
                 &["route", "reason"],
             )?,
-        })
+            routes: Vec::new(),
+        };
+        m.routes = routes.iter().map(|route| m.route_series(route)).collect();
+        Ok(m)
     }
 
-    /// Count one answered request.
-    pub fn request(&self, route: &str, status: u16, elapsed: Duration) {
-        let status = http::StatusCode::from_u16(status)
-            .map(|s| s.as_str().to_string())
-            .unwrap_or_else(|_| status.to_string());
-        self.requests.with_label_values(&[route, &status]).inc();
-        self.request_duration
-            .with_label_values(&[route])
-            .observe(elapsed.as_secs_f64());
+    fn route_series(&self, route: &Route) -> RouteSeries {
+        let name = route.name.as_str();
+        RouteSeries {
+            duration: self.request_duration.with_label_values(&[name]),
+            backends: route
+                .backends
+                .iter()
+                .map(|b| {
+                    let label = b.label.as_str();
+                    BackendSeries {
+                        outcomes: Outcome::ALL.map(|o| {
+                            self.backend_requests
+                                .with_label_values(&[name, label, o.as_str()])
+                        }),
+                        duration: self.backend_duration.with_label_values(&[name, label]),
+                        wins: self.race_wins.with_label_values(&[name, label]),
+                    }
+                })
+                .collect(),
+            failed: FAILURES.map(|f| {
+                self.all_backends_failed
+                    .with_label_values(&[name, f.as_str()])
+            }),
+        }
+    }
+
+    /// Count one answered request; `route` is its index, `None` when unmatched.
+    pub fn request(&self, route: Option<(usize, &str)>, status: u16, elapsed: Duration) {
+        let code = http::StatusCode::from_u16(status).ok();
+        let status = code.as_ref().map_or("0", |c| c.as_str());
+        let name = route.map_or(UNMATCHED, |(_, name)| name);
+        self.requests.with_label_values(&[name, status]).inc();
+        match route.and_then(|(i, _)| self.routes.get(i)) {
+            Some(series) => series.duration.observe(elapsed.as_secs_f64()),
+            None => self
+                .request_duration
+                .with_label_values(&[name])
+                .observe(elapsed.as_secs_f64()),
+        }
     }
 
     /// Count a race's attempts, its winner, or its failure.
     pub fn race(
         &self,
-        route: &str,
-        backends: &[&str],
+        route: usize,
         attempts: &[AttemptRecord],
         winner: Option<usize>,
         failure: Option<Failure>,
     ) {
+        let Some(series) = self.routes.get(route) else {
+            return;
+        };
         for a in attempts {
-            let backend = backends.get(a.backend).copied().unwrap_or("?");
-            self.backend_requests
-                .with_label_values(&[route, backend, a.outcome.as_str()])
-                .inc();
-            self.backend_duration
-                .with_label_values(&[route, backend])
-                .observe(a.latency.as_secs_f64());
+            if let Some(b) = series.backends.get(a.backend) {
+                let i = Outcome::ALL
+                    .iter()
+                    .position(|o| *o == a.outcome)
+                    .unwrap_or(0);
+                b.outcomes[i].inc();
+                b.duration.observe(a.latency.as_secs_f64());
+            }
         }
-        if let Some(w) = winner.and_then(|w| backends.get(w)) {
-            self.race_wins.with_label_values(&[route, w]).inc();
+        if let Some(b) = winner.and_then(|w| series.backends.get(w)) {
+            b.wins.inc();
         }
         if let Some(f) = failure {
-            self.all_backends_failed
-                .with_label_values(&[route, f.as_str()])
-                .inc();
+            let i = FAILURES.iter().position(|x| *x == f).unwrap_or(0);
+            series.failed[i].inc();
         }
     }
 }

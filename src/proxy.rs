@@ -103,17 +103,16 @@ impl Gateway {
 
     fn log_race(&self, ctx: &Ctx, route: usize) {
         let Some(report) = &ctx.race else { return };
-        let name = &self.routes[route].name;
-        let labels: Vec<&str> = self.upstreams[route]
-            .replicas
-            .iter()
-            .map(|r| r.label.as_str())
-            .collect();
         let winner = report.winner.as_ref().map(|(i, _)| *i);
         let failure = winner.is_none().then(|| report.failure());
-        self.metrics
-            .race(name, &labels, &report.attempts, winner, failure);
+        self.metrics.race(route, &report.attempts, winner, failure);
         if let Some(f) = failure {
+            let name = &self.routes[route].name;
+            let labels: Vec<&str> = self.upstreams[route]
+                .replicas
+                .iter()
+                .map(|r| r.label.as_str())
+                .collect();
             logging::all_backends_failed(
                 name,
                 f.as_str(),
@@ -197,7 +196,8 @@ impl ProxyHttp for Gateway {
         let route_name = ctx
             .route
             .map_or(UNMATCHED, |i| self.routes[i].name.as_str());
-        self.metrics.request(route_name, status, elapsed);
+        self.metrics
+            .request(ctx.route.map(|i| (i, route_name)), status, elapsed);
         if let Some(route) = ctx.route {
             self.log_race(ctx, route);
         }

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# A first, rough measurement (issue 2): requests per second through the
+# tollgate race path (3 backends) and a one-backend route, against hitting
+# one backend directly. The backends are nginx answering a fixed JSON body.
+# Loopback only; every process started here is stopped by PID on exit.
+#
+#   bench/quick.sh [seconds] [connections]     (defaults: 10 32)
+#
+# Needs nginx and wrk (installed with apt-get when missing) and a release build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-10}
+conns=${2:-32}
+
+need=()
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
+if ((${#need[@]})); then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+cargo build --release --locked -q
+
+dir=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$dir"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 not ready" >&2; exit 1; }
+
+b1=$(free_port); b2=$(free_port); b3=$(free_port); gw=$(free_port); adm=$(free_port)
+body='{"status": true, "data": {"symbol": "AAPL", "close": 123.45}}'
+{
+  echo "worker_processes 1; error_log $dir/nginx.err; pid $dir/nginx.pid; daemon off;"
+  echo "events { worker_connections 1024; }"
+  echo "http { access_log off; keepalive_requests 100000;"
+  for p in $b1 $b2 $b3; do
+    echo "  server { listen 127.0.0.1:$p; location / { default_type application/json; return 200 '$body'; } }"
+  done
+  echo "}"
+} > "$dir/nginx.conf"
+"$NGINX" -p "$dir" -c "$dir/nginx.conf" & pids+=($!)
+
+cat > "$dir/tollgate.yaml" <<YAML
+server: {threads: 1, pid_file: $dir/t.pid, upgrade_sock: $dir/t.sock}
+listen: ["127.0.0.1:$gw"]
+admin_listen: "127.0.0.1:$adm"
+routes:
+  - {name: race3, prefix: /race/, backends: ["http://127.0.0.1:$b1", "http://127.0.0.1:$b2", "http://127.0.0.1:$b3"]}
+  - {name: one, prefix: /one/, backends: ["http://127.0.0.1:$b1"]}
+YAML
+RUST_LOG=warn target/release/tollgate serve -c "$dir/tollgate.yaml" 2>"$dir/tollgate.log" & pids+=($!)
+for p in $b1 $b2 $b3 $gw; do wait_port "$p"; done
+
+run() {
+  local name=$1 url=$2 out rps p99
+  out=$(wrk -t1 -c"$conns" -d"${secs}s" --latency "$url")
+  rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+  errs=$(grep -E "Non-2xx|Socket errors" <<<"$out" | tr -s ' ' || true)
+  printf '%-34s %12s req/s   p99 %-9s %s\n' "$name" "$rps" "$p99" "$errs"
+}
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+echo "wrk: 1 thread, $conns connections, ${secs}s each; tollgate threads: 1; nginx backends: 1 worker"
+run "direct backend (nginx)" "http://127.0.0.1:$b1/api/x"
+run "tollgate, route with 1 backend" "http://127.0.0.1:$gw/one/x"
+run "tollgate, race over 3 backends" "http://127.0.0.1:$gw/race/x"

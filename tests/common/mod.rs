@@ -1,0 +1,297 @@
+//! Test harness: real HTTP origins on 127.0.0.1:0 inside the test process
+//! (recording what they receive), and the real `tollgate` binary started on
+//! free ports with a generated config, polled until ready, killed by PID.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+
+use tollgate::demo::{serve, Handler};
+pub use tollgate::demo::{Reply, Request};
+
+/// How long anything may take to become ready before a test fails.
+const READY_WITHIN: Duration = Duration::from_secs(20);
+
+#[derive(Default)]
+pub struct Recorder {
+    pub requests: Mutex<Vec<Request>>,
+    /// Requests whose client closed the connection during the delay, with when.
+    pub closed_early: Mutex<Vec<(Request, Instant)>>,
+}
+
+struct FnHandler<F> {
+    f: F,
+    rec: Arc<Recorder>,
+}
+
+impl<F: Fn(&Request) -> Reply + Send + Sync + 'static> Handler for FnHandler<F> {
+    fn reply(&self, req: &Request) -> Reply {
+        self.rec.requests.lock().unwrap().push(req.clone());
+        (self.f)(req)
+    }
+    fn closed_early(&self, req: &Request) {
+        self.rec
+            .closed_early
+            .lock()
+            .unwrap()
+            .push((req.clone(), Instant::now()));
+    }
+}
+
+/// A real HTTP backend in this process.
+pub struct Origin {
+    pub addr: SocketAddr,
+    pub rec: Arc<Recorder>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Origin {
+    pub async fn start(f: impl Fn(&Request) -> Reply + Send + Sync + 'static) -> Origin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let rec = Arc::new(Recorder::default());
+        let handler = Arc::new(FnHandler {
+            f,
+            rec: rec.clone(),
+        });
+        let task = tokio::spawn(serve(listener, handler));
+        Origin { addr, rec, task }
+    }
+
+    /// Answers `{"status": <ok>, "from": <name>}` after `delay_ms`.
+    pub async fn json(name: &'static str, ok: bool, delay_ms: u64) -> Origin {
+        Origin::start(move |_| {
+            Reply::json(200, format!(r#"{{"status": {ok}, "from": "{name}"}}"#))
+                .after(Duration::from_millis(delay_ms))
+        })
+        .await
+    }
+
+    /// Answers `status` with a JSON error body after `delay_ms`.
+    pub async fn status(code: u16, delay_ms: u64) -> Origin {
+        Origin::start(move |_| {
+            Reply::json(code, r#"{"status": false}"#).after(Duration::from_millis(delay_ms))
+        })
+        .await
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn requests(&self) -> Vec<Request> {
+        self.rec.requests.lock().unwrap().clone()
+    }
+
+    pub fn hits(&self) -> usize {
+        self.rec.requests.lock().unwrap().len()
+    }
+
+    pub fn closed_early(&self) -> Vec<(Request, Instant)> {
+        self.rec.closed_early.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn tollgate_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tollgate"))
+}
+
+/// The real gateway, in its own process.
+pub struct Gateway {
+    child: Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: TempDir,
+    log_path: PathBuf,
+}
+
+/// A one-route section: `routes:` with the given backends and extra keys.
+pub fn route(name: &str, prefix: &str, backends: &[&Origin], extra: &str) -> String {
+    let urls: Vec<String> = backends
+        .iter()
+        .map(|o| format!("\"{}\"", o.url()))
+        .collect();
+    let mut s = format!(
+        "  - name: {name}\n    prefix: {prefix}\n    backends: [{}]\n",
+        urls.join(", ")
+    );
+    for line in extra.lines().filter(|l| !l.trim().is_empty()) {
+        s.push_str("    ");
+        s.push_str(line.trim());
+        s.push('\n');
+    }
+    s
+}
+
+impl Gateway {
+    /// Start with these route entries (each from [`route`]) and extra top-level YAML.
+    pub async fn start(routes: &[String], top: &str) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let admin_port = free_port();
+        let conf = format!(
+            "server:\n  threads: 2\n  pid_file: {d}/tollgate.pid\n  upgrade_sock: {d}/upgrade.sock\n\
+             listen: [\"127.0.0.1:{port}\"]\nadmin_listen: \"127.0.0.1:{admin_port}\"\n{top}\nroutes:\n{}",
+            routes.concat(),
+            d = dir.path().display(),
+        );
+        let conf_path = dir.path().join("tollgate.yaml");
+        std::fs::write(&conf_path, conf).unwrap();
+        let log_path = dir.path().join("gateway.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = Command::new(tollgate_bin())
+            .args(["serve", "-c"])
+            .arg(&conf_path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut gw = Gateway {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+            dir,
+            log_path,
+        };
+        gw.wait_ready().await;
+        gw
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + READY_WITHIN;
+        let client = reqwest::Client::new();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "gateway exited with {status} before it was ready:\n{}",
+                    self.logs()
+                );
+            }
+            let health = client
+                .get(format!("http://{}/healthz", self.admin))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200);
+            if health && StdStream::connect(self.addr).is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway not ready:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Wait (bounded) until the log holds a line containing `needle`; return the log.
+    pub async fn wait_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let logs = self.logs();
+            if logs.contains(needle) {
+                return logs;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no log line with {needle:?}:\n{logs}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of one sample line in Prometheus text, e.g.
+/// `tollgate_requests_total{route="t",status="200"}`; 0 when absent.
+pub fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Send raw bytes, read the whole answer (the request should say
+/// `Connection: close`). Runs on a blocking thread.
+pub async fn raw(addr: SocketAddr, request: Vec<u8>) -> String {
+    tokio::task::spawn_blocking(move || {
+        let mut s = StdStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(&request).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .await
+    .unwrap()
+}
+
+/// A `GET target` with `Connection: close` and the given extra header lines.
+pub fn get(target: &str, headers: &str) -> Vec<u8> {
+    format!("GET {target} HTTP/1.1\r\nHost: test\r\n{headers}Connection: close\r\n\r\n")
+        .into_bytes()
+}
+
+/// Status code and JSON body of a raw answer.
+pub fn status_and_json(answer: &str) -> (u16, serde_json::Value) {
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or("");
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
