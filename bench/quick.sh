@@ -6,6 +6,9 @@
 #
 #   bench/quick.sh [seconds] [connections]     (defaults: 10 32)
 #
+# BASELINE=/path/to/another/tollgate runs the same routes through that binary
+# too (e.g. an older build), in the same run, for a before/after ratio.
+#
 # Needs nginx and wrk (installed with apt-get when missing) and a release build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,20 +46,34 @@ body='{"status": true, "data": {"symbol": "AAPL", "close": 123.45}}'
 } > "$dir/nginx.conf"
 "$NGINX" -p "$dir" -c "$dir/nginx.conf" & pids+=($!)
 
-cat > "$dir/tollgate.yaml" <<YAML
-server: {threads: 1, pid_file: $dir/t.pid, upgrade_sock: $dir/t.sock}
-listen: ["127.0.0.1:$gw"]
-admin_listen: "127.0.0.1:$adm"
+cat > "$dir/keys.yaml" <<YAML
+keys:
+  - {key: "bench-key", name: bench, credits: 1000000000000, rate_per_second: 100000000}
+YAML
+conf() { # conf NAME PORT ADMIN
+cat > "$dir/$1.yaml" <<YAML
+server: {threads: 1, pid_file: $dir/$1.pid, upgrade_sock: $dir/$1.sock}
+listen: ["127.0.0.1:$2"]
+admin_listen: "127.0.0.1:$3"
+store: {keys_file: $dir/keys.yaml}
 routes:
   - {name: race3, prefix: /race/, backends: ["http://127.0.0.1:$b1", "http://127.0.0.1:$b2", "http://127.0.0.1:$b3"]}
   - {name: one, prefix: /one/, backends: ["http://127.0.0.1:$b1"]}
 YAML
+}
+conf tollgate "$gw" "$adm"
 RUST_LOG=warn target/release/tollgate serve -c "$dir/tollgate.yaml" 2>"$dir/tollgate.log" & pids+=($!)
 for p in $b1 $b2 $b3 $gw; do wait_port "$p"; done
+if [ -n "${BASELINE:-}" ]; then
+  bgw=$(free_port); badm=$(free_port)
+  conf baseline "$bgw" "$badm"
+  RUST_LOG=warn "$BASELINE" serve -c "$dir/baseline.yaml" 2>"$dir/baseline.log" & pids+=($!)
+  wait_port "$bgw"
+fi
 
 run() {
   local name=$1 url=$2 out rps p99
-  out=$(wrk -t1 -c"$conns" -d"${secs}s" --latency "$url")
+  out=$(wrk -t1 -c"$conns" -d"${secs}s" --latency -H "X-API-Key: bench-key" "$url")
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   p99=$(awk '$1=="99%" {print $2}' <<<"$out")
   errs=$(grep -E "Non-2xx|Socket errors" <<<"$out" | tr -s ' ' || true)
@@ -67,3 +84,7 @@ echo "wrk: 1 thread, $conns connections, ${secs}s each; tollgate threads: 1; ngi
 run "direct backend (nginx)" "http://127.0.0.1:$b1/api/x"
 run "tollgate, route with 1 backend" "http://127.0.0.1:$gw/one/x"
 run "tollgate, race over 3 backends" "http://127.0.0.1:$gw/race/x"
+if [ -n "${BASELINE:-}" ]; then
+  run "baseline, route with 1 backend" "http://127.0.0.1:$bgw/one/x"
+  run "baseline, race over 3 backends" "http://127.0.0.1:$bgw/race/x"
+fi

@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde_yaml::Value;
 
 use crate::race::{Strategy, SuccessRule};
+use crate::store::{parse_keys, KeyRecord};
 
 /// One problem in a configuration file, with the field path it concerns.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -284,6 +285,9 @@ pub struct StoreConfig {
     pub key_prefix: String,
     pub keys_file: Option<String>,
     pub on_error: OnStoreError,
+    /// The keys file's entries, hashed; read by [`Config::load`] for the
+    /// embedded store (with Redis, keys live in Redis).
+    pub keys: Vec<KeyRecord>,
 }
 
 #[derive(Debug, Clone)]
@@ -367,7 +371,29 @@ impl Config {
                 format!("cannot read {}: {e}", path.display()),
             )])
         })?;
-        Config::from_yaml(&text)
+        let mut config = Config::from_yaml(&text)?;
+        config.load_keys()?;
+        Ok(config)
+    }
+
+    /// Read `store.keys_file` for the embedded store. Relative paths are
+    /// taken from the working directory.
+    pub fn load_keys(&mut self) -> Result<(), ConfigErrors> {
+        let (None, Some(file)) = (&self.store.redis_url, &self.store.keys_file) else {
+            return Ok(());
+        };
+        let fail = |message: String| ConfigErrors(vec![err("store.keys_file", message)]);
+        let text =
+            std::fs::read_to_string(file).map_err(|e| fail(format!("cannot read {file}: {e}")))?;
+        self.store.keys = parse_keys(&text).map_err(|errors| {
+            ConfigErrors(
+                errors
+                    .into_iter()
+                    .map(|e| err("store.keys_file", format!("{file}: {e}")))
+                    .collect(),
+            )
+        })?;
+        Ok(())
     }
 
     /// Parse and validate configuration text.
@@ -419,6 +445,7 @@ impl TryFrom<FileConfig> for Config {
             key_prefix: file.store.key_prefix,
             keys_file: file.store.keys_file,
             on_error,
+            keys: Vec::new(),
         };
 
         let q = &file.auth.query_param;
@@ -865,6 +892,18 @@ mod tests {
         assert_eq!(b[0].base_path, "/base");
         assert_eq!(b[1].host_header, "127.0.0.1:9002");
         assert_eq!(b[1].base_path, "/x");
+    }
+
+    #[test]
+    fn credit_settings_parse() {
+        let c = Config::from_yaml(MINIMAL).unwrap();
+        assert!(c.credits.refund_on_failure && c.credits.charge_cache_hits);
+        let yaml =
+            format!("credits:\n  refund_on_failure: false\n  charge_cache_hits: false\n{MINIMAL}");
+        let c = Config::from_yaml(&yaml).unwrap();
+        assert!(!c.credits.refund_on_failure && !c.credits.charge_cache_hits);
+        let yaml = format!("credits:\n  charge_cache_hits: sometimes\n{MINIMAL}");
+        assert!(Config::from_yaml(&yaml).is_err());
     }
 
     #[test]

@@ -7,11 +7,15 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod admin;
+pub mod auth;
 pub mod config;
+pub mod credits;
 pub mod demo;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod race;
 pub mod respond;
 pub mod router;
+pub mod store;

@@ -45,6 +45,10 @@ pub struct AccessLine<'a> {
     pub cache: Option<&'static str>,
     /// The winning backend's label.
     pub winner: Option<&'a str>,
+    /// The caller's key id (hash prefix), never the key.
+    pub key_id: Option<&'a str>,
+    /// Credits charged (after any refund).
+    pub credits: Option<u64>,
     pub error: Option<&'static str>,
 }
 

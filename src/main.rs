@@ -12,6 +12,8 @@ use pingora::server::Server;
 use tollgate::config::Config;
 use tollgate::metrics::Metrics;
 use tollgate::proxy::Gateway;
+use tollgate::store::memory::MemoryStore;
+use tollgate::store::Store;
 use tollgate::{admin, demo, logging};
 
 #[derive(Parser)]
@@ -74,7 +76,15 @@ fn serve(mut config: Config, opt: Opt) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let gateway = Gateway::new(&config, metrics);
+    if config.store.redis_url.is_some() {
+        eprintln!("tollgate: store.redis_url: the Redis store is not implemented yet; remove it to use the embedded store");
+        return ExitCode::FAILURE;
+    }
+    if config.store.keys.is_empty() {
+        log::warn!("the embedded store has no keys (store.keys_file): every request will get 401");
+    }
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new(&config.store.keys));
+    let gateway = Gateway::new(&config, store, metrics);
     let mut server = Server::new_with_opt_and_conf(opt, std::mem::take(&mut config.server));
     // With -t this checks Pingora's side too, then exits.
     server.bootstrap();

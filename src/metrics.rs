@@ -11,12 +11,16 @@ use pingora_prometheus::prometheus::{
 
 use crate::config::Route;
 use crate::race::{AttemptRecord, Failure, Outcome};
+use crate::respond::Reject;
 
 /// Seconds, from 100 µs to 300 s.
 const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 ];
+
+/// Store operations, the `op` label of `tollgate_store_errors_total`.
+pub const STORE_OPS: [&str; 3] = ["lookup", "charge", "refund"];
 
 /// The route label of a request that matched no route.
 pub const UNMATCHED: &str = "unmatched";
@@ -28,6 +32,10 @@ pub struct Metrics {
     backend_duration: HistogramVec,
     race_wins: IntCounterVec,
     all_backends_failed: IntCounterVec,
+    credits_charged: IntCounterVec,
+    credits_refunded: IntCounterVec,
+    rejections: IntCounterVec,
+    store_errors: IntCounterVec,
     /// Per route (config order), the series a race touches, resolved once.
     routes: Vec<RouteSeries>,
 }
@@ -36,6 +44,8 @@ pub struct Metrics {
 /// traffic and need no label lookup per request.
 struct RouteSeries {
     duration: Histogram,
+    charged: IntCounter,
+    refunded: IntCounter,
     backends: Vec<BackendSeries>,
     failed: [IntCounter; 3],
 }
@@ -116,8 +126,38 @@ impl Metrics {
                 "Requests for which no backend succeeded, by route and reason.",
                 &["route", "reason"],
             )?,
+            credits_charged: counter(
+                r,
+                "tollgate_credits_charged_total",
+                "Credits charged, by route (refunds are counted apart, not subtracted).",
+                &["route"],
+            )?,
+            credits_refunded: counter(
+                r,
+                "tollgate_credits_refunded_total",
+                "Credits given back after a gateway-made failure, by route.",
+                &["route"],
+            )?,
+            rejections: counter(
+                r,
+                "tollgate_rejections_total",
+                "Requests refused before any backend was asked, by reason (the error code).",
+                &["reason"],
+            )?,
+            store_errors: counter(
+                r,
+                "tollgate_store_errors_total",
+                "Key store calls that failed, by operation.",
+                &["op"],
+            )?,
             routes: Vec::new(),
         };
+        for reject in Reject::ALL.into_iter().filter(|r| r.is_rejection()) {
+            m.rejections.with_label_values(&[reject.code()]);
+        }
+        for op in STORE_OPS {
+            m.store_errors.with_label_values(&[op]);
+        }
         m.routes = routes.iter().map(|route| m.route_series(route)).collect();
         Ok(m)
     }
@@ -126,6 +166,8 @@ impl Metrics {
         let name = route.name.as_str();
         RouteSeries {
             duration: self.request_duration.with_label_values(&[name]),
+            charged: self.credits_charged.with_label_values(&[name]),
+            refunded: self.credits_refunded.with_label_values(&[name]),
             backends: route
                 .backends
                 .iter()
@@ -161,6 +203,32 @@ impl Metrics {
                 .with_label_values(&[name])
                 .observe(elapsed.as_secs_f64()),
         }
+    }
+
+    /// Count credits charged on a route.
+    pub fn charged(&self, route: usize, credits: u64) {
+        if let Some(series) = self.routes.get(route) {
+            series.charged.inc_by(credits);
+        }
+    }
+
+    /// The counter of credits refunded on a route (a refund may happen late,
+    /// from a dropped request's hold).
+    pub fn refunded(&self, route: usize) -> IntCounter {
+        self.routes
+            .get(route)
+            .map(|s| s.refunded.clone())
+            .unwrap_or_else(|| self.credits_refunded.with_label_values(&[UNMATCHED]))
+    }
+
+    /// Count a request refused before the race.
+    pub fn rejection(&self, reason: Reject) {
+        self.rejections.with_label_values(&[reason.code()]).inc();
+    }
+
+    /// Count a failed store call (`op`: one of [`STORE_OPS`]).
+    pub fn store_error(&self, op: &'static str) {
+        self.store_errors.with_label_values(&[op]).inc();
     }
 
     /// Count a race's attempts, its winner, or its failure.

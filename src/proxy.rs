@@ -1,6 +1,6 @@
 //! The `ProxyHttp` implementation. Every request is answered from
-//! `request_filter`, whose steps follow the contract's order of checks
-//! (method and path → route → [auth → rate limit → credits → cache] → race);
+//! `request_filter`, whose steps follow the contract's order of checks:
+//! method and path → route → auth → rate limit → credits → [cache] → race.
 //! `logging` counts and logs it. Each step is a call into its own module.
 
 use std::sync::Arc;
@@ -13,12 +13,16 @@ use pingora::modules::http::HttpModules;
 use pingora::prelude::*;
 use pingora::proxy::{ProxyHttp, Session};
 
-use crate::config::{Config, Route};
+use crate::auth::{self, KeyHash};
+use crate::config::{Config, CreditsConfig, OnStoreError, Route};
+use crate::credits::CreditHold;
+use crate::limits::{Decision, Limiter};
 use crate::logging::{self, AccessLine};
 use crate::metrics::{Metrics, UNMATCHED};
 use crate::race::{RaceReport, Racer, RouteUpstream, UpstreamRequest};
 use crate::respond::{self, Common, Reject};
 use crate::router::{self, RouteTable};
+use crate::store::{Charge, KeyState, Store, StoreError};
 
 /// The gateway service: routes, their upstreams, and shared parts.
 pub struct Gateway {
@@ -26,19 +30,27 @@ pub struct Gateway {
     table: RouteTable,
     upstreams: Vec<RouteUpstream>,
     racer: Racer,
+    store: Arc<dyn Store>,
+    limiter: Limiter,
     metrics: Arc<Metrics>,
     auth_param: String,
+    on_store_error: OnStoreError,
+    credits: CreditsConfig,
 }
 
 impl Gateway {
-    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Self {
+    pub fn new(config: &Config, store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
         Gateway {
             table: RouteTable::new(&config.routes),
             upstreams: config.routes.iter().map(RouteUpstream::new).collect(),
             routes: config.routes.clone(),
             racer: Racer::new(&config.server),
+            store,
+            limiter: Limiter::new(config.rate_limit.per_second),
             metrics,
             auth_param: config.auth.query_param.clone(),
+            on_store_error: config.store.on_error,
+            credits: config.credits.clone(),
         }
     }
 }
@@ -51,18 +63,105 @@ pub struct Ctx {
     route: Option<usize>,
     /// Path and query as sent upstream (auth parameter removed): safe to log.
     upstream_path: Option<String>,
+    /// Public id of the caller's key (hash prefix), once known.
+    key_id: Option<String>,
+    limit: Option<Decision>,
+    /// The charge, once taken; dropping it unsettled refunds it.
+    credits: Option<CreditHold>,
     race: Option<RaceReport>,
     /// `X-Cache` of a proxied answer.
     cache: Option<&'static str>,
     reject: Option<Reject>,
 }
 
+impl Ctx {
+    /// Rate-limit and credit headers for the answer.
+    fn headers(&self) -> Vec<(&'static str, String)> {
+        let mut h: Vec<(&'static str, String)> =
+            self.limit.iter().flat_map(Decision::headers).collect();
+        match &self.credits {
+            Some(hold) => {
+                h.push(("X-Credits-Cost", hold.cost().to_string()));
+                h.push(("X-Credits-Remaining", hold.remaining().to_string()));
+            }
+            // Admitted, but the store could not charge (on_error: allow).
+            None if self.limit.is_some_and(|l| l.allowed) && self.reject.is_none() => {
+                h.push(("X-Credits-Cost", "0".to_string()));
+            }
+            None => {}
+        }
+        h
+    }
+}
+
 impl Gateway {
+    /// Size, method and path checks, then the route; notes the upstream path
+    /// and returns the route with the request's API key, if any.
+    fn route(&self, req: &RequestHeader, ctx: &mut Ctx) -> Result<(usize, Option<String>), Reject> {
+        let target = router::check_request(req)?;
+        let route = self.table.find(target.path).ok_or(Reject::NoRoute)?;
+        ctx.route = Some(route);
+        ctx.upstream_path = Some(router::upstream_path_and_query(&target, &self.auth_param));
+        let key = auth::extract(req, target.query, &self.auth_param)?;
+        Ok((route, key))
+    }
+
+    /// auth → rate limit → credits. A refused request costs nothing.
+    async fn admit(&self, ctx: &mut Ctx, route: usize, key: Option<String>) -> Result<(), Reject> {
+        let hash = KeyHash::of(&key.ok_or(Reject::MissingKey)?);
+        ctx.key_id = Some(hash.id());
+        let own_rate = match self.store.key(&hash).await {
+            Ok(None) => return Err(Reject::InvalidKey),
+            Ok(Some(info)) if info.state == KeyState::Revoked => return Err(Reject::RevokedKey),
+            Ok(Some(info)) => info.rate_per_second,
+            Err(e) => self.store_failed("lookup", e).map(|()| None)?,
+        };
+
+        let decision = self.limiter.check(&hash, own_rate);
+        ctx.limit = Some(decision);
+        if !decision.allowed {
+            return Err(Reject::RateLimited);
+        }
+
+        let path = ctx.upstream_path.as_deref().unwrap_or("");
+        let cost = self.routes[route].cost_for(path);
+        match self.store.charge(&hash, cost).await {
+            Ok(Charge::Charged { remaining }) => {
+                self.metrics.charged(route, cost);
+                let refunded = self.metrics.refunded(route);
+                ctx.credits = Some(CreditHold::new(
+                    self.store.clone(),
+                    hash,
+                    cost,
+                    remaining,
+                    refunded,
+                ));
+                Ok(())
+            }
+            Ok(Charge::Insufficient { .. }) => Err(Reject::InsufficientCredits),
+            Ok(Charge::Unknown) => Err(Reject::InvalidKey),
+            Ok(Charge::Revoked) => Err(Reject::RevokedKey),
+            Err(e) => self.store_failed("charge", e),
+        }
+    }
+
+    /// A store call failed: refuse (`deny`) or go on uncharged (`allow`).
+    fn store_failed(&self, op: &'static str, e: StoreError) -> Result<(), Reject> {
+        self.metrics.store_error(op);
+        log::warn!("store {op} failed: {e}");
+        match self.on_store_error {
+            OnStoreError::Deny => Err(Reject::StoreUnavailable),
+            OnStoreError::Allow => Ok(()),
+        }
+    }
+
     async fn reject(&self, session: &mut Session, ctx: &mut Ctx, reject: Reject) -> Result<bool> {
         ctx.reject = Some(reject);
+        let extra = ctx.headers();
         let common = Common {
             request_id: &ctx.request_id,
             head: ctx.head,
+            extra: &extra,
         };
         respond::reject(session, &common, reject).await?;
         Ok(true)
@@ -81,23 +180,37 @@ impl Gateway {
             };
             self.racer.run(&self.upstreams[route], &req).await
         };
-        let sent = match &report.winner {
-            Some((_, answer)) => {
-                ctx.cache = Some("MISS");
-                let common = Common {
-                    request_id: &ctx.request_id,
-                    head: ctx.head,
-                };
-                respond::proxied(session, &common, answer, "MISS")
-                    .await
-                    .map(|()| None)
+        let Some((_, answer)) = &report.winner else {
+            let reject = Reject::from(report.failure());
+            ctx.race = Some(report);
+            if self.credits.refund_on_failure {
+                self.refund(ctx).await;
             }
-            None => Ok(Some(Reject::from(report.failure()))),
+            return self.reject(session, ctx, reject).await;
         };
+        ctx.cache = Some("MISS");
+        let extra = ctx.headers();
+        let common = Common {
+            request_id: &ctx.request_id,
+            head: ctx.head,
+            extra: &extra,
+        };
+        let sent = respond::proxied(session, &common, answer, "MISS").await;
         ctx.race = Some(report);
-        match sent? {
-            None => Ok(true),
-            Some(reject) => self.reject(session, ctx, reject).await,
+        sent?;
+        // Delivered: the charge stands.
+        if let Some(hold) = ctx.credits.as_mut() {
+            hold.keep();
+        }
+        Ok(true)
+    }
+
+    async fn refund(&self, ctx: &mut Ctx) {
+        if let Some(hold) = ctx.credits.as_mut() {
+            if let Err(e) = hold.refund().await {
+                self.metrics.store_error("refund");
+                log::warn!("store refund failed: {e}");
+            }
         }
     }
 
@@ -151,6 +264,9 @@ impl ProxyHttp for Gateway {
             head: false,
             route: None,
             upstream_path: None,
+            key_id: None,
+            limit: None,
+            credits: None,
             race: None,
             cache: None,
             reject: None,
@@ -164,21 +280,13 @@ impl ProxyHttp for Gateway {
         let req = session.req_header();
         ctx.request_id = request_id(req);
         ctx.head = req.method == Method::HEAD;
-        let route = match router::check_request(req) {
-            Err(reject) => return self.reject(session, ctx, reject).await,
-            Ok(target) => match self.table.find(target.path) {
-                None => None,
-                Some(route) => {
-                    ctx.upstream_path =
-                        Some(router::upstream_path_and_query(&target, &self.auth_param));
-                    Some(route)
-                }
+        let route = match self.route(req, ctx) {
+            Ok((route, key)) => match self.admit(ctx, route, key).await {
+                Ok(()) => route,
+                Err(reject) => return self.reject(session, ctx, reject).await,
             },
+            Err(reject) => return self.reject(session, ctx, reject).await,
         };
-        let Some(route) = route else {
-            return self.reject(session, ctx, Reject::NoRoute).await;
-        };
-        ctx.route = Some(route);
         self.race(session, ctx, route).await
     }
 
@@ -198,6 +306,9 @@ impl ProxyHttp for Gateway {
             .map_or(UNMATCHED, |i| self.routes[i].name.as_str());
         self.metrics
             .request(ctx.route.map(|i| (i, route_name)), status, elapsed);
+        if let Some(reject) = ctx.reject.filter(|r| r.is_rejection()) {
+            self.metrics.rejection(reject);
+        }
         if let Some(route) = ctx.route {
             self.log_race(ctx, route);
         }
@@ -214,6 +325,8 @@ impl ProxyHttp for Gateway {
             latency_ms: logging::ms(elapsed),
             cache: ctx.cache,
             winner,
+            key_id: ctx.key_id.as_deref(),
+            credits: ctx.credits.as_ref().map(CreditHold::cost),
             error: ctx.reject.map(Reject::code),
         }
         .emit();

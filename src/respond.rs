@@ -22,6 +22,12 @@ pub enum Reject {
     UriTooLong,
     HeadersTooLarge,
     BadRequest(&'static str),
+    MissingKey,
+    InvalidKey,
+    RevokedKey,
+    RateLimited,
+    InsufficientCredits,
+    StoreUnavailable,
     NoData,
     UpstreamFailed,
     UpstreamTimeout,
@@ -31,6 +37,11 @@ impl Reject {
     pub fn status(self) -> u16 {
         match self {
             Reject::NoRoute | Reject::NoData => 404,
+            Reject::MissingKey | Reject::InvalidKey => 401,
+            Reject::RevokedKey => 403,
+            Reject::RateLimited => 429,
+            Reject::InsufficientCredits => 402,
+            Reject::StoreUnavailable => 503,
             Reject::MethodNotAllowed => 405,
             Reject::UriTooLong => 414,
             Reject::HeadersTooLarge => 431,
@@ -47,6 +58,12 @@ impl Reject {
             Reject::UriTooLong => "uri_too_long",
             Reject::HeadersTooLarge => "headers_too_large",
             Reject::BadRequest(_) => "bad_request",
+            Reject::MissingKey => "missing_api_key",
+            Reject::InvalidKey => "invalid_api_key",
+            Reject::RevokedKey => "revoked_api_key",
+            Reject::RateLimited => "rate_limited",
+            Reject::InsufficientCredits => "insufficient_credits",
+            Reject::StoreUnavailable => "store_unavailable",
             Reject::NoData => "no_data",
             Reject::UpstreamFailed => "upstream_failed",
             Reject::UpstreamTimeout => "upstream_timeout",
@@ -60,6 +77,16 @@ impl Reject {
             Reject::UriTooLong => "the request target is over 8 KiB",
             Reject::HeadersTooLarge => "the request headers are over 32 KiB",
             Reject::BadRequest(why) => why,
+            Reject::MissingKey => {
+                "an API key is required: query parameter, X-API-Key header or Authorization: Bearer"
+            }
+            Reject::InvalidKey => "the API key is not valid",
+            Reject::RevokedKey => "the API key has been revoked",
+            Reject::RateLimited => {
+                "too many requests for this API key; retry after Retry-After seconds"
+            }
+            Reject::InsufficientCredits => "not enough credits left for this request",
+            Reject::StoreUnavailable => "the key store is unavailable; try again shortly",
             Reject::NoData => NO_DATA_MESSAGE,
             Reject::UpstreamFailed => "no backend server could answer",
             Reject::UpstreamTimeout => "no backend server answered in time",
@@ -70,9 +97,40 @@ impl Reject {
     fn headers(self) -> &'static [(&'static str, &'static str)] {
         match self {
             Reject::MethodNotAllowed => &[("Allow", "GET, HEAD")],
+            Reject::MissingKey | Reject::InvalidKey => {
+                &[("WWW-Authenticate", "Bearer realm=\"tollgate\"")]
+            }
             _ => &[],
         }
     }
+}
+
+impl Reject {
+    /// Refused before any backend was asked (as opposed to a failed race).
+    pub fn is_rejection(self) -> bool {
+        !matches!(
+            self,
+            Reject::NoData | Reject::UpstreamFailed | Reject::UpstreamTimeout
+        )
+    }
+
+    /// Every reason, for metrics set-up.
+    pub const ALL: [Reject; 14] = [
+        Reject::NoRoute,
+        Reject::MethodNotAllowed,
+        Reject::UriTooLong,
+        Reject::HeadersTooLarge,
+        Reject::BadRequest(""),
+        Reject::MissingKey,
+        Reject::InvalidKey,
+        Reject::RevokedKey,
+        Reject::RateLimited,
+        Reject::InsufficientCredits,
+        Reject::StoreUnavailable,
+        Reject::NoData,
+        Reject::UpstreamFailed,
+        Reject::UpstreamTimeout,
+    ];
 }
 
 impl From<Failure> for Reject {
@@ -107,6 +165,8 @@ pub struct Common<'a> {
     pub request_id: &'a str,
     /// HEAD: send headers only.
     pub head: bool,
+    /// Per-request headers (rate limit, credits).
+    pub extra: &'a [(&'static str, String)],
 }
 
 /// Answer with a gateway-made JSON error.
@@ -142,6 +202,9 @@ async fn send(
 ) -> Result<()> {
     resp.insert_header("Content-Length", body.len())?;
     resp.insert_header("X-Request-Id", common.request_id)?;
+    for (name, value) in common.extra {
+        resp.insert_header(*name, value.as_str())?;
+    }
     if common.head || body.is_empty() {
         session.write_response_header(Box::new(resp), true).await
     } else {
@@ -156,16 +219,7 @@ mod tests {
 
     #[test]
     fn every_reason_has_json_with_its_code() {
-        for r in [
-            Reject::NoRoute,
-            Reject::MethodNotAllowed,
-            Reject::UriTooLong,
-            Reject::HeadersTooLarge,
-            Reject::BadRequest("x"),
-            Reject::NoData,
-            Reject::UpstreamFailed,
-            Reject::UpstreamTimeout,
-        ] {
+        for r in Reject::ALL {
             let v: serde_json::Value = serde_json::from_slice(&error_body(r)).unwrap();
             assert_eq!(v["status"], false);
             assert_eq!(v["error"], r.code());

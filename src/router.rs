@@ -119,15 +119,19 @@ impl RouteTable {
     }
 }
 
-/// Whether a raw query pair's name is `param` (names compared decoded).
-fn is_param(pair: &str, param: &str) -> bool {
-    let name = pair.split_once('=').map_or(pair, |(n, _)| n);
-    if name.contains('%') || name.contains('+') {
-        let decoded: Vec<u8> = percent_decode(name.replace('+', " ").as_bytes()).collect();
+/// Whether a raw (percent-encoded) query parameter name is `param`.
+pub fn decoded_eq(raw_name: &str, param: &str) -> bool {
+    if raw_name.contains('%') || raw_name.contains('+') {
+        let decoded: Vec<u8> = percent_decode(raw_name.replace('+', " ").as_bytes()).collect();
         decoded == param.as_bytes()
     } else {
-        name == param
+        raw_name == param
     }
+}
+
+/// Whether a raw query pair's name is `param`.
+fn is_param(pair: &str, param: &str) -> bool {
+    decoded_eq(pair.split_once('=').map_or(pair, |(n, _)| n), param)
 }
 
 /// The path and query the backends receive: the client's, unchanged, except

@@ -14,7 +14,15 @@ struct Run {
 }
 
 fn run(args: &[&str], yaml: &str) -> Run {
+    run_with(args, yaml, &[])
+}
+
+/// Run with extra files (name, text) written beside the config.
+fn run_with(args: &[&str], yaml: &str, files: &[(&str, &str)]) -> Run {
     let dir = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
     let path = dir.path().join("t.yaml");
     // pid and upgrade socket inside the temp dir so runs never collide.
     let yaml = yaml.replace("{dir}", &dir.path().display().to_string());
@@ -130,4 +138,34 @@ fn a_missing_file_is_an_error_not_a_panic() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read /nonexistent/tollgate.yaml"));
+}
+
+#[test]
+fn a_bad_keys_file_fails_with_entry_index_and_field() {
+    let yaml = format!("store:\n  keys_file: {{dir}}/keys.yaml\n{GOOD}");
+    let keys =
+        "keys:\n  - {key: a, name: a, credits: 1}\n  - {sha256: \"abc\", name: b, credits: 1}\n";
+    for args in [&["check"][..], &["serve", "-t"][..]] {
+        let r = run_with(args, &yaml, &[("keys.yaml", keys)]);
+        assert_eq!(r.code, 1, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains("store.keys_file: "), "{}", r.stderr);
+        assert!(
+            r.stderr
+                .contains("keys.yaml: keys[1].sha256: expected 64 hex digits"),
+            "{}",
+            r.stderr
+        );
+    }
+    let good_keys = "keys:\n  - {key: a, name: a, credits: 1}\n";
+    assert_eq!(
+        run_with(&["check"], &yaml, &[("keys.yaml", good_keys)]).code,
+        0
+    );
+    let r = run(&["check"], &yaml);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains("store.keys_file: cannot read"),
+        "{}",
+        r.stderr
+    );
 }

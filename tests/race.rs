@@ -13,7 +13,7 @@ use serde_json::Value;
 
 async fn get_json(url: &str) -> (u16, reqwest::header::HeaderMap, Value, Duration) {
     let started = Instant::now();
-    let resp = reqwest::get(url).await.unwrap();
+    let resp = client().get(url).send().await.unwrap();
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     let body = resp.json::<Value>().await.unwrap_or(Value::Null);
@@ -344,7 +344,7 @@ async fn backends_get_path_and_query_without_the_key() {
     )
     .await;
     let resp = reqwest::Client::new()
-        .get(gw.url("/api/v1/eod/AAPL?from=2020&api_key=SECRET-123&to=2021"))
+        .get(gw.url(&format!("/api/v1/eod/AAPL?from=2020&api_key={KEY}&to=2021")))
         .header("X-Request-Id", "req-42")
         .send()
         .await
@@ -357,10 +357,10 @@ async fn backends_get_path_and_query_without_the_key() {
     assert_eq!(got.header("host"), Some(only.addr.to_string().as_str()));
     assert_eq!(got.header("x-request-id"), Some("req-42"));
     let logs = gw.wait_log("req-42").await;
-    assert!(!logs.contains("SECRET-123"), "key in the log:\n{logs}");
+    assert!(!logs.contains(KEY), "key in the log:\n{logs}");
 
     // Without one, a request id is made.
-    let resp = reqwest::get(gw.url("/api/v1/x")).await.unwrap();
+    let resp = client().get(gw.url("/api/v1/x")).send().await.unwrap();
     let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
     assert_eq!(id.len(), 32);
     assert_eq!(only.requests()[1].header("x-request-id"), Some(id.as_str()));
@@ -370,11 +370,9 @@ async fn backends_get_path_and_query_without_the_key() {
 async fn head_is_raced_as_get_and_answered_without_body() {
     let only = Origin::json("only", true, 0).await;
     let gw = Gateway::start(&[route("t", "/api/", &[&only], "")], "").await;
-    let answer = raw(
-        gw.addr,
-        b"HEAD /api/x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".to_vec(),
-    )
-    .await;
+    let head =
+        format!("HEAD /api/x HTTP/1.1\r\nHost: t\r\nX-API-Key: {KEY}\r\nConnection: close\r\n\r\n");
+    let answer = raw(gw.addr, head.into_bytes()).await;
     let (head, body) = answer.split_once("\r\n\r\n").unwrap();
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let expected_len = r#"{"status": true, "from": "only"}"#.len();

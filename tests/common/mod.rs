@@ -145,10 +145,33 @@ pub fn route(name: &str, prefix: &str, backends: &[&Origin], extra: &str) -> Str
     s
 }
 
+/// The API key every test gateway knows unless a test brings its own keys.
+pub const KEY: &str = "tg_test_key_for_integration";
+
+/// Plenty of credits and rate for tests that are not about them.
+pub fn default_keys() -> String {
+    format!("keys:\n  - {{key: \"{KEY}\", name: tests, credits: 1000000000, rate_per_second: 1000000}}\n")
+}
+
 impl Gateway {
-    /// Start with these route entries (each from [`route`]) and extra top-level YAML.
+    /// Start with these route entries (each from [`route`]) and extra
+    /// top-level YAML, knowing the key [`KEY`].
     pub async fn start(routes: &[String], top: &str) -> Gateway {
+        Gateway::start_with_keys(routes, top, &default_keys()).await
+    }
+
+    /// Start with this keys file. `{keys}` in `top` is replaced by its path;
+    /// without a `store:` section in `top`, the embedded store reads it.
+    pub async fn start_with_keys(routes: &[String], top: &str, keys: &str) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
+        let keys_path = dir.path().join("keys.yaml");
+        std::fs::write(&keys_path, keys).unwrap();
+        let top = if top.contains("store:") {
+            top.to_string()
+        } else {
+            format!("store:\n  keys_file: {{keys}}\n{top}")
+        }
+        .replace("{keys}", &keys_path.display().to_string());
         let port = free_port();
         let admin_port = free_port();
         let conf = format!(
@@ -276,10 +299,20 @@ pub async fn raw(addr: SocketAddr, request: Vec<u8>) -> String {
     .unwrap()
 }
 
-/// A `GET target` with `Connection: close` and the given extra header lines.
+/// A `GET target` with [`KEY`], `Connection: close` and the given extra header lines.
 pub fn get(target: &str, headers: &str) -> Vec<u8> {
-    format!("GET {target} HTTP/1.1\r\nHost: test\r\n{headers}Connection: close\r\n\r\n")
+    format!("GET {target} HTTP/1.1\r\nHost: test\r\nX-API-Key: {KEY}\r\n{headers}Connection: close\r\n\r\n")
         .into_bytes()
+}
+
+/// A client that sends [`KEY`] in `X-API-Key` on every request.
+pub fn client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("x-api-key", reqwest::header::HeaderValue::from_static(KEY));
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
 }
 
 /// Status code and JSON body of a raw answer.

@@ -1,0 +1,195 @@
+//! API keys: where a request carries one (query parameter, `X-API-Key`,
+//! `Authorization: Bearer`), and its SHA-256, the only form anything keeps.
+
+use std::fmt;
+
+use percent_encoding::percent_decode_str;
+use pingora::http::RequestHeader;
+use sha2::{Digest, Sha256};
+
+use crate::respond::Reject;
+
+/// The SHA-256 of an API key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyHash(pub [u8; 32]);
+
+impl KeyHash {
+    pub fn of(key: &str) -> KeyHash {
+        KeyHash(Sha256::digest(key.as_bytes()).into())
+    }
+
+    /// Parse 64 hex digits.
+    pub fn from_hex(hex: &str) -> Option<KeyHash> {
+        let b = hex.as_bytes();
+        if b.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, pair) in b.chunks(2).enumerate() {
+            let s = std::str::from_utf8(pair).ok()?;
+            out[i] = u8::from_str_radix(s, 16).ok()?;
+        }
+        Some(KeyHash(out))
+    }
+
+    pub fn hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The key's public id: the first 12 hex digits of its hash.
+    pub fn id(&self) -> String {
+        self.0[..6].iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// Never print a key hash in full by accident: Debug shows the id only.
+impl fmt::Debug for KeyHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyHash({}…)", self.id())
+    }
+}
+
+const CONFLICT: Reject = Reject::BadRequest("the request carries two different API keys");
+
+/// The API key of a request, from any of its three sources. `Ok(None)`: none
+/// given; two sources with different keys is a bad request.
+pub fn extract(
+    req: &RequestHeader,
+    query: Option<&str>,
+    param: &str,
+) -> Result<Option<String>, Reject> {
+    let mut found: Option<String> = None;
+    let mut offer = |candidate: String| -> Result<(), Reject> {
+        match &found {
+            Some(k) if *k != candidate => Err(CONFLICT),
+            Some(_) => Ok(()),
+            None => {
+                found = Some(candidate);
+                Ok(())
+            }
+        }
+    };
+    if let Some(q) = query {
+        for pair in q.split('&') {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            if crate::router::decoded_eq(name, param) {
+                let value = percent_decode_str(value)
+                    .decode_utf8()
+                    .map_err(|_| Reject::BadRequest("the API key is not valid UTF-8"))?;
+                if !value.is_empty() {
+                    offer(value.into_owned())?;
+                }
+            }
+        }
+    }
+    for value in req.headers.get_all("x-api-key") {
+        let v = value
+            .to_str()
+            .map_err(|_| Reject::BadRequest("X-API-Key is not ASCII"))?
+            .trim();
+        if !v.is_empty() {
+            offer(v.to_string())?;
+        }
+    }
+    for value in req.headers.get_all(http::header::AUTHORIZATION) {
+        let Ok(v) = value.to_str() else { continue };
+        let v = v.trim();
+        if v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ") {
+            let token = v[7..].trim();
+            if !token.is_empty() {
+                offer(token.to_string())?;
+            }
+        }
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(headers: &[(&str, &str)]) -> RequestHeader {
+        let mut r = RequestHeader::build("GET", b"/", None).unwrap();
+        for (n, v) in headers {
+            r.append_header(n.to_string(), *v).unwrap();
+        }
+        r
+    }
+
+    #[test]
+    fn key_from_each_source() {
+        assert_eq!(
+            extract(&req(&[]), Some("a=1&api_key=k1"), "api_key"),
+            Ok(Some("k1".into()))
+        );
+        assert_eq!(
+            extract(&req(&[("X-API-Key", "k2")]), None, "api_key"),
+            Ok(Some("k2".into()))
+        );
+        assert_eq!(
+            extract(&req(&[("Authorization", "Bearer k3")]), None, "api_key"),
+            Ok(Some("k3".into()))
+        );
+        assert_eq!(
+            extract(&req(&[("authorization", "bearer   k4 ")]), None, "api_key"),
+            Ok(Some("k4".into()))
+        );
+        assert_eq!(
+            extract(&req(&[]), Some("token=k5"), "token"),
+            Ok(Some("k5".into()))
+        );
+        assert_eq!(
+            extract(&req(&[]), Some("api%5Fkey=k%2B6"), "api_key"),
+            Ok(Some("k+6".into()))
+        );
+    }
+
+    #[test]
+    fn no_key_and_other_schemes() {
+        assert_eq!(extract(&req(&[]), Some("x=1"), "api_key"), Ok(None));
+        assert_eq!(extract(&req(&[]), Some("api_key="), "api_key"), Ok(None));
+        assert_eq!(
+            extract(&req(&[("Authorization", "Basic abc")]), None, "api_key"),
+            Ok(None)
+        );
+    }
+
+    #[test]
+    fn disagreeing_sources_are_a_bad_request() {
+        assert_eq!(
+            extract(&req(&[("X-API-Key", "a")]), Some("api_key=b"), "api_key"),
+            Err(CONFLICT)
+        );
+        assert_eq!(
+            extract(
+                &req(&[("X-API-Key", "a"), ("Authorization", "Bearer b")]),
+                None,
+                "api_key"
+            ),
+            Err(CONFLICT)
+        );
+        assert_eq!(
+            extract(&req(&[]), Some("api_key=a&api_key=b"), "api_key"),
+            Err(CONFLICT)
+        );
+        // The same key twice is fine.
+        assert_eq!(
+            extract(&req(&[("X-API-Key", "a")]), Some("api_key=a"), "api_key"),
+            Ok(Some("a".into()))
+        );
+    }
+
+    #[test]
+    fn hash_hex_and_id() {
+        let h = KeyHash::of("test");
+        assert_eq!(
+            h.hex(),
+            "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+        );
+        assert_eq!(h.id(), "9f86d081884c");
+        assert_eq!(KeyHash::from_hex(&h.hex()), Some(h));
+        assert_eq!(KeyHash::from_hex("9f86"), None);
+        assert_eq!(KeyHash::from_hex(&"g".repeat(64)), None);
+        assert!(!format!("{h:?}").contains(&h.hex()));
+    }
+}

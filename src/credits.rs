@@ -1,0 +1,98 @@
+//! A request's charge, held in its context until the request's fate is
+//! known: kept when the answer was delivered, returned when the gateway
+//! answered with a failure (and `refund_on_failure` is on), and returned
+//! anyway if the request is dropped before either happened.
+
+use std::sync::Arc;
+
+use pingora_prometheus::prometheus::IntCounter;
+
+use crate::auth::KeyHash;
+use crate::store::{Store, StoreError};
+
+pub struct CreditHold {
+    store: Arc<dyn Store>,
+    hash: KeyHash,
+    /// Credits taken and not returned.
+    cost: u64,
+    /// The balance after the charge (or refund).
+    remaining: u64,
+    settled: bool,
+    refunded: IntCounter,
+}
+
+impl CreditHold {
+    /// A charge of `cost` already taken, leaving `remaining`; `refunded`
+    /// counts what is given back.
+    pub fn new(
+        store: Arc<dyn Store>,
+        hash: KeyHash,
+        cost: u64,
+        remaining: u64,
+        refunded: IntCounter,
+    ) -> Self {
+        CreditHold {
+            store,
+            hash,
+            cost,
+            remaining,
+            settled: cost == 0,
+            refunded,
+        }
+    }
+
+    pub fn cost(&self) -> u64 {
+        self.cost
+    }
+
+    pub fn remaining(&self) -> u64 {
+        self.remaining
+    }
+
+    /// The answer was delivered: the charge stands.
+    pub fn keep(&mut self) {
+        self.settled = true;
+    }
+
+    /// Give the charge back now.
+    pub async fn refund(&mut self) -> Result<(), StoreError> {
+        if self.settled {
+            return Ok(());
+        }
+        self.settled = true;
+        let balance = self.store.refund(&self.hash, self.cost).await?;
+        self.refunded.inc_by(self.cost);
+        self.remaining = balance.unwrap_or(self.remaining + self.cost);
+        self.cost = 0;
+        Ok(())
+    }
+}
+
+impl Drop for CreditHold {
+    /// A request dropped before its answer was delivered costs nothing.
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            log::warn!(
+                "credits: no runtime to refund {} credit(s) of key {}",
+                self.cost,
+                self.hash.id()
+            );
+            return;
+        };
+        let (store, hash, cost, refunded) = (
+            self.store.clone(),
+            self.hash,
+            self.cost,
+            self.refunded.clone(),
+        );
+        runtime.spawn(async move {
+            match store.refund(&hash, cost).await {
+                Ok(_) => refunded.inc_by(cost),
+                Err(e) => log::warn!("credits: refund of {cost} to key {} failed: {e}", hash.id()),
+            }
+        });
+    }
+}
