@@ -18,6 +18,7 @@ conns=${2:-32}
 need=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 if ((${#need[@]})); then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
@@ -50,12 +51,12 @@ cat > "$dir/keys.yaml" <<YAML
 keys:
   - {key: "bench-key", name: bench, credits: 1000000000000, rate_per_second: 100000000}
 YAML
-conf() { # conf NAME PORT ADMIN
+conf() { # conf NAME PORT ADMIN [STORE]
 cat > "$dir/$1.yaml" <<YAML
 server: {threads: 1, pid_file: $dir/$1.pid, upgrade_sock: $dir/$1.sock}
 listen: ["127.0.0.1:$2"]
 admin_listen: "127.0.0.1:$3"
-store: {keys_file: $dir/keys.yaml}
+store: ${4:-{keys_file: $dir/keys.yaml\}}
 routes:
   - {name: race3, prefix: /race/, backends: ["http://127.0.0.1:$b1", "http://127.0.0.1:$b2", "http://127.0.0.1:$b3"]}
   - {name: one, prefix: /one/, backends: ["http://127.0.0.1:$b1"]}
@@ -64,6 +65,14 @@ YAML
 conf tollgate "$gw" "$adm"
 RUST_LOG=warn target/release/tollgate serve -c "$dir/tollgate.yaml" 2>"$dir/tollgate.log" & pids+=($!)
 for p in $b1 $b2 $b3 $gw; do wait_port "$p"; done
+# The same gateway on the Redis store.
+rp=$(free_port); rgw=$(free_port); radm=$(free_port)
+redis-server --port "$rp" --bind 127.0.0.1 --save '' --appendonly no >/dev/null 2>&1 & pids+=($!)
+wait_port "$rp"
+conf redis "$rgw" "$radm" "{redis_url: \"redis://127.0.0.1:$rp/0\"}"
+target/release/tollgate keys import "$dir/keys.yaml" -c "$dir/redis.yaml" >/dev/null
+RUST_LOG=warn target/release/tollgate serve -c "$dir/redis.yaml" 2>"$dir/redis-gw.log" & pids+=($!)
+wait_port "$rgw"
 if [ -n "${BASELINE:-}" ]; then
   bgw=$(free_port); badm=$(free_port)
   conf baseline "$bgw" "$badm"
@@ -84,6 +93,8 @@ echo "wrk: 1 thread, $conns connections, ${secs}s each; tollgate threads: 1; ngi
 run "direct backend (nginx)" "http://127.0.0.1:$b1/api/x"
 run "tollgate, route with 1 backend" "http://127.0.0.1:$gw/one/x"
 run "tollgate, race over 3 backends" "http://127.0.0.1:$gw/race/x"
+run "tollgate+redis, route with 1 backend" "http://127.0.0.1:$rgw/one/x"
+run "tollgate+redis, race over 3 backends" "http://127.0.0.1:$rgw/race/x"
 if [ -n "${BASELINE:-}" ]; then
   run "baseline, route with 1 backend" "http://127.0.0.1:$bgw/one/x"
   run "baseline, race over 3 backends" "http://127.0.0.1:$bgw/race/x"

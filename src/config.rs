@@ -104,6 +104,8 @@ struct FileStore {
     keys_file: Option<String>,
     #[serde(default = "default_on_error")]
     on_error: String,
+    #[serde(default = "default_store_timeout_ms")]
+    timeout_ms: u64,
 }
 
 impl Default for FileStore {
@@ -113,12 +115,17 @@ impl Default for FileStore {
             key_prefix: default_key_prefix(),
             keys_file: None,
             on_error: default_on_error(),
+            timeout_ms: default_store_timeout_ms(),
         }
     }
 }
 
 fn default_key_prefix() -> String {
     "tollgate:".to_string()
+}
+
+fn default_store_timeout_ms() -> u64 {
+    250
 }
 
 fn default_on_error() -> String {
@@ -285,6 +292,8 @@ pub struct StoreConfig {
     pub key_prefix: String,
     pub keys_file: Option<String>,
     pub on_error: OnStoreError,
+    /// Bound on every Redis call.
+    pub timeout: Duration,
     /// The keys file's entries, hashed; read by [`Config::load`] for the
     /// embedded store (with Redis, keys live in Redis).
     pub keys: Vec<KeyRecord>,
@@ -433,18 +442,23 @@ impl TryFrom<FileConfig> for Config {
             }
         };
         if let Some(url) = &file.store.redis_url {
-            if !(url.starts_with("redis://") || url.starts_with("unix://")) {
+            let scheme_ok = url.starts_with("redis://") || url.starts_with("unix://");
+            if let (false, _) | (_, Err(_)) = (scheme_ok, redis::Client::open(url.as_str())) {
                 errors.push(err(
                     "store.redis_url",
                     format!("expected a redis:// or unix:// URL, got \"{url}\""),
                 ));
             }
         }
+        if file.store.timeout_ms == 0 {
+            errors.push(err("store.timeout_ms", "must be at least 1"));
+        }
         let store = StoreConfig {
             redis_url: file.store.redis_url,
             key_prefix: file.store.key_prefix,
             keys_file: file.store.keys_file,
             on_error,
+            timeout: Duration::from_millis(file.store.timeout_ms),
             keys: Vec::new(),
         };
 

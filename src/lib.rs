@@ -11,6 +11,7 @@ pub mod auth;
 pub mod config;
 pub mod credits;
 pub mod demo;
+pub mod keys;
 pub mod limits;
 pub mod logging;
 pub mod metrics;

@@ -10,9 +10,11 @@ use pingora::server::configuration::Opt;
 use pingora::server::Server;
 
 use tollgate::config::Config;
+use tollgate::keys::KeysCommand;
 use tollgate::metrics::Metrics;
 use tollgate::proxy::Gateway;
 use tollgate::store::memory::MemoryStore;
+use tollgate::store::redis::RedisStore;
 use tollgate::store::Store;
 use tollgate::{admin, demo, logging};
 
@@ -48,6 +50,11 @@ enum Command {
     Check,
     /// Run the gateway with demo backends listening on the config's backend addresses.
     Demo,
+    /// Manage API keys in the configured store.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
 }
 
 fn load(conf: Option<&PathBuf>) -> Result<Config, ExitCode> {
@@ -76,14 +83,24 @@ fn serve(mut config: Config, opt: Opt) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if config.store.redis_url.is_some() {
-        eprintln!("tollgate: store.redis_url: the Redis store is not implemented yet; remove it to use the embedded store");
-        return ExitCode::FAILURE;
-    }
-    if config.store.keys.is_empty() {
-        log::warn!("the embedded store has no keys (store.keys_file): every request will get 401");
-    }
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new(&config.store.keys));
+    let store: Arc<dyn Store> = match &config.store.redis_url {
+        // Connects on first use, inside the service, after Pingora daemonized.
+        Some(url) => match RedisStore::new(url, &config.store.key_prefix, config.store.timeout) {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                eprintln!("tollgate: store.redis_url: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => {
+            if config.store.keys.is_empty() {
+                log::warn!(
+                    "the embedded store has no keys (store.keys_file): every request will get 401"
+                );
+            }
+            Arc::new(MemoryStore::new(&config.store.keys))
+        }
+    };
     let gateway = Gateway::new(&config, store, metrics);
     let mut server = Server::new_with_opt_and_conf(opt, std::mem::take(&mut config.server));
     // With -t this checks Pingora's side too, then exits.
@@ -134,6 +151,26 @@ fn main() -> ExitCode {
                 }
             }
             serve(config, Opt::default())
+        }
+        Command::Keys { command } => {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("tollgate keys: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let mut out = std::io::stdout().lock();
+            match runtime.block_on(tollgate::keys::run(&config, command, &mut out)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tollgate keys: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
 }

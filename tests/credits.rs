@@ -1,7 +1,7 @@
-//! Keys, credits and rate limits on the embedded store, against the real
-//! gateway: each status, each key source, costs, refunds, exact-N under
-//! concurrency, the rate limit tripping and recovering, and the key never
-//! reaching a backend or a log line.
+//! Keys, credits and rate limits against the real gateway, each test run on
+//! the embedded store and on a real Redis: each status, each key source,
+//! costs, refunds, exact-N under concurrency, the rate limit tripping and
+//! recovering, and the key never reaching a backend or a log line.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -31,11 +31,20 @@ impl Answer {
     fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
+    fn number(&self, name: &str) -> u64 {
+        let value = self.header(name).unwrap_or_else(|| {
+            panic!(
+                "no {name}: {} {:?} {}",
+                self.status, self.headers, self.body
+            )
+        });
+        value.parse().unwrap()
+    }
     fn remaining(&self) -> u64 {
-        self.header("x-credits-remaining").unwrap().parse().unwrap()
+        self.number("x-credits-remaining")
     }
     fn cost(&self) -> u64 {
-        self.header("x-credits-cost").unwrap().parse().unwrap()
+        self.number("x-credits-cost")
     }
 }
 
@@ -52,14 +61,77 @@ async fn call(gw: &Gateway, path: &str, key: Option<&str>) -> Answer {
     }
 }
 
-async fn start(routes: &[String], top: &str) -> Gateway {
-    Gateway::start_with_keys(routes, top, KEYS).await
+#[derive(Clone, Copy)]
+enum Kind {
+    Embedded,
+    Redis,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_refusal_has_its_status_and_costs_nothing() {
+/// A gateway on one kind of store (and the Redis it uses, kept alive).
+struct Env {
+    gw: Gateway,
+    _redis: Option<RedisServer>,
+}
+
+impl std::ops::Deref for Env {
+    type Target = Gateway;
+    fn deref(&self) -> &Gateway {
+        &self.gw
+    }
+}
+
+async fn start(kind: Kind, routes: &[String], top: &str) -> Env {
+    match kind {
+        Kind::Embedded => Env {
+            gw: Gateway::start_with_keys(routes, top, KEYS).await,
+            _redis: None,
+        },
+        Kind::Redis => {
+            let redis = RedisServer::start();
+            import_keys(&redis, KEYS);
+            let top = format!("store:\n  redis_url: {}\n{top}", redis.url());
+            Env {
+                gw: Gateway::start_with_keys(routes, &top, KEYS).await,
+                _redis: Some(redis),
+            }
+        }
+    }
+}
+
+/// Each named test, once per store.
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::Kind::Embedded).await
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(super::Kind::Redis).await
+                }
+            )*
+        }
+    };
+}
+
+on_both_stores!(
+    each_refusal_has_its_status_and_costs_nothing,
+    key_is_accepted_from_each_source_and_never_forwarded_or_logged,
+    route_cost_and_longest_prefix_cost,
+    failures_are_refunded_unless_configured_otherwise,
+    n_credits_buy_exactly_n_answers_under_concurrency,
+    rate_limit_trips_with_headers_and_recovers,
+);
+
+async fn each_refusal_has_its_status_and_costs_nothing(kind: Kind) {
     let ok = Origin::json("ok", true, 0).await;
-    let gw = start(&[route("t", "/api/", &[&ok], "")], "").await;
+    let gw = start(kind, &[route("t", "/api/", &[&ok], "")], "").await;
 
     let a = call(&gw, "/api/x", None).await;
     assert_eq!(
@@ -114,10 +186,9 @@ async fn each_refusal_has_its_status_and_costs_nothing() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn key_is_accepted_from_each_source_and_never_forwarded_or_logged() {
+async fn key_is_accepted_from_each_source_and_never_forwarded_or_logged(kind: Kind) {
     let ok = Origin::json("ok", true, 0).await;
-    let gw = start(&[route("t", "/api/", &[&ok], "")], "").await;
+    let gw = start(kind, &[route("t", "/api/", &[&ok], "")], "").await;
     let secret = "rich";
     let c = reqwest::Client::new();
     let sources = [
@@ -163,10 +234,10 @@ async fn key_is_accepted_from_each_source_and_never_forwarded_or_logged() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn route_cost_and_longest_prefix_cost() {
+async fn route_cost_and_longest_prefix_cost(kind: Kind) {
     let ok = Origin::json("ok", true, 0).await;
     let gw = start(
+        kind,
         &[route(
             "t",
             "/api/",
@@ -191,8 +262,7 @@ async fn route_cost_and_longest_prefix_cost() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failures_are_refunded_unless_configured_otherwise() {
+async fn failures_are_refunded_unless_configured_otherwise(kind: Kind) {
     let empty = Origin::json("empty", false, 0).await;
     let broken = Origin::status(500, 0).await;
     let stuck = Origin::json("stuck", true, 5_000).await;
@@ -201,7 +271,7 @@ async fn failures_are_refunded_unless_configured_otherwise() {
         route("failed", "/failed/", &[&broken], ""),
         route("timeout", "/timeout/", &[&stuck], "timeout_ms: 200"),
     ];
-    let gw = start(&routes, "").await;
+    let gw = start(kind, &routes, "").await;
     for (path, status) in [("/nodata/x", 404), ("/failed/x", 502), ("/timeout/x", 504)] {
         let a = call(&gw, path, Some("rich")).await;
         assert_eq!(a.status, status, "{path}");
@@ -223,15 +293,14 @@ async fn failures_are_refunded_unless_configured_otherwise() {
         );
     }
 
-    let gw = start(&routes, "credits:\n  refund_on_failure: false").await;
+    let gw = start(kind, &routes, "credits:\n  refund_on_failure: false").await;
     let a = call(&gw, "/failed/x", Some("rich")).await;
     assert_eq!((a.status, a.cost(), a.remaining()), (502, 1, 999));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn n_credits_buy_exactly_n_answers_under_concurrency() {
+async fn n_credits_buy_exactly_n_answers_under_concurrency(kind: Kind) {
     let ok = Origin::json("ok", true, 5).await;
-    let gw = start(&[route("t", "/api/", &[&ok], "")], "").await;
+    let gw = start(kind, &[route("t", "/api/", &[&ok], "")], "").await;
     let client = reqwest::Client::new();
     let tasks: Vec<_> = (0..80)
         .map(|i| {
@@ -253,10 +322,9 @@ async fn n_credits_buy_exactly_n_answers_under_concurrency() {
     assert_eq!(a.status, 402);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rate_limit_trips_with_headers_and_recovers() {
+async fn rate_limit_trips_with_headers_and_recovers(kind: Kind) {
     let ok = Origin::json("ok", true, 0).await;
-    let gw = start(&[route("t", "/api/", &[&ok], "")], "").await;
+    let gw = start(kind, &[route("t", "/api/", &[&ok], "")], "").await;
     let mut allowed = 0;
     let mut refusal = None;
     for _ in 0..10 {
@@ -296,6 +364,7 @@ async fn rate_limit_trips_with_headers_and_recovers() {
     }
     // The default rate applies to keys without their own.
     let gw = start(
+        kind,
         &[route("t", "/api/", &[&ok], "")],
         "rate_limit:\n  per_second: 2",
     )

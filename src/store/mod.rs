@@ -4,6 +4,7 @@
 //! file format (`keys: [{key | sha256, name, credits, rate_per_second, state}]`).
 
 pub mod memory;
+pub mod redis;
 
 use std::fmt;
 use std::sync::Arc;
@@ -38,6 +39,31 @@ pub struct KeyInfo {
     /// The key's own rate limit; `None`: the configured default.
     pub rate_per_second: Option<u32>,
     pub state: KeyState,
+}
+
+/// A key as `tollgate keys list|show` prints it (never the key itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRow {
+    pub id: String,
+    pub name: String,
+    pub credits: u64,
+    pub rate_per_second: Option<u32>,
+    pub state: KeyState,
+    /// Unix seconds, where the store records it.
+    pub created: Option<u64>,
+}
+
+impl KeyRow {
+    pub fn of(record: &KeyRecord) -> KeyRow {
+        KeyRow {
+            id: record.hash.id(),
+            name: record.name.clone(),
+            credits: record.credits,
+            rate_per_second: record.rate_per_second,
+            state: record.state,
+            created: None,
+        }
+    }
 }
 
 /// The outcome of an atomic check-and-charge.

@@ -328,3 +328,152 @@ pub fn status_and_json(answer: &str) -> (u16, serde_json::Value) {
         serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
     )
 }
+
+/// A real `redis-server` on a free loopback port, without persistence,
+/// stopped by its PID when dropped.
+pub struct RedisServer {
+    child: Option<Child>,
+    pub port: u16,
+    dir: TempDir,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        RedisServer::start_on(free_port())
+    }
+
+    /// Start on `port` (to restart a stopped server where clients expect it).
+    pub fn start_on(port: u16) -> RedisServer {
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (.ci/test installs it)");
+        let mut server = RedisServer {
+            child: Some(child),
+            port,
+            dir,
+        };
+        server.wait_ready();
+        server
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + READY_WITHIN;
+        loop {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("redis-server exited with {status}");
+            }
+            if let Ok(mut s) = StdStream::connect(("127.0.0.1", self.port)) {
+                let mut buf = [0u8; 16];
+                s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+                if s.write_all(b"PING\r\n").is_ok()
+                    && s.read(&mut buf)
+                        .is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
+                {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server not ready on {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Stop it now (by PID), as an outage would.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Every key and every value in the server, as text.
+    pub async fn dump(&self) -> Vec<(String, Vec<String>)> {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+        let names: Vec<String> = redis::cmd("KEYS")
+            .arg("*")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        for name in names {
+            let kind: String = redis::cmd("TYPE")
+                .arg(&name)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            let values: Vec<String> = match kind.as_str() {
+                "hash" => redis::cmd("HGETALL")
+                    .arg(&name)
+                    .query_async(&mut c)
+                    .await
+                    .unwrap(),
+                "string" => vec![redis::cmd("GET")
+                    .arg(&name)
+                    .query_async(&mut c)
+                    .await
+                    .unwrap()],
+                other => vec![format!("<{other}>")],
+            };
+            out.push((name, values));
+        }
+        out
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = &self.dir;
+    }
+}
+
+/// Run `tollgate ARGS -c CONF`, returning (exit code, stdout, stderr).
+pub fn tollgate(args: &[&str], conf: &std::path::Path) -> (i32, String, String) {
+    let out = Command::new(tollgate_bin())
+        .args(args)
+        .arg("-c")
+        .arg(conf)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A minimal config for the `keys` command against `redis`, in `dir`.
+pub fn keys_conf(dir: &std::path::Path, redis: &RedisServer) -> PathBuf {
+    let path = dir.join("keys-cli.yaml");
+    let yaml = format!(
+        "store:\n  redis_url: {}\nroutes:\n  - {{name: t, prefix: /, backends: [\"http://127.0.0.1:1\"]}}\n",
+        redis.url()
+    );
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+/// Load a keys file's text into `redis` with `tollgate keys import`.
+pub fn import_keys(redis: &RedisServer, keys: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys.yaml");
+    std::fs::write(&file, keys).unwrap();
+    let conf = keys_conf(dir.path(), redis);
+    let (code, out, err) = tollgate(&["keys", "import", file.to_str().unwrap()], &conf);
+    assert_eq!(code, 0, "import failed: {out}{err}");
+}
