@@ -85,6 +85,34 @@ struct FileConfig {
     routes: Vec<FileRoute>,
     #[serde(default)]
     notify: Option<FileNotify>,
+    #[serde(default)]
+    cache: FileGlobalCache,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileGlobalCache {
+    #[serde(default = "default_memory_entries")]
+    memory_entries: usize,
+    #[serde(default = "default_lock_timeout_ms")]
+    lock_timeout_ms: u64,
+}
+
+impl Default for FileGlobalCache {
+    fn default() -> Self {
+        FileGlobalCache {
+            memory_entries: default_memory_entries(),
+            lock_timeout_ms: default_lock_timeout_ms(),
+        }
+    }
+}
+
+fn default_memory_entries() -> usize {
+    10_000
+}
+
+fn default_lock_timeout_ms() -> u64 {
+    5_000
 }
 
 fn default_listen() -> Vec<String> {
@@ -278,6 +306,17 @@ pub struct Config {
     pub credits: CreditsConfig,
     pub routes: Vec<Route>,
     pub notify: NotifyConfig,
+    pub cache: GlobalCacheConfig,
+}
+
+/// The cache settings shared by all routes.
+#[derive(Debug, Clone)]
+pub struct GlobalCacheConfig {
+    /// Capacity of the in-process tier, in entries.
+    pub memory_entries: usize,
+    /// How long a request waits for another request's race for the same
+    /// cache key before racing itself.
+    pub lock_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -515,6 +554,14 @@ impl TryFrom<FileConfig> for Config {
             },
         };
 
+        if file.cache.memory_entries == 0 {
+            errors.push(err("cache.memory_entries", "must be at least 1"));
+        }
+        let cache = GlobalCacheConfig {
+            memory_entries: file.cache.memory_entries,
+            lock_timeout: Duration::from_millis(file.cache.lock_timeout_ms),
+        };
+
         match (errors.is_empty(), server, admin_listen) {
             (true, Some(server), Some(admin_listen)) => Ok(Config {
                 server,
@@ -533,6 +580,7 @@ impl TryFrom<FileConfig> for Config {
                 },
                 routes,
                 notify,
+                cache,
             }),
             _ => Err(ConfigErrors(errors)),
         }

@@ -22,6 +22,9 @@ const LATENCY_BUCKETS: &[f64] = &[
 /// Store operations, the `op` label of `tollgate_store_errors_total`.
 pub const STORE_OPS: [&str; 3] = ["lookup", "charge", "refund"];
 
+/// The `result` label of `tollgate_cache_total`.
+pub const CACHE_RESULTS: [&str; 4] = ["hit", "miss", "stale", "error"];
+
 /// The route label of a request that matched no route.
 pub const UNMATCHED: &str = "unmatched";
 
@@ -36,6 +39,7 @@ pub struct Metrics {
     credits_refunded: IntCounterVec,
     rejections: IntCounterVec,
     store_errors: IntCounterVec,
+    cache: IntCounterVec,
     /// Per route (config order), the series a race touches, resolved once.
     routes: Vec<RouteSeries>,
 }
@@ -150,8 +154,17 @@ impl Metrics {
                 "Key store calls that failed, by operation.",
                 &["op"],
             )?,
+            cache: counter(
+                r,
+                "tollgate_cache_total",
+                "Cache lookups by result: hit, miss, stale (served after every backend failed), error (a tier failed; also counted as its final result).",
+                &["result"],
+            )?,
             routes: Vec::new(),
         };
+        for result in CACHE_RESULTS {
+            m.cache.with_label_values(&[result]);
+        }
         for reject in Reject::ALL.into_iter().filter(|r| r.is_rejection()) {
             m.rejections.with_label_values(&[reject.code()]);
         }
@@ -224,6 +237,11 @@ impl Metrics {
     /// Count a request refused before the race.
     pub fn rejection(&self, reason: Reject) {
         self.rejections.with_label_values(&[reason.code()]).inc();
+    }
+
+    /// Count a cache result (one of [`CACHE_RESULTS`]).
+    pub fn cache(&self, result: &'static str) {
+        self.cache.with_label_values(&[result]).inc();
     }
 
     /// Count a failed store call (`op`: one of [`STORE_OPS`]).

@@ -4,7 +4,7 @@
 //! `logging` counts and logs it. Each step is a call into its own module.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use http::Method;
@@ -14,6 +14,7 @@ use pingora::prelude::*;
 use pingora::proxy::{ProxyHttp, Session};
 
 use crate::auth::{self, KeyHash};
+use crate::cache::{self, Cache, Entry, Found, LeaderGuard, Turn};
 use crate::config::{Config, CreditsConfig, OnStoreError, Route};
 use crate::credits::CreditHold;
 use crate::limits::{Decision, Limiter};
@@ -36,6 +37,8 @@ pub struct Gateway {
     auth_param: String,
     on_store_error: OnStoreError,
     credits: CreditsConfig,
+    cache: Cache,
+    lock_timeout: Duration,
 }
 
 impl Gateway {
@@ -45,12 +48,17 @@ impl Gateway {
             upstreams: config.routes.iter().map(RouteUpstream::new).collect(),
             routes: config.routes.clone(),
             racer: Racer::new(&config.server),
-            store,
+            store: store.clone(),
             limiter: Limiter::new(config.rate_limit.per_second),
             metrics,
             auth_param: config.auth.query_param.clone(),
             on_store_error: config.store.on_error,
             credits: config.credits.clone(),
+            cache: Cache::new(
+                config.cache.memory_entries,
+                store.has_shared_cache().then(|| store.clone()),
+            ),
+            lock_timeout: config.cache.lock_timeout,
         }
     }
 }
@@ -71,6 +79,13 @@ pub struct Ctx {
     race: Option<RaceReport>,
     /// `X-Cache` of a proxied answer.
     cache: Option<&'static str>,
+    /// The cache key, when the route caches and this request races for it.
+    cache_key: Option<String>,
+    /// An expired entry still within its stale-if-error window.
+    stale: Option<Arc<Entry>>,
+    /// Held while this request races for its cache key; dropping it lets
+    /// the requests waiting for the same key go on.
+    cache_lock: Option<LeaderGuard>,
     reject: Option<Reject>,
 }
 
@@ -155,6 +170,87 @@ impl Gateway {
         }
     }
 
+    /// Answer from the cache when it can; otherwise note what the race needs
+    /// (cache key, stale entry, leadership of the key). `Ok(true)`: answered.
+    async fn answer_from_cache(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        route: usize,
+    ) -> Result<bool> {
+        if self.routes[route].cache.is_none() {
+            return Ok(false);
+        }
+        let upstream = ctx.upstream_path.as_deref().unwrap_or("/");
+        let (path, query) = match upstream.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (upstream, None),
+        };
+        let key = cache::key(&self.routes[route].name, path, query, &self.auth_param);
+        if let Some(entry) = self.lookup(ctx, &key).await {
+            return self.serve_entry(session, ctx, &entry, "HIT").await;
+        }
+        match self.cache.turn(&key) {
+            Turn::Leader(guard) => ctx.cache_lock = Some(guard),
+            Turn::Follower(rx) => {
+                // Another request is racing for this key: wait for its answer.
+                if cache::wait_for_leader(rx, self.lock_timeout).await {
+                    if let Some(entry) = self.lookup(ctx, &key).await {
+                        return self.serve_entry(session, ctx, &entry, "HIT").await;
+                    }
+                }
+            }
+        }
+        self.metrics.cache("miss");
+        ctx.cache_key = Some(key);
+        Ok(false)
+    }
+
+    /// A fresh entry, if any; a stale one is kept in `ctx` for stale-if-error.
+    async fn lookup(&self, ctx: &mut Ctx, key: &str) -> Option<Arc<Entry>> {
+        let lookup = self.cache.lookup(key).await;
+        if lookup.error {
+            self.metrics.cache("error");
+        }
+        match lookup.found {
+            Found::Fresh(entry) => Some(entry),
+            Found::Stale(entry) => {
+                ctx.stale = Some(entry);
+                None
+            }
+            Found::Miss => None,
+        }
+    }
+
+    /// Serve a cached answer (`HIT` or `STALE`); with `charge_cache_hits: false`
+    /// the charge is returned.
+    async fn serve_entry(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        entry: &Entry,
+        label: &'static str,
+    ) -> Result<bool> {
+        self.metrics
+            .cache(if label == "HIT" { "hit" } else { "stale" });
+        ctx.cache = Some(label);
+        if !self.credits.charge_cache_hits {
+            self.refund(ctx).await;
+        }
+        let extra = ctx.headers();
+        let common = Common {
+            request_id: &ctx.request_id,
+            head: ctx.head,
+            extra: &extra,
+        };
+        let age = entry.age_secs(cache::now_ms());
+        respond::proxied(session, &common, &entry.answer, label, Some(age)).await?;
+        if let Some(hold) = ctx.credits.as_mut() {
+            hold.keep();
+        }
+        Ok(true)
+    }
+
     async fn reject(&self, session: &mut Session, ctx: &mut Ctx, reject: Reject) -> Result<bool> {
         ctx.reject = Some(reject);
         let extra = ctx.headers();
@@ -183,19 +279,34 @@ impl Gateway {
         let Some((_, answer)) = &report.winner else {
             let reject = Reject::from(report.failure());
             ctx.race = Some(report);
+            ctx.cache_lock = None;
+            if let Some(stale) = ctx.stale.take() {
+                return self.serve_entry(session, ctx, &stale, "STALE").await;
+            }
             if self.credits.refund_on_failure {
                 self.refund(ctx).await;
             }
             return self.reject(session, ctx, reject).await;
         };
-        ctx.cache = Some("MISS");
+        let x_cache = match (&ctx.cache_key, &self.routes[route].cache) {
+            (Some(key), Some(cfg)) => {
+                if let Some(fresh) = cache::freshness(answer, cfg) {
+                    self.cache.store(key, answer, fresh, cfg.stale_if_error);
+                }
+                "MISS"
+            }
+            _ => "BYPASS",
+        };
+        // Waiters for this key may look again now.
+        ctx.cache_lock = None;
+        ctx.cache = Some(x_cache);
         let extra = ctx.headers();
         let common = Common {
             request_id: &ctx.request_id,
             head: ctx.head,
             extra: &extra,
         };
-        let sent = respond::proxied(session, &common, answer, "MISS").await;
+        let sent = respond::proxied(session, &common, answer, x_cache, None).await;
         ctx.race = Some(report);
         sent?;
         // Delivered: the charge stands.
@@ -269,6 +380,9 @@ impl ProxyHttp for Gateway {
             credits: None,
             race: None,
             cache: None,
+            cache_key: None,
+            stale: None,
+            cache_lock: None,
             reject: None,
         }
     }
@@ -287,6 +401,9 @@ impl ProxyHttp for Gateway {
             },
             Err(reject) => return self.reject(session, ctx, reject).await,
         };
+        if self.answer_from_cache(session, ctx, route).await? {
+            return Ok(true);
+        }
         self.race(session, ctx, route).await
     }
 

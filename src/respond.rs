@@ -179,18 +179,23 @@ pub async fn reject(session: &mut Session, common: &Common<'_>, reject: Reject) 
     send(session, common, resp, Bytes::from(error_body(reject))).await
 }
 
-/// Answer with a backend's answer (status, Content-Type and body unchanged).
+/// Answer with a backend's answer (status, Content-Type and body unchanged),
+/// fresh from a race or from the cache (`age` in seconds).
 pub async fn proxied(
     session: &mut Session,
     common: &Common<'_>,
     answer: &Answer,
     x_cache: &'static str,
+    age: Option<u64>,
 ) -> Result<()> {
-    let mut resp = ResponseHeader::build(answer.status, Some(6))?;
+    let mut resp = ResponseHeader::build(answer.status, Some(12))?;
     if let Some(ct) = &answer.content_type {
         resp.insert_header("Content-Type", ct)?;
     }
     resp.insert_header("X-Cache", x_cache)?;
+    if let Some(age) = age {
+        resp.insert_header("Age", age)?;
+    }
     send(session, common, resp, answer.body.clone()).await
 }
 

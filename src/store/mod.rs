@@ -8,6 +8,7 @@ pub mod redis;
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -95,6 +96,26 @@ pub trait Store: Send + Sync + 'static {
     async fn charge(&self, hash: &KeyHash, cost: u64) -> Result<Charge, StoreError>;
     /// Give `amount` credits back; returns the new balance if the key exists.
     async fn refund(&self, hash: &KeyHash, amount: u64) -> Result<Option<u64>, StoreError>;
+
+    /// Whether the store has a cache tier shared between nodes.
+    fn has_shared_cache(&self) -> bool {
+        false
+    }
+
+    /// Read an entry of the shared cache tier.
+    async fn cache_get(&self, _key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(None)
+    }
+
+    /// Write an entry of the shared cache tier, expiring after `ttl`.
+    async fn cache_put(
+        &self,
+        _key: &str,
+        _value: Vec<u8>,
+        _ttl: Duration,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// One key as a keys file describes it, hashed.

@@ -319,4 +319,22 @@ impl Store for RedisStore {
     async fn refund(&self, hash: &KeyHash, amount: u64) -> Result<Option<u64>, StoreError> {
         self.add_credits(hash, amount).await
     }
+
+    fn has_shared_cache(&self) -> bool {
+        true
+    }
+
+    async fn cache_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let mut c = self.conn().await?;
+        self.bounded(c.get(format!("{}cache:{key}", self.prefix)))
+            .await
+    }
+
+    async fn cache_put(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<(), StoreError> {
+        let mut c = self.conn().await?;
+        let millis = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let opts = redis::SetOptions::default().with_expiration(redis::SetExpiry::PX(millis));
+        self.bounded(c.set_options(format!("{}cache:{key}", self.prefix), value, opts))
+            .await
+    }
 }

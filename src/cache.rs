@@ -1,0 +1,559 @@
+//! The response cache: the cache key, what may be stored and for how long
+//! (the backend's Cache-Control), the in-process tier (pingora-memory-cache,
+//! TinyUFO) in front of the shared Redis tier, entry encoding for Redis, and
+//! coalescing of concurrent misses for one key into one race.
+//!
+//! An entry lives `ttl + stale_if_error` in both tiers; within `ttl` it is
+//! served (HIT), after it only when every backend fails (STALE). A Redis
+//! error or an entry that does not decode is a miss, never a failed request.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
+use pingora::cache::cache_control::CacheControl;
+use pingora_memory_cache::MemoryCache;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::config::CacheConfig;
+use crate::race::Answer;
+use crate::store::Store;
+
+/// A stored answer and its timeline (unix milliseconds).
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub answer: Answer,
+    pub stored_at: u64,
+    pub fresh_until: u64,
+    pub stale_until: u64,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Entry {
+    pub fn is_fresh(&self, now: u64) -> bool {
+        now < self.fresh_until
+    }
+
+    /// Whole seconds since it was stored (the `Age` header).
+    pub fn age_secs(&self, now: u64) -> u64 {
+        now.saturating_sub(self.stored_at) / 1000
+    }
+
+    const MAGIC: &'static [u8; 4] = b"TG1\n";
+
+    /// The Redis form: magic, status, three timestamps, content type, body.
+    pub fn encode(&self) -> Vec<u8> {
+        let ct = self
+            .answer
+            .content_type
+            .as_ref()
+            .map_or(&b""[..], |v| v.as_bytes());
+        let mut out = Vec::with_capacity(32 + ct.len() + self.answer.body.len());
+        out.extend_from_slice(Self::MAGIC);
+        out.extend_from_slice(&self.answer.status.to_be_bytes());
+        out.extend_from_slice(&self.stored_at.to_be_bytes());
+        out.extend_from_slice(&self.fresh_until.to_be_bytes());
+        out.extend_from_slice(&self.stale_until.to_be_bytes());
+        out.extend_from_slice(&(ct.len() as u16).to_be_bytes());
+        out.extend_from_slice(ct);
+        out.extend_from_slice(&self.answer.body);
+        out
+    }
+
+    /// `None` for anything that is not a well-formed entry.
+    pub fn decode(bytes: &[u8]) -> Option<Entry> {
+        let rest = bytes.strip_prefix(Self::MAGIC)?;
+        let (status, rest) = rest.split_first_chunk::<2>()?;
+        let (stored_at, rest) = rest.split_first_chunk::<8>()?;
+        let (fresh_until, rest) = rest.split_first_chunk::<8>()?;
+        let (stale_until, rest) = rest.split_first_chunk::<8>()?;
+        let (ct_len, rest) = rest.split_first_chunk::<2>()?;
+        let ct_len = usize::from(u16::from_be_bytes(*ct_len));
+        if rest.len() < ct_len {
+            return None;
+        }
+        let (ct, body) = rest.split_at(ct_len);
+        let content_type = match ct {
+            [] => None,
+            ct => Some(HeaderValue::from_bytes(ct).ok()?),
+        };
+        let status = u16::from_be_bytes(*status);
+        if !(100..600).contains(&status) {
+            return None;
+        }
+        Some(Entry {
+            answer: Answer {
+                status,
+                content_type,
+                cache_control: None,
+                body: Bytes::copy_from_slice(body),
+            },
+            stored_at: u64::from_be_bytes(*stored_at),
+            fresh_until: u64::from_be_bytes(*fresh_until),
+            stale_until: u64::from_be_bytes(*stale_until),
+        })
+    }
+}
+
+/// Bytes that need no percent-encoding (RFC 3986 unreserved).
+fn unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~".contains(&b)
+}
+
+/// One canonical spelling: escapes of unreserved bytes decoded, every other
+/// escape in upper-case hex, literal bytes kept, and in a query `+` as `%20`.
+/// (The router has already rejected malformed escapes.)
+fn normalize(raw: &str, plus_is_space: bool, out: &mut String) {
+    let b = raw.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let decoded = std::str::from_utf8(&b[i + 1..(i + 3).min(b.len())])
+                    .ok()
+                    .filter(|h| h.len() == 2)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok());
+                match decoded {
+                    Some(d) if unreserved(d) => out.push(char::from(d)),
+                    Some(d) => out.push_str(&format!("%{d:02X}")),
+                    None => {
+                        out.push('%');
+                        i += 1;
+                        continue;
+                    }
+                }
+                i += 3;
+            }
+            b'+' if plus_is_space => {
+                out.push_str("%20");
+                i += 1;
+            }
+            byte => {
+                out.push(char::from(byte));
+                i += 1;
+            }
+        }
+    }
+}
+
+/// The cache key: route name, normalized path, and the query parameters
+/// sorted by name (repeated names keep their order), without the auth
+/// parameter. Two customers asking the same thing share one entry.
+pub fn key(route: &str, path: &str, query: Option<&str>, auth_param: &str) -> String {
+    let mut out = String::with_capacity(route.len() + path.len() + query.map_or(0, str::len) + 2);
+    out.push_str(route);
+    out.push('\n');
+    normalize(path, false, &mut out);
+    let Some(query) = query else { return out };
+    let mut pairs: Vec<(String, String)> = query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (n, v) = p.split_once('=').unwrap_or((p, ""));
+            let (mut name, mut value) = (String::new(), String::new());
+            normalize(n, true, &mut name);
+            normalize(v, true, &mut value);
+            (name, value)
+        })
+        .filter(|(name, _)| !crate::router::decoded_eq(name, auth_param))
+        .collect();
+    pairs.sort_by(|a, b| a.0.cmp(&b.0));
+    for (i, (n, v)) in pairs.iter().enumerate() {
+        out.push(if i == 0 { '?' } else { '&' });
+        out.push_str(n);
+        out.push('=');
+        out.push_str(v);
+    }
+    out
+}
+
+/// How long a backend answer may be served from cache, or `None` if it must
+/// not be stored: `no-store`/`private`, or a body over the route's limit.
+/// `s-maxage` (else `max-age`) shortens the route's TTL; it never lengthens it.
+pub fn freshness(answer: &Answer, cfg: &CacheConfig) -> Option<Duration> {
+    if answer.body.len() > cfg.max_body_bytes {
+        return None;
+    }
+    let mut ttl = cfg.ttl;
+    if let Some(value) = &answer.cache_control {
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::CACHE_CONTROL, value.clone());
+        if let Some(cc) = CacheControl::from_headers_named("cache-control", &headers) {
+            if cc.no_store() || cc.private() {
+                return None;
+            }
+            let limit = cc
+                .s_maxage()
+                .ok()
+                .flatten()
+                .or_else(|| cc.max_age().ok().flatten());
+            if let Some(secs) = limit {
+                ttl = ttl.min(Duration::from_secs(u64::from(secs)));
+            }
+        }
+    }
+    (!ttl.is_zero()).then_some(ttl)
+}
+
+/// What a lookup found.
+pub enum Found {
+    Fresh(Arc<Entry>),
+    /// Expired, but within its stale-if-error window.
+    Stale(Arc<Entry>),
+    Miss,
+}
+
+/// Whether this request races for its key or waits for another's race.
+pub enum Turn {
+    Leader(LeaderGuard),
+    /// Resolves when the leader is done (its guard dropped).
+    Follower(watch::Receiver<()>),
+}
+
+type Inflight = Arc<Mutex<HashMap<String, watch::Receiver<()>>>>;
+
+/// Held by the request racing for a key; dropping it wakes the followers.
+pub struct LeaderGuard {
+    key: String,
+    inflight: Inflight,
+    _done: watch::Sender<()>,
+}
+
+impl Drop for LeaderGuard {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.inflight.lock() {
+            map.remove(&self.key);
+        }
+    }
+}
+
+pub struct Cache {
+    memory: MemoryCache<String, Arc<Entry>>,
+    shared: Option<Arc<dyn Store>>,
+    inflight: Inflight,
+}
+
+/// The outcome of the tiers, with whether a tier failed (counted as an error).
+pub struct Lookup {
+    pub found: Found,
+    pub error: bool,
+}
+
+impl Cache {
+    /// `memory_entries` bounds the in-process tier; `shared` is the store
+    /// whose cache tier (Redis) sits behind it, if it has one.
+    pub fn new(memory_entries: usize, shared: Option<Arc<dyn Store>>) -> Cache {
+        Cache {
+            memory: MemoryCache::new(memory_entries),
+            shared,
+            inflight: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    fn classify(entry: Arc<Entry>, now: u64) -> Found {
+        if entry.is_fresh(now) {
+            Found::Fresh(entry)
+        } else if now < entry.stale_until {
+            Found::Stale(entry)
+        } else {
+            Found::Miss
+        }
+    }
+
+    /// In-process tier first; on a miss or a stale entry, the shared tier
+    /// (whose fresh entry then fills the in-process tier).
+    pub async fn lookup(&self, key: &str) -> Lookup {
+        let now = now_ms();
+        let local = match self.memory.get(key).0 {
+            Some(entry) => Cache::classify(entry, now),
+            None => Found::Miss,
+        };
+        if let Found::Fresh(_) = local {
+            return Lookup {
+                found: local,
+                error: false,
+            };
+        }
+        let Some(shared) = &self.shared else {
+            return Lookup {
+                found: local,
+                error: false,
+            };
+        };
+        match shared.cache_get(&shared_key(key)).await {
+            Ok(Some(bytes)) => match Entry::decode(&bytes) {
+                Some(entry) => {
+                    let entry = Arc::new(entry);
+                    let found = Cache::classify(entry.clone(), now);
+                    if let Found::Fresh(_) = found {
+                        let left = entry.stale_until.saturating_sub(now);
+                        self.memory
+                            .put(key, entry, Some(Duration::from_millis(left)));
+                    }
+                    match (found, local) {
+                        (Found::Miss, local) => Lookup {
+                            found: local,
+                            error: false,
+                        },
+                        (found, _) => Lookup {
+                            found,
+                            error: false,
+                        },
+                    }
+                }
+                None => Lookup {
+                    found: local,
+                    error: true,
+                },
+            },
+            Ok(None) => Lookup {
+                found: local,
+                error: false,
+            },
+            Err(e) => {
+                log::debug!("cache: shared tier lookup failed: {e}");
+                Lookup {
+                    found: local,
+                    error: true,
+                }
+            }
+        }
+    }
+
+    /// Store a winning answer for `fresh`, kept `stale_if_error` longer.
+    /// The shared tier is written in the background, off the request path.
+    pub fn store(&self, key: &str, answer: &Answer, fresh: Duration, stale_if_error: Duration) {
+        let now = now_ms();
+        let entry = Arc::new(Entry {
+            answer: Answer {
+                cache_control: None,
+                ..answer.clone()
+            },
+            stored_at: now,
+            fresh_until: now + fresh.as_millis() as u64,
+            stale_until: now + (fresh + stale_if_error).as_millis() as u64,
+        });
+        let keep = fresh + stale_if_error;
+        self.memory.put(key, entry.clone(), Some(keep));
+        if let Some(shared) = &self.shared {
+            let (shared, skey, bytes) = (shared.clone(), shared_key(key), entry.encode());
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    if let Err(e) = shared.cache_put(&skey, bytes, keep).await {
+                        log::debug!("cache: shared tier store failed: {e}");
+                    }
+                });
+            }
+        }
+    }
+
+    /// Race for `key`, or wait for the request already racing for it.
+    pub fn turn(&self, key: &str) -> Turn {
+        let Ok(mut map) = self.inflight.lock() else {
+            // A poisoned map only loses coalescing, never the request.
+            let (tx, _) = watch::channel(());
+            return Turn::Leader(LeaderGuard {
+                key: String::new(),
+                inflight: Arc::new(Mutex::new(HashMap::new())),
+                _done: tx,
+            });
+        };
+        if let Some(rx) = map.get(key) {
+            return Turn::Follower(rx.clone());
+        }
+        let (tx, rx) = watch::channel(());
+        map.insert(key.to_string(), rx);
+        Turn::Leader(LeaderGuard {
+            key: key.to_string(),
+            inflight: self.inflight.clone(),
+            _done: tx,
+        })
+    }
+}
+
+/// Wait until the leader is done, at most `limit`. Returns whether it finished.
+pub async fn wait_for_leader(mut rx: watch::Receiver<()>, limit: Duration) -> bool {
+    // `changed` fails as soon as the leader's sender is dropped.
+    tokio::time::timeout(limit, async { while rx.changed().await.is_ok() {} })
+        .await
+        .is_ok()
+}
+
+/// The shared tier's name for a cache key: hashed, so any key fits.
+fn shared_key(key: &str) -> String {
+    Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(cc: Option<&str>, body: &str) -> Answer {
+        Answer {
+            status: 200,
+            content_type: Some(HeaderValue::from_static("application/json")),
+            cache_control: cc.map(|c| HeaderValue::from_str(c).unwrap()),
+            body: Bytes::from(body.to_string()),
+        }
+    }
+
+    fn cfg() -> CacheConfig {
+        CacheConfig {
+            ttl: Duration::from_secs(3600),
+            stale_if_error: Duration::from_secs(60),
+            max_body_bytes: 16,
+        }
+    }
+
+    #[test]
+    fn key_sorts_query_and_drops_the_auth_parameter() {
+        let a = key(
+            "v1",
+            "/api/eod/AAPL",
+            Some("to=2&from=1&api_key=k1"),
+            "api_key",
+        );
+        let b = key(
+            "v1",
+            "/api/eod/AAPL",
+            Some("api_key=k2&from=1&to=2"),
+            "api_key",
+        );
+        assert_eq!(a, b);
+        assert_eq!(a, "v1\n/api/eod/AAPL?from=1&to=2");
+        assert!(!a.contains("k1"));
+        assert_ne!(
+            a,
+            key("v2", "/api/eod/AAPL", Some("from=1&to=2"), "api_key")
+        );
+        assert_ne!(
+            a,
+            key("v1", "/api/eod/AAPL", Some("from=1&to=3"), "api_key")
+        );
+        // Repeated names keep their order.
+        assert_ne!(
+            key("v1", "/a", Some("x=1&x=2"), "k"),
+            key("v1", "/a", Some("x=2&x=1"), "k")
+        );
+    }
+
+    #[test]
+    fn equivalent_percent_encodings_share_a_key() {
+        assert_eq!(
+            key("v1", "/api/%65od/%41APL", Some("q=a%20b"), "api_key"),
+            key("v1", "/api/eod/AAPL", Some("q=a+b"), "api_key")
+        );
+        assert_eq!(
+            key("v1", "/api/x%2fy", None, "k"),
+            key("v1", "/api/x%2Fy", None, "k")
+        );
+        assert_ne!(
+            key("v1", "/api/x%2Fy", None, "k"),
+            key("v1", "/api/x/y", None, "k")
+        );
+        assert_eq!(
+            key("v1", "/a", Some("q=%7e"), "k"),
+            key("v1", "/a", Some("q=~"), "k")
+        );
+    }
+
+    #[test]
+    fn cache_control_decides_storing_and_ttl() {
+        assert_eq!(
+            freshness(&answer(None, "{}"), &cfg()),
+            Some(Duration::from_secs(3600))
+        );
+        assert_eq!(freshness(&answer(Some("no-store"), "{}"), &cfg()), None);
+        assert_eq!(
+            freshness(&answer(Some("private, max-age=60"), "{}"), &cfg()),
+            None
+        );
+        assert_eq!(
+            freshness(&answer(Some("max-age=1"), "{}"), &cfg()),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(
+            freshness(&answer(Some("max-age=100, s-maxage=10"), "{}"), &cfg()),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(
+            freshness(&answer(Some("max-age=99999"), "{}"), &cfg()),
+            Some(Duration::from_secs(3600))
+        );
+        assert_eq!(freshness(&answer(Some("max-age=0"), "{}"), &cfg()), None);
+        assert_eq!(
+            freshness(&answer(None, "this body is over sixteen"), &cfg()),
+            None
+        );
+    }
+
+    #[test]
+    fn entries_round_trip_and_garbage_is_rejected() {
+        let e = Entry {
+            answer: answer(None, "{\"status\": true}"),
+            stored_at: 1,
+            fresh_until: 2,
+            stale_until: 3,
+        };
+        let d = Entry::decode(&e.encode()).unwrap();
+        assert_eq!(
+            (d.answer.status, d.answer.body.clone()),
+            (200, e.answer.body.clone())
+        );
+        assert_eq!(d.answer.content_type, e.answer.content_type);
+        assert_eq!((d.stored_at, d.fresh_until, d.stale_until), (1, 2, 3));
+        assert!(Entry::decode(b"garbage").is_none());
+        assert!(Entry::decode(&e.encode()[..20]).is_none());
+    }
+
+    #[tokio::test]
+    async fn one_leader_per_key_and_followers_wake_when_it_is_done() {
+        let cache = Cache::new(100, None);
+        let Turn::Leader(guard) = cache.turn("k") else {
+            panic!("first should lead")
+        };
+        let Turn::Follower(rx) = cache.turn("k") else {
+            panic!("second should follow")
+        };
+        assert!(matches!(cache.turn("other"), Turn::Leader(_)));
+        let waiter = tokio::spawn(wait_for_leader(rx, Duration::from_secs(5)));
+        drop(guard);
+        assert!(waiter.await.unwrap());
+        let Turn::Leader(_second) = cache.turn("k") else {
+            panic!("the key should be free again")
+        };
+        let Turn::Follower(rx) = cache.turn("k") else {
+            panic!("the new leader should hold the key")
+        };
+        assert!(!wait_for_leader(rx, Duration::from_millis(20)).await);
+    }
+
+    #[tokio::test]
+    async fn memory_tier_serves_fresh_then_stale() {
+        let cache = Cache::new(100, None);
+        cache.store(
+            "k",
+            &answer(None, "{}"),
+            Duration::from_millis(30),
+            Duration::from_secs(60),
+        );
+        assert!(matches!(cache.lookup("k").await.found, Found::Fresh(_)));
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while !matches!(cache.lookup("k").await.found, Found::Stale(_)) {
+            assert!(std::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(matches!(cache.lookup("missing").await.found, Found::Miss));
+    }
+}
