@@ -60,6 +60,8 @@ store: ${4:-{keys_file: $dir/keys.yaml\}}
 routes:
   - {name: race3, prefix: /race/, backends: ["http://127.0.0.1:$b1", "http://127.0.0.1:$b2", "http://127.0.0.1:$b3"]}
   - {name: one, prefix: /one/, backends: ["http://127.0.0.1:$b1"]}
+  - {name: cached, prefix: /cached/, backends: ["http://127.0.0.1:$b1", "http://127.0.0.1:$b2", "http://127.0.0.1:$b3"], cache: {ttl_seconds: 3600}}
+cache: {memory_entries: ${5:-10000}}
 YAML
 }
 conf tollgate "$gw" "$adm"
@@ -70,9 +72,22 @@ rp=$(free_port); rgw=$(free_port); radm=$(free_port)
 redis-server --port "$rp" --bind 127.0.0.1 --save '' --appendonly no >/dev/null 2>&1 & pids+=($!)
 wait_port "$rp"
 conf redis "$rgw" "$radm" "{redis_url: \"redis://127.0.0.1:$rp/0\"}"
+# A one-entry in-process tier, so that nearly every hit comes from Redis.
+tgw=$(free_port); tadm=$(free_port)
+conf redistier "$tgw" "$tadm" "{redis_url: \"redis://127.0.0.1:$rp/0\"}" 1
 target/release/tollgate keys import "$dir/keys.yaml" -c "$dir/redis.yaml" >/dev/null
 RUST_LOG=warn target/release/tollgate serve -c "$dir/redis.yaml" 2>"$dir/redis-gw.log" & pids+=($!)
-wait_port "$rgw"
+RUST_LOG=warn target/release/tollgate serve -c "$dir/redistier.yaml" 2>"$dir/redistier-gw.log" & pids+=($!)
+wait_port "$rgw"; wait_port "$tgw"
+# 100 distinct cached paths, stored in Redis before the runs.
+for i in $(seq 0 99); do curl -s -o /dev/null -H "X-API-Key: bench-key" "http://127.0.0.1:$tgw/cached/k$i"; done
+cat > "$dir/cycle.lua" <<'LUA'
+local i = 0
+request = function()
+  i = i + 1
+  return wrk.format(nil, "/cached/k" .. (i % 100))
+end
+LUA
 if [ -n "${BASELINE:-}" ]; then
   bgw=$(free_port); badm=$(free_port)
   conf baseline "$bgw" "$badm"
@@ -82,7 +97,7 @@ fi
 
 run() {
   local name=$1 url=$2 out rps p99
-  out=$(wrk -t1 -c"$conns" -d"${secs}s" --latency -H "X-API-Key: bench-key" "$url")
+  out=$(wrk -t1 -c"$conns" -d"${secs}s" --latency -H "X-API-Key: bench-key" ${3:+-s "$3"} "$url")
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   p99=$(awk '$1=="99%" {print $2}' <<<"$out")
   errs=$(grep -E "Non-2xx|Socket errors" <<<"$out" | tr -s ' ' || true)
@@ -93,6 +108,9 @@ echo "wrk: 1 thread, $conns connections, ${secs}s each; tollgate threads: 1; ngi
 run "direct backend (nginx)" "http://127.0.0.1:$b1/api/x"
 run "tollgate, route with 1 backend" "http://127.0.0.1:$gw/one/x"
 run "tollgate, race over 3 backends" "http://127.0.0.1:$gw/race/x"
+run "tollgate, cache hit (in-process)" "http://127.0.0.1:$gw/cached/x"
+run "tollgate+redis, cache hit (in-process)" "http://127.0.0.1:$rgw/cached/x"
+run "tollgate+redis, cache hit (Redis tier)" "http://127.0.0.1:$tgw" "$dir/cycle.lua"
 run "tollgate+redis, route with 1 backend" "http://127.0.0.1:$rgw/one/x"
 run "tollgate+redis, race over 3 backends" "http://127.0.0.1:$rgw/race/x"
 if [ -n "${BASELINE:-}" ]; then

@@ -416,7 +416,7 @@ impl RedisServer {
                 .query_async(&mut c)
                 .await
                 .unwrap();
-            let values: Vec<String> = match kind.as_str() {
+            let raw: Vec<Vec<u8>> = match kind.as_str() {
                 "hash" => redis::cmd("HGETALL")
                     .arg(&name)
                     .query_async(&mut c)
@@ -427,8 +427,12 @@ impl RedisServer {
                     .query_async(&mut c)
                     .await
                     .unwrap()],
-                other => vec![format!("<{other}>")],
+                other => vec![format!("<{other}>").into_bytes()],
             };
+            let values = raw
+                .iter()
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .collect();
             out.push((name, values));
         }
         out
