@@ -14,6 +14,7 @@ use pingora::server::configuration::ServerConf;
 use serde::Deserialize;
 use serde_yaml::Value;
 
+use crate::logging::AccessTarget;
 use crate::race::{Strategy, SuccessRule};
 use crate::store::{parse_keys, KeyRecord};
 
@@ -87,6 +88,12 @@ struct FileConfig {
     notify: Option<FileNotify>,
     #[serde(default)]
     cache: FileGlobalCache,
+    #[serde(default = "default_access_log")]
+    access_log: String,
+}
+
+fn default_access_log() -> String {
+    "stderr".to_string()
 }
 
 #[derive(Debug, Deserialize)]
@@ -283,6 +290,12 @@ struct FileNotify {
     webhook_url: Option<String>,
     #[serde(default = "default_min_interval")]
     min_interval_seconds: u64,
+    #[serde(default = "default_notify_timeout_ms")]
+    timeout_ms: u64,
+}
+
+fn default_notify_timeout_ms() -> u64 {
+    5_000
 }
 
 fn default_min_interval() -> u64 {
@@ -307,6 +320,7 @@ pub struct Config {
     pub routes: Vec<Route>,
     pub notify: NotifyConfig,
     pub cache: GlobalCacheConfig,
+    pub access_log: AccessTarget,
 }
 
 /// The cache settings shared by all routes.
@@ -358,6 +372,8 @@ pub struct CreditsConfig {
 pub struct NotifyConfig {
     pub webhook_url: Option<Uri>,
     pub min_interval: Duration,
+    /// Bound on one webhook attempt.
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -545,12 +561,14 @@ impl TryFrom<FileConfig> for Config {
             None => NotifyConfig {
                 webhook_url: None,
                 min_interval: Duration::from_secs(default_min_interval()),
+                timeout: Duration::from_millis(default_notify_timeout_ms()),
             },
             Some(n) => NotifyConfig {
                 webhook_url: n.webhook_url.as_deref().and_then(|u| {
                     http_url("notify.webhook_url", u, &mut errors).map(|(uri, _)| uri)
                 }),
                 min_interval: Duration::from_secs(n.min_interval_seconds),
+                timeout: Duration::from_millis(n.timeout_ms.max(1)),
             },
         };
 
@@ -560,6 +578,16 @@ impl TryFrom<FileConfig> for Config {
         let cache = GlobalCacheConfig {
             memory_entries: file.cache.memory_entries,
             lock_timeout: Duration::from_millis(file.cache.lock_timeout_ms),
+        };
+
+        let access_log = match file.access_log.as_str() {
+            "stderr" => AccessTarget::Stderr,
+            "off" => AccessTarget::Off,
+            "" => {
+                errors.push(err("access_log", "expected stderr, off, or a file path"));
+                AccessTarget::Off
+            }
+            path => AccessTarget::File(path.into()),
         };
 
         match (errors.is_empty(), server, admin_listen) {
@@ -581,6 +609,7 @@ impl TryFrom<FileConfig> for Config {
                 routes,
                 notify,
                 cache,
+                access_log,
             }),
             _ => Err(ConfigErrors(errors)),
         }

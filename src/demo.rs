@@ -19,6 +19,8 @@ pub struct Request {
     pub target: String,
     /// Header names lower-cased.
     pub headers: Vec<(String, String)>,
+    /// The body, when the request declared a `Content-Length`.
+    pub body: Vec<u8>,
     /// Numbered per origin from 1, to tell reused connections apart.
     pub connection: u64,
     pub received_at: Instant,
@@ -71,6 +73,7 @@ pub trait Handler: Send + Sync + 'static {
 }
 
 const MAX_HEAD: usize = 64 * 1024;
+const MAX_BODY: usize = 1024 * 1024;
 
 /// Serve connections from `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, handler: Arc<dyn Handler>) {
@@ -110,10 +113,26 @@ async fn connection(
             }
             buf.extend_from_slice(&chunk[..n]);
         };
-        let Some(req) = parse_head(&buf[..head_len], id) else {
+        let Some(mut req) = parse_head(&buf[..head_len], id) else {
             return Ok(());
         };
         buf.drain(..head_len);
+        let body_len = req
+            .header("content-length")
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(0);
+        if body_len > MAX_BODY {
+            return Ok(());
+        }
+        while buf.len() < body_len {
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        req.body = buf.drain(..body_len).collect();
         let close = req
             .header("connection")
             .is_some_and(|v| v.eq_ignore_ascii_case("close"));
@@ -175,6 +194,7 @@ fn parse_head(head: &[u8], connection: u64) -> Option<Request> {
                 )
             })
             .collect(),
+        body: Vec::new(),
         connection,
         received_at: Instant::now(),
     })

@@ -1,12 +1,20 @@
-//! Log output: the logger set-up, one access line per request, and one
-//! structured warning when no backend succeeded (the event the notifier will
-//! consume). Lines carry the upstream path, from which the auth parameter is
-//! already removed, and never a key.
+//! Log output: the logger set-up, the access log (one JSON line per request,
+//! written by a background service fed through a bounded queue, so a slow
+//! disk never holds a request), and one structured warning when no backend
+//! succeeded. Lines carry the upstream path, from which the auth parameter is
+//! already removed, and a key's id, never a key.
 
 use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::Duration;
 
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use pingora_prometheus::prometheus::IntCounter;
 use serde::Serialize;
+use tokio::sync::mpsc;
 
 use crate::race::AttemptRecord;
 
@@ -35,6 +43,8 @@ pub fn ms(d: Duration) -> f64 {
 /// One request as the access log records it.
 #[derive(Serialize)]
 pub struct AccessLine<'a> {
+    /// RFC 3339, UTC, milliseconds.
+    pub time: String,
     pub request_id: &'a str,
     pub method: &'a str,
     pub route: &'a str,
@@ -52,11 +62,151 @@ pub struct AccessLine<'a> {
     pub error: Option<&'static str>,
 }
 
-impl AccessLine<'_> {
-    pub fn emit(&self) {
-        if let Ok(json) = serde_json::to_string(self) {
-            log::info!(target: "tollgate::access", "{json}");
+/// The current time as access lines write it: RFC 3339, UTC, milliseconds.
+pub fn now_rfc3339() -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    rfc3339(ms)
+}
+
+/// Format unix milliseconds (days to civil date: Howard Hinnant's algorithm).
+fn rfc3339(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        unix_ms % 1000
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rfc3339_formats_known_instants() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(super::rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(
+            super::rfc3339(1_795_640_504_000),
+            "2026-11-25T21:01:44.000Z"
+        );
+    }
+}
+
+/// Where access lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessTarget {
+    Stderr,
+    File(PathBuf),
+    Off,
+}
+
+/// Lines waiting for the writer; more are dropped (and counted).
+const ACCESS_QUEUE: usize = 8192;
+
+/// The request side of the access log.
+pub struct AccessLog {
+    tx: Option<mpsc::Sender<String>>,
+    dropped: IntCounter,
+}
+
+impl AccessLog {
+    pub fn write(&self, line: &AccessLine<'_>) {
+        let Some(tx) = &self.tx else { return };
+        let Ok(mut json) = serde_json::to_string(line) else {
+            return;
+        };
+        json.push('\n');
+        if tx.try_send(json).is_err() {
+            self.dropped.inc();
         }
+    }
+}
+
+/// The background writer.
+pub struct AccessLogService {
+    rx: Mutex<Option<mpsc::Receiver<String>>>,
+    target: AccessTarget,
+}
+
+/// A connected pair: the [`AccessLog`] for the proxy, the service for Pingora.
+pub fn access_log(target: AccessTarget, dropped: IntCounter) -> (AccessLog, AccessLogService) {
+    if target == AccessTarget::Off {
+        let service = AccessLogService {
+            rx: Mutex::new(None),
+            target,
+        };
+        return (AccessLog { tx: None, dropped }, service);
+    }
+    let (tx, rx) = mpsc::channel(ACCESS_QUEUE);
+    let service = AccessLogService {
+        rx: Mutex::new(Some(rx)),
+        target,
+    };
+    (
+        AccessLog {
+            tx: Some(tx),
+            dropped,
+        },
+        service,
+    )
+}
+
+#[async_trait]
+impl BackgroundService for AccessLogService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Some(mut rx) = self.rx.lock().ok().and_then(|mut r| r.take()) else {
+            return;
+        };
+        let mut out: Box<dyn Write + Send> = match &self.target {
+            AccessTarget::Stderr | AccessTarget::Off => Box::new(std::io::stderr()),
+            AccessTarget::File(path) => {
+                match std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                {
+                    Ok(f) => Box::new(std::io::BufWriter::new(f)),
+                    Err(e) => {
+                        log::error!("access log {}: {e}; writing to stderr", path.display());
+                        Box::new(std::io::stderr())
+                    }
+                }
+            }
+        };
+        loop {
+            tokio::select! {
+                line = rx.recv() => {
+                    let Some(line) = line else { break };
+                    let _ = out.write_all(line.as_bytes());
+                    // Write what else is queued, then flush once.
+                    while let Ok(line) = rx.try_recv() {
+                        let _ = out.write_all(line.as_bytes());
+                    }
+                    let _ = out.flush();
+                }
+                _ = shutdown.changed() => {
+                    while let Ok(line) = rx.try_recv() {
+                        let _ = out.write_all(line.as_bytes());
+                    }
+                    break;
+                }
+            }
+        }
+        let _ = out.flush();
     }
 }
 

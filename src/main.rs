@@ -9,6 +9,7 @@ use pingora::proxy::http_proxy_service_with_name;
 use pingora::server::configuration::Opt;
 use pingora::server::Server;
 
+use pingora::services::background::background_service;
 use tollgate::config::Config;
 use tollgate::keys::KeysCommand;
 use tollgate::metrics::Metrics;
@@ -16,7 +17,7 @@ use tollgate::proxy::Gateway;
 use tollgate::store::memory::MemoryStore;
 use tollgate::store::redis::RedisStore;
 use tollgate::store::Store;
-use tollgate::{admin, demo, logging};
+use tollgate::{admin, demo, logging, notify};
 
 #[derive(Parser)]
 #[command(
@@ -101,7 +102,15 @@ fn serve(mut config: Config, opt: Opt) -> ExitCode {
             Arc::new(MemoryStore::new(&config.store.keys))
         }
     };
-    let gateway = Gateway::new(&config, store, metrics);
+    let (notifier, notifier_service) = notify::channel(
+        config.notify.webhook_url.clone(),
+        config.notify.min_interval,
+        config.notify.timeout,
+        metrics.notifications(),
+    );
+    let (access_log, access_log_service) =
+        logging::access_log(config.access_log.clone(), metrics.access_log_dropped());
+    let gateway = Gateway::new(&config, store, metrics, notifier, access_log);
     let mut server = Server::new_with_opt_and_conf(opt, std::mem::take(&mut config.server));
     // With -t this checks Pingora's side too, then exits.
     server.bootstrap();
@@ -112,6 +121,8 @@ fn serve(mut config: Config, opt: Opt) -> ExitCode {
     }
     server.add_service(proxy);
     server.add_service(admin::service(&config.admin_listen.to_string()));
+    server.add_service(background_service("notifier", notifier_service));
+    server.add_service(background_service("access log", access_log_service));
     server.run_forever()
 }
 

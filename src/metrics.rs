@@ -40,6 +40,8 @@ pub struct Metrics {
     rejections: IntCounterVec,
     store_errors: IntCounterVec,
     cache: IntCounterVec,
+    notifications: IntCounterVec,
+    access_log_dropped: IntCounter,
     /// Per route (config order), the series a race touches, resolved once.
     routes: Vec<RouteSeries>,
 }
@@ -160,6 +162,20 @@ impl Metrics {
                 "Cache lookups by result: hit, miss, stale (served after every backend failed), error (a tier failed; also counted as its final result).",
                 &["result"],
             )?,
+            notifications: counter(
+                r,
+                "tollgate_notifications_total",
+                "Failure notifications by outcome: sent, failed (webhook gave up), suppressed (held back by min_interval), dropped (queue full).",
+                &["outcome"],
+            )?,
+            access_log_dropped: {
+                let c = IntCounter::new(
+                    "tollgate_access_log_dropped_total",
+                    "Access log lines dropped because the writer's queue was full.",
+                )?;
+                r.register(Box::new(c.clone()))?;
+                c
+            },
             routes: Vec::new(),
         };
         for result in CACHE_RESULTS {
@@ -177,6 +193,8 @@ impl Metrics {
 
     fn route_series(&self, route: &Route) -> RouteSeries {
         let name = route.name.as_str();
+        // A zero series, so the family exists before the first request.
+        self.requests.with_label_values(&[name, "200"]);
         RouteSeries {
             duration: self.request_duration.with_label_values(&[name]),
             charged: self.credits_charged.with_label_values(&[name]),
@@ -242,6 +260,21 @@ impl Metrics {
     /// Count a cache result (one of [`CACHE_RESULTS`]).
     pub fn cache(&self, result: &'static str) {
         self.cache.with_label_values(&[result]).inc();
+    }
+
+    /// The notifier's counters.
+    pub fn notifications(&self) -> crate::notify::Counters {
+        let c = |o: &str| self.notifications.with_label_values(&[o]);
+        crate::notify::Counters {
+            sent: c("sent"),
+            failed: c("failed"),
+            suppressed: c("suppressed"),
+            dropped: c("dropped"),
+        }
+    }
+
+    pub fn access_log_dropped(&self) -> IntCounter {
+        self.access_log_dropped.clone()
     }
 
     /// Count a failed store call (`op`: one of [`STORE_OPS`]).

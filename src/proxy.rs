@@ -3,6 +3,7 @@
 //! method and path → route → auth → rate limit → credits → [cache] → race.
 //! `logging` counts and logs it. Each step is a call into its own module.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,8 +19,9 @@ use crate::cache::{self, Cache, Entry, Found, LeaderGuard, Turn};
 use crate::config::{Config, CreditsConfig, OnStoreError, Route};
 use crate::credits::CreditHold;
 use crate::limits::{Decision, Limiter};
-use crate::logging::{self, AccessLine};
+use crate::logging::{self, AccessLine, AccessLog};
 use crate::metrics::{Metrics, UNMATCHED};
+use crate::notify::{BackendReport, Event, Notifier};
 use crate::race::{RaceReport, Racer, RouteUpstream, UpstreamRequest};
 use crate::respond::{self, Common, Reject};
 use crate::router::{self, RouteTable};
@@ -39,11 +41,28 @@ pub struct Gateway {
     credits: CreditsConfig,
     cache: Cache,
     lock_timeout: Duration,
+    notifier: Notifier,
+    access_log: AccessLog,
+    /// Per route: its last race had no winner (for the recovery notice).
+    failing: Vec<AtomicBool>,
 }
 
 impl Gateway {
-    pub fn new(config: &Config, store: Arc<dyn Store>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        config: &Config,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        notifier: Notifier,
+        access_log: AccessLog,
+    ) -> Self {
         Gateway {
+            notifier,
+            access_log,
+            failing: config
+                .routes
+                .iter()
+                .map(|_| AtomicBool::new(false))
+                .collect(),
             table: RouteTable::new(&config.routes),
             upstreams: config.routes.iter().map(RouteUpstream::new).collect(),
             routes: config.routes.clone(),
@@ -330,22 +349,44 @@ impl Gateway {
         let winner = report.winner.as_ref().map(|(i, _)| *i);
         let failure = winner.is_none().then(|| report.failure());
         self.metrics.race(route, &report.attempts, winner, failure);
-        if let Some(f) = failure {
-            let name = &self.routes[route].name;
-            let labels: Vec<&str> = self.upstreams[route]
-                .replicas
+        let name = &self.routes[route].name;
+        let Some(f) = failure else {
+            if self.failing[route].swap(false, Ordering::Relaxed) {
+                self.notifier.notify(Event::Recovered {
+                    route: name.clone(),
+                    request_id: ctx.request_id.clone(),
+                });
+            }
+            return;
+        };
+        self.failing[route].store(true, Ordering::Relaxed);
+        let labels: Vec<&str> = self.upstreams[route]
+            .replicas
+            .iter()
+            .map(|r| r.label.as_str())
+            .collect();
+        logging::all_backends_failed(
+            name,
+            f.as_str(),
+            ctx.upstream_path.as_deref().unwrap_or(""),
+            &ctx.request_id,
+            &labels,
+            &report.attempts,
+        );
+        self.notifier.notify(Event::Failed {
+            route: name.clone(),
+            reason: f.as_str(),
+            request_id: ctx.request_id.clone(),
+            backends: report
+                .attempts
                 .iter()
-                .map(|r| r.label.as_str())
-                .collect();
-            logging::all_backends_failed(
-                name,
-                f.as_str(),
-                ctx.upstream_path.as_deref().unwrap_or(""),
-                &ctx.request_id,
-                &labels,
-                &report.attempts,
-            );
-        }
+                .map(|a| BackendReport {
+                    backend: labels.get(a.backend).copied().unwrap_or("?").to_string(),
+                    outcome: a.outcome.as_str(),
+                    latency_ms: logging::ms(a.latency),
+                })
+                .collect(),
+        });
     }
 }
 
@@ -433,7 +474,8 @@ impl ProxyHttp for Gateway {
             .route
             .zip(ctx.race.as_ref().and_then(|r| r.winner.as_ref()))
             .map(|(route, (i, _))| self.upstreams[route].replicas[*i].label.as_str());
-        AccessLine {
+        let line = AccessLine {
+            time: logging::now_rfc3339(),
             request_id: &ctx.request_id,
             method: session.req_header().method.as_str(),
             route: route_name,
@@ -445,7 +487,7 @@ impl ProxyHttp for Gateway {
             key_id: ctx.key_id.as_deref(),
             credits: ctx.credits.as_ref().map(CreditHold::cost),
             error: ctx.reject.map(Reject::code),
-        }
-        .emit();
+        };
+        self.access_log.write(&line);
     }
 }
