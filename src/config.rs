@@ -665,6 +665,14 @@ fn convert_server(value: Option<Value>, errors: &mut Vec<ConfigError>) -> Option
             return None;
         }
     };
+    if conf.daemon_wait_for_ready {
+        errors.push(err(
+            "server.daemon_wait_for_ready",
+            "not supported: tollgate takes over the sockets before it daemonizes, \
+             so `serve -u -d` already returns only once the new process holds them",
+        ));
+        return None;
+    }
     match conf.validate() {
         Ok(c) => Some(c),
         Err(e) => {
@@ -906,6 +914,16 @@ mod tests {
             "{e:?}"
         );
         assert!(e[0].contains("grace_period_seconds"), "{e:?}");
+    }
+
+    #[test]
+    fn daemon_wait_for_ready_is_refused_with_a_reason() {
+        let yaml = format!("server:\n  daemon_wait_for_ready: true\n{MINIMAL}");
+        let e = errors_of(&yaml);
+        assert!(
+            e[0].starts_with("server.daemon_wait_for_ready: not supported"),
+            "{e:?}"
+        );
     }
 
     #[test]

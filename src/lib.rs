@@ -12,6 +12,7 @@ pub mod cache;
 pub mod config;
 pub mod credits;
 pub mod demo;
+pub mod drain;
 pub mod keys;
 pub mod limits;
 pub mod logging;

@@ -167,7 +167,10 @@ pub fn access_log(target: AccessTarget, dropped: IntCounter) -> (AccessLog, Acce
 
 #[async_trait]
 impl BackgroundService for AccessLogService {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
+    /// Runs until every sender is gone: requests still finishing during a
+    /// graceful shutdown keep their lines. If the runtime ends it first, the
+    /// buffered writer is flushed as it drops.
+    async fn start(&self, _shutdown: ShutdownWatch) {
         let Some(mut rx) = self.rx.lock().ok().and_then(|mut r| r.take()) else {
             return;
         };
@@ -187,26 +190,14 @@ impl BackgroundService for AccessLogService {
                 }
             }
         };
-        loop {
-            tokio::select! {
-                line = rx.recv() => {
-                    let Some(line) = line else { break };
-                    let _ = out.write_all(line.as_bytes());
-                    // Write what else is queued, then flush once.
-                    while let Ok(line) = rx.try_recv() {
-                        let _ = out.write_all(line.as_bytes());
-                    }
-                    let _ = out.flush();
-                }
-                _ = shutdown.changed() => {
-                    while let Ok(line) = rx.try_recv() {
-                        let _ = out.write_all(line.as_bytes());
-                    }
-                    break;
-                }
+        while let Some(line) = rx.recv().await {
+            let _ = out.write_all(line.as_bytes());
+            // Write what else is queued, then flush once.
+            while let Ok(line) = rx.try_recv() {
+                let _ = out.write_all(line.as_bytes());
             }
+            let _ = out.flush();
         }
-        let _ = out.flush();
     }
 }
 

@@ -11,6 +11,7 @@ use pingora::server::Server;
 
 use pingora::services::background::background_service;
 use tollgate::config::Config;
+use tollgate::drain::{Draining, PhaseWatch};
 use tollgate::keys::KeysCommand;
 use tollgate::metrics::Metrics;
 use tollgate::proxy::Gateway;
@@ -110,8 +111,17 @@ fn serve(mut config: Config, opt: Opt) -> ExitCode {
     );
     let (access_log, access_log_service) =
         logging::access_log(config.access_log.clone(), metrics.access_log_dropped());
-    let gateway = Gateway::new(&config, store, metrics, notifier, access_log);
+    let draining = Draining::default();
+    let gateway = Gateway::new(
+        &config,
+        store,
+        metrics,
+        notifier,
+        access_log,
+        draining.clone(),
+    );
     let mut server = Server::new_with_opt_and_conf(opt, std::mem::take(&mut config.server));
+    let phases = PhaseWatch::new(server.watch_execution_phase(), draining);
     // With -t this checks Pingora's side too, then exits.
     server.bootstrap();
 
@@ -123,6 +133,7 @@ fn serve(mut config: Config, opt: Opt) -> ExitCode {
     server.add_service(admin::service(&config.admin_listen.to_string()));
     server.add_service(background_service("notifier", notifier_service));
     server.add_service(background_service("access log", access_log_service));
+    server.add_service(background_service("drain", phases));
     server.run_forever()
 }
 

@@ -139,6 +139,7 @@ impl BackgroundService for NotifierService {
         };
         let mut windows: HashMap<(String, &'static str), Window> = HashMap::new();
         let mut tick = tokio::time::interval(TICK);
+        let mut shutting_down = false;
         loop {
             tokio::select! {
                 event = rx.recv() => match event {
@@ -146,10 +147,11 @@ impl BackgroundService for NotifierService {
                     None => return,
                 },
                 _ = tick.tick() => self.flush_due(&mut windows).await,
-                _ = shutdown.changed() => {
-                    // Say what was held back before going.
+                _ = shutdown.changed(), if !shutting_down => {
+                    // Say what was held back; keep serving events from
+                    // requests that finish during the grace period.
+                    shutting_down = true;
                     self.flush(&mut windows, true).await;
-                    return;
                 }
             }
         }

@@ -18,6 +18,7 @@ use crate::auth::{self, KeyHash};
 use crate::cache::{self, Cache, Entry, Found, LeaderGuard, Turn};
 use crate::config::{Config, CreditsConfig, OnStoreError, Route};
 use crate::credits::CreditHold;
+use crate::drain::Draining;
 use crate::limits::{Decision, Limiter};
 use crate::logging::{self, AccessLine, AccessLog};
 use crate::metrics::{Metrics, UNMATCHED};
@@ -45,6 +46,7 @@ pub struct Gateway {
     access_log: AccessLog,
     /// Per route: its last race had no winner (for the recovery notice).
     failing: Vec<AtomicBool>,
+    draining: Draining,
 }
 
 impl Gateway {
@@ -54,8 +56,10 @@ impl Gateway {
         metrics: Arc<Metrics>,
         notifier: Notifier,
         access_log: AccessLog,
+        draining: Draining,
     ) -> Self {
         Gateway {
+            draining,
             notifier,
             access_log,
             failing: config
@@ -432,6 +436,10 @@ impl ProxyHttp for Gateway {
     fn init_downstream_modules(&self, _modules: &mut HttpModules) {}
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        if self.draining.is_set() {
+            // Handing over: let the client reconnect to the new process.
+            session.set_keepalive(None);
+        }
         let req = session.req_header();
         ctx.request_id = request_id(req);
         ctx.head = req.method == Method::HEAD;
