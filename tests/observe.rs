@@ -203,15 +203,7 @@ async fn webhook_gets_one_post_per_interval_with_the_suppressed_count() {
     let gw = Gateway::start(&[route("t", "/api/", &[&backend], "")], &top).await;
     let started = Instant::now();
     for _ in 0..5 {
-        assert_eq!(
-            client()
-                .get(gw.url("/api/x"))
-                .send()
-                .await
-                .unwrap()
-                .status(),
-            502
-        );
+        assert_eq!(status(&gw, "/api/x").await, 502);
     }
     let p = wait_posts(&hook, 2, Duration::from_secs(5)).await;
     let second_at = Instant::now();
@@ -240,15 +232,7 @@ async fn webhook_gets_one_post_per_interval_with_the_suppressed_count() {
 
     // The route recovers: one recovery notice.
     broken.store(false, Ordering::Relaxed);
-    assert_eq!(
-        client()
-            .get(gw.url("/api/x"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(status(&gw, "/api/x").await, 200);
     let p = wait_posts(&hook, 3, Duration::from_secs(5)).await;
     assert_eq!(
         (p[2]["route"].as_str(), p[2]["reason"].as_str()),

@@ -21,6 +21,16 @@ fn redis_top(redis: &RedisServer, extra: &str) -> String {
     )
 }
 
+/// A gateway on `redis` with one route to `origin`; keys live in Redis.
+async fn redis_gateway(redis: &RedisServer, origin: &Origin, extra: &str) -> Gateway {
+    Gateway::start_with_keys(
+        &[route("t", "/api/", &[origin], "")],
+        &redis_top(redis, extra),
+        "",
+    )
+    .await
+}
+
 async fn status_of(gw: &Gateway, key: &str) -> (u16, reqwest::header::HeaderMap, String) {
     let resp = reqwest::Client::new()
         .get(gw.url("/api/x"))
@@ -74,12 +84,7 @@ async fn redis_never_holds_a_plaintext_key() {
     assert_eq!(code, 0);
     let created = out.lines().next().unwrap().to_string();
     let ok = Origin::json("ok", true, 0).await;
-    let gw = Gateway::start_with_keys(
-        &[route("t", "/api/", &[&ok], "")],
-        &redis_top(&redis, ""),
-        "",
-    )
-    .await;
+    let gw = redis_gateway(&redis, &ok, "").await;
     assert_eq!(status_of(&gw, &created).await.0, 200);
     assert_eq!(status_of(&gw, "plain-secret-two").await.0, 200);
 
@@ -144,12 +149,7 @@ async fn keys_command_end_to_end_on_redis() {
     }
 
     let ok = Origin::json("ok", true, 0).await;
-    let gw = Gateway::start_with_keys(
-        &[route("t", "/api/", &[&ok], "")],
-        &redis_top(&redis, ""),
-        "",
-    )
-    .await;
+    let gw = redis_gateway(&redis, &ok, "").await;
     assert_eq!(status_of(&gw, &key).await.0, 200);
     assert_eq!(status_of(&gw, &key).await.0, 200);
     assert_eq!(status_of(&gw, &key).await.0, 402);
@@ -257,12 +257,7 @@ async fn redis_outage_with_deny_is_503_and_recovers() {
     let mut redis = RedisServer::start();
     import_keys(&redis, KEYS);
     let ok = Origin::json("ok", true, 0).await;
-    let gw = Gateway::start_with_keys(
-        &[route("t", "/api/", &[&ok], "")],
-        &redis_top(&redis, ""),
-        "",
-    )
-    .await;
+    let gw = redis_gateway(&redis, &ok, "").await;
     assert_eq!(status_of(&gw, "plain-secret-two").await.0, 200);
 
     // Steady traffic from 4 clients while Redis dies and comes back.
@@ -343,9 +338,8 @@ async fn redis_outage_with_allow_serves_uncharged() {
     let mut redis = RedisServer::start();
     import_keys(&redis, KEYS);
     let ok = Origin::json("ok", true, 0).await;
-    let top =
-        redis_top(&redis, "").replace("timeout_ms: 200", "timeout_ms: 200\n  on_error: allow");
-    let gw = Gateway::start_with_keys(&[route("t", "/api/", &[&ok], "")], &top, "").await;
+    // The extra line lands inside `store:`.
+    let gw = redis_gateway(&redis, &ok, "  on_error: allow").await;
     let (status, headers, _) = status_of(&gw, "plain-secret-two").await;
     assert_eq!(
         (status, headers["x-credits-remaining"].to_str().unwrap()),

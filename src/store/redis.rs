@@ -116,6 +116,19 @@ impl RedisStore {
         }
     }
 
+    /// Run one of the scripts on a key (EVALSHA, reloaded on NOSCRIPT).
+    async fn script<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        hash: &KeyHash,
+        arg: impl redis::ToRedisArgs,
+    ) -> Result<T, StoreError> {
+        let mut c = self.conn().await?;
+        let mut call = script.key(self.redis_key(hash));
+        call.arg(arg);
+        self.bounded(call.invoke_async(&mut c)).await
+    }
+
     fn forget(&self, hash: &KeyHash) {
         if let Ok(mut meta) = self.meta.lock() {
             meta.remove(hash);
@@ -186,29 +199,13 @@ impl RedisStore {
         hash: &KeyHash,
         credits: u64,
     ) -> Result<Option<u64>, StoreError> {
-        let mut c = self.conn().await?;
-        let balance: i64 = self
-            .bounded(
-                self.add
-                    .key(self.redis_key(hash))
-                    .arg(credits)
-                    .invoke_async(&mut c),
-            )
-            .await?;
+        let balance: i64 = self.script(&self.add, hash, credits).await?;
         Ok(u64::try_from(balance).ok())
     }
 
     /// Set a key's state; `false` if the key is unknown.
     pub async fn set_state(&self, hash: &KeyHash, state: KeyState) -> Result<bool, StoreError> {
-        let mut c = self.conn().await?;
-        let found: i64 = self
-            .bounded(
-                self.set_state
-                    .key(self.redis_key(hash))
-                    .arg(state.as_str())
-                    .invoke_async(&mut c),
-            )
-            .await?;
+        let found: i64 = self.script(&self.set_state, hash, state.as_str()).await?;
         self.forget(hash);
         Ok(found == 1)
     }
@@ -292,15 +289,7 @@ impl Store for RedisStore {
     }
 
     async fn charge(&self, hash: &KeyHash, cost: u64) -> Result<Charge, StoreError> {
-        let mut c = self.conn().await?;
-        let (code, balance): (i64, i64) = self
-            .bounded(
-                self.charge
-                    .key(self.redis_key(hash))
-                    .arg(cost)
-                    .invoke_async(&mut c),
-            )
-            .await?;
+        let (code, balance): (i64, i64) = self.script(&self.charge, hash, cost).await?;
         let balance = u64::try_from(balance).unwrap_or(0);
         Ok(match code {
             3 => Charge::Charged { remaining: balance },

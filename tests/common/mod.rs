@@ -305,6 +305,17 @@ pub fn get(target: &str, headers: &str) -> Vec<u8> {
         .into_bytes()
 }
 
+/// The status of a GET of `path` with [`KEY`].
+pub async fn status(gw: &Gateway, path: &str) -> u16 {
+    client()
+        .get(gw.url(path))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
 /// A client that sends [`KEY`] in `X-API-Key` on every request.
 pub fn client() -> reqwest::Client {
     let mut headers = reqwest::header::HeaderMap::new();
