@@ -443,11 +443,12 @@ impl ProxyHttp for Gateway {
         let req = session.req_header();
         ctx.request_id = request_id(req);
         ctx.head = req.method == Method::HEAD;
-        let route = match self.route(req, ctx) {
-            Ok((route, key)) => match self.admit(ctx, route, key).await {
-                Ok(()) => route,
-                Err(reject) => return self.reject(session, ctx, reject).await,
-            },
+        let admitted = match self.route(req, ctx) {
+            Ok((route, key)) => self.admit(ctx, route, key).await.map(|()| route),
+            Err(reject) => Err(reject),
+        };
+        let route = match admitted {
+            Ok(route) => route,
             Err(reject) => return self.reject(session, ctx, reject).await,
         };
         if self.answer_from_cache(session, ctx, route).await? {
