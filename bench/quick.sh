@@ -56,6 +56,7 @@ cat > "$dir/$1.yaml" <<YAML
 server: {threads: 1, pid_file: $dir/$1.pid, upgrade_sock: $dir/$1.sock}
 listen: ["127.0.0.1:$2"]
 admin_listen: "127.0.0.1:$3"
+access_log: ${ACCESS_LOG:-off}   # off as nginx's (access_log off): the comparison is of request handling
 store: ${4:-{keys_file: $dir/keys.yaml\}}
 routes:
   - {name: race3, prefix: /race/, backends: ["http://127.0.0.1:$b1", "http://127.0.0.1:$b2", "http://127.0.0.1:$b3"]}

@@ -175,7 +175,10 @@ impl BackgroundService for AccessLogService {
             return;
         };
         let mut out: Box<dyn Write + Send> = match &self.target {
-            AccessTarget::Stderr | AccessTarget::Off => Box::new(std::io::stderr()),
+            // Buffered like a file: one write per batch of queued lines.
+            AccessTarget::Stderr | AccessTarget::Off => {
+                Box::new(std::io::BufWriter::new(std::io::stderr()))
+            }
             AccessTarget::File(path) => {
                 match std::fs::OpenOptions::new()
                     .create(true)
@@ -185,7 +188,7 @@ impl BackgroundService for AccessLogService {
                     Ok(f) => Box::new(std::io::BufWriter::new(f)),
                     Err(e) => {
                         log::error!("access log {}: {e}; writing to stderr", path.display());
-                        Box::new(std::io::stderr())
+                        Box::new(std::io::BufWriter::new(std::io::stderr()))
                     }
                 }
             }
