@@ -301,19 +301,8 @@ async fn failures_are_refunded_unless_configured_otherwise(kind: Kind) {
 async fn n_credits_buy_exactly_n_answers_under_concurrency(kind: Kind) {
     let ok = Origin::json("ok", true, 5).await;
     let gw = start(kind, &[route("t", "/api/", &[&ok], "")], "").await;
-    let client = reqwest::Client::new();
-    let tasks: Vec<_> = (0..80)
-        .map(|i| {
-            let req = client
-                .get(gw.url(&format!("/api/{i}")))
-                .header("X-API-Key", "fifty");
-            tokio::spawn(async move { req.send().await.unwrap().status().as_u16() })
-        })
-        .collect();
-    let mut statuses = Vec::new();
-    for t in tasks {
-        statuses.push(t.await.unwrap());
-    }
+    let urls = (0..80).map(|i| gw.url(&format!("/api/{i}"))).collect();
+    let statuses = statuses_at_once(urls, "fifty").await;
     let ok_count = statuses.iter().filter(|&&s| s == 200).count();
     let refused = statuses.iter().filter(|&&s| s == 402).count();
     assert_eq!((ok_count, refused), (50, 30), "{statuses:?}");

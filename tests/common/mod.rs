@@ -316,6 +316,20 @@ pub async fn status(gw: &Gateway, path: &str) -> u16 {
         .as_u16()
 }
 
+/// GET every URL at once with `key` in `X-API-Key`; the statuses, in order.
+pub async fn statuses_at_once(urls: Vec<String>, key: &str) -> Vec<u16> {
+    let client = reqwest::Client::new();
+    let tasks = urls.into_iter().map(|url| {
+        let req = client.get(url).header("X-API-Key", key);
+        tokio::spawn(async move { req.send().await.unwrap().status().as_u16() })
+    });
+    futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect()
+}
+
 /// A client that sends [`KEY`] in `X-API-Key` on every request.
 pub fn client() -> reqwest::Client {
     let mut headers = reqwest::header::HeaderMap::new();
