@@ -23,7 +23,7 @@ use crate::limits::{Decision, Limiter};
 use crate::logging::{self, AccessLine, AccessLog};
 use crate::metrics::{Metrics, UNMATCHED};
 use crate::notify::{BackendReport, Event, Notifier};
-use crate::race::{RaceReport, Racer, RouteUpstream, UpstreamRequest};
+use crate::race::{Answer, RaceReport, Racer, RouteUpstream, UpstreamRequest};
 use crate::respond::{self, Common, Reject};
 use crate::router::{self, RouteTable};
 use crate::store::{Charge, KeyState, Store, StoreError};
@@ -260,14 +260,28 @@ impl Gateway {
         if !self.credits.charge_cache_hits {
             self.refund(ctx).await;
         }
+        let age = entry.age_secs(cache::now_ms());
+        self.deliver(session, ctx, &entry.answer, label, Some(age))
+            .await
+    }
+
+    /// Send an answer (from a race or the cache); once delivered, the charge
+    /// stands.
+    async fn deliver(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        answer: &Answer,
+        x_cache: &'static str,
+        age: Option<u64>,
+    ) -> Result<bool> {
         let extra = ctx.headers();
         let common = Common {
             request_id: &ctx.request_id,
             head: ctx.head,
             extra: &extra,
         };
-        let age = entry.age_secs(cache::now_ms());
-        respond::proxied(session, &common, &entry.answer, label, Some(age)).await?;
+        respond::proxied(session, &common, answer, x_cache, age).await?;
         if let Some(hold) = ctx.credits.as_mut() {
             hold.keep();
         }
@@ -323,20 +337,10 @@ impl Gateway {
         // Waiters for this key may look again now.
         ctx.cache_lock = None;
         ctx.cache = Some(x_cache);
-        let extra = ctx.headers();
-        let common = Common {
-            request_id: &ctx.request_id,
-            head: ctx.head,
-            extra: &extra,
-        };
-        let sent = respond::proxied(session, &common, answer, x_cache, None).await;
+        let sent = self.deliver(session, ctx, answer, x_cache, None).await;
+        // Kept for the logging phase whether or not the answer went out.
         ctx.race = Some(report);
-        sent?;
-        // Delivered: the charge stands.
-        if let Some(hold) = ctx.credits.as_mut() {
-            hold.keep();
-        }
-        Ok(true)
+        sent
     }
 
     async fn refund(&self, ctx: &mut Ctx) {
