@@ -42,12 +42,29 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     p
 }
 
-fn pid_of(dir: &Path) -> i32 {
+/// The PID the PID file names, if it names one yet.
+fn pid_file(dir: &Path) -> Option<i32> {
     std::fs::read_to_string(dir.join("tollgate.pid"))
-        .unwrap()
+        .ok()?
         .trim()
         .parse()
-        .unwrap()
+        .ok()
+}
+
+/// `serve -d` returns right after it forks; the daemon writes the PID file a
+/// moment later. Wait (bounded) until it names a process other than `old`.
+async fn wait_pid(dir: &Path, old: Option<i32>) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match pid_file(dir) {
+            Some(pid) if Some(pid) != old => return pid,
+            other => assert!(
+                Instant::now() < deadline,
+                "the pid file still says {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Whether a process runs (a zombie does not count).
@@ -169,7 +186,7 @@ async fn reload_under_load_loses_no_request_and_no_credit() {
     assert_eq!(tollgate(&["check"], &old_conf).0, 0);
     let (code, _, err) = tollgate(&["serve", "-d"], &old_conf);
     assert_eq!(code, 0, "{err}");
-    let old_pid = pid_of(dir.path());
+    let old_pid = wait_pid(dir.path(), None).await;
     daemons.0.push(old_pid);
     assert!(alive(old_pid));
     // `serve -d` returns once it forked; the daemon listens a moment later.
@@ -236,9 +253,9 @@ async fn reload_under_load_loses_no_request_and_no_credit() {
     let (code, _, err) = tollgate(&["serve", "-u", "-d"], &new_conf);
     assert_eq!(code, 0, "{err}");
     let handed_over = reload.elapsed();
-    let new_pid = pid_of(dir.path());
+    // The PID file comes to name the new process.
+    let new_pid = wait_pid(dir.path(), Some(old_pid)).await;
     daemons.0.push(new_pid);
-    assert_ne!(new_pid, old_pid, "the pid file still names the old process");
 
     // The new process serves the new config; the old one finishes and exits.
     wait_until(
@@ -325,7 +342,7 @@ async fn a_reload_with_a_broken_config_is_refused() {
     );
     let mut daemons = Daemons(Vec::new());
     assert_eq!(tollgate(&["serve", "-d"], &good).0, 0);
-    let pid = pid_of(dir.path());
+    let pid = wait_pid(dir.path(), None).await;
     daemons.0.push(pid);
     wait_ready(&ports).await;
 
@@ -337,7 +354,7 @@ async fn a_reload_with_a_broken_config_is_refused() {
     let (code, _, _) = tollgate(&["serve", "-u", "-d"], &broken);
     assert_eq!(code, 1);
     assert!(alive(pid));
-    assert_eq!(pid_of(dir.path()), pid);
+    assert_eq!(pid_file(dir.path()), Some(pid));
     let answer = fresh_request(ports.listen, KEY).await;
     assert_eq!(answer, Ok("a".to_string()));
     signal("-TERM", pid);
