@@ -176,6 +176,9 @@ pub struct Route {
     pub cache: Option<CacheConfig>,
     /// A backend answer with a larger body fails that attempt.
     pub max_response_bytes: usize,
+    /// How long a race's losers may still finish, in the background, so that
+    /// their connections go back to the pool instead of being closed.
+    pub drain_losers: Duration,
 }
 
 impl Route {
@@ -615,6 +618,7 @@ fn convert_route(at: &str, r: FileRoute, errors: &mut Vec<ConfigError>) -> Optio
         costs,
         cache,
         max_response_bytes: r.max_response_bytes,
+        drain_losers: Duration::from_millis(r.drain_losers_ms),
     })
 }
 

@@ -2,9 +2,17 @@
 //! staggered, or one by one), return the first answer that meets the route's
 //! success rule, and cancel the rest the moment there is a winner. Every
 //! backend's outcome and latency is kept for the log and the metrics.
+//!
+//! Cancelling a losing HTTP/1 request means closing its connection, and the
+//! next race would open a new one (a TCP handshake per loser per request, and
+//! a TIME_WAIT socket each). So the race stops waiting for its losers at once,
+//! but hands them to a background task that lets them finish for up to the
+//! route's `drain_losers_ms`: a loser that answers in that time gives its
+//! connection back to the pool; one that does not is dropped, which closes it.
 
 mod attempt;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -117,6 +125,7 @@ pub struct Replica {
 }
 
 /// Per-attempt rules of a route.
+#[derive(Clone, Copy)]
 pub struct AttemptRules {
     pub success: SuccessRule,
     pub max_body: usize,
@@ -125,10 +134,11 @@ pub struct AttemptRules {
 
 /// A route's backends and how to race them.
 pub struct RouteUpstream {
-    pub replicas: Vec<Replica>,
+    pub replicas: Vec<Arc<Replica>>,
     strategy: Strategy,
     hedge_after: Duration,
     rules: AttemptRules,
+    drain_losers: Duration,
 }
 
 impl RouteUpstream {
@@ -136,11 +146,13 @@ impl RouteUpstream {
         let replicas = route
             .backends
             .iter()
-            .map(|b| Replica {
-                label: b.label.clone(),
-                peer: HttpPeer::new(b.addr, false, String::new()),
-                host_header: b.host_header.clone(),
-                base_path: b.base_path.clone(),
+            .map(|b| {
+                Arc::new(Replica {
+                    label: b.label.clone(),
+                    peer: HttpPeer::new(b.addr, false, String::new()),
+                    host_header: b.host_header.clone(),
+                    base_path: b.base_path.clone(),
+                })
             })
             .collect();
         RouteUpstream {
@@ -152,6 +164,7 @@ impl RouteUpstream {
                 max_body: route.max_response_bytes,
                 timeout: route.timeout,
             },
+            drain_losers: route.drain_losers,
         }
     }
 
@@ -197,13 +210,15 @@ impl RaceReport {
 
 /// Runs races over Pingora's pooled HTTP/1 connector; one per proxy service.
 pub struct Racer {
-    connector: Connector,
+    connector: Arc<Connector>,
 }
 
 impl Racer {
     pub fn new(server: &ServerConf) -> Self {
         Racer {
-            connector: Connector::new(Some(ConnectorOptions::from_server_conf(server))),
+            connector: Arc::new(Connector::new(Some(ConnectorOptions::from_server_conf(
+                server,
+            )))),
         }
     }
 
@@ -226,13 +241,13 @@ impl Racer {
                     break;
                 }
                 let i = next;
-                let replica = &route.replicas[i];
-                in_flight.push(async move {
-                    (
-                        i,
-                        attempt::run(&self.connector, replica, req, &route.rules).await,
-                    )
-                });
+                let attempt = attempt::run(
+                    self.connector.clone(),
+                    route.replicas[i].clone(),
+                    req,
+                    route.rules,
+                );
+                in_flight.push(async move { (i, attempt.await) });
                 attempts.push(AttemptRecord {
                     backend: i,
                     outcome: Outcome::Cancelled,
@@ -265,8 +280,9 @@ impl Racer {
                 _ = sleep_until_some(wake) => {}
             }
         }
-        // Dropping the losers closes their connections.
-        drop(in_flight);
+        if !in_flight.is_empty() {
+            drain(in_flight, route.drain_losers);
+        }
         let now = Instant::now();
         for rec in attempts
             .iter_mut()
@@ -276,6 +292,21 @@ impl Racer {
         }
         RaceReport { attempts, winner }
     }
+}
+
+/// Let the losers finish in the background for up to `grace`, so that those
+/// that do can return their connections to the pool; dropping the rest
+/// closes theirs. Their outcome stays `cancelled`: the race is over.
+fn drain<F>(mut losers: FuturesUnordered<F>, grace: Duration)
+where
+    F: std::future::Future + Send + 'static,
+{
+    if grace.is_zero() {
+        return;
+    }
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(grace, async { while losers.next().await.is_some() {} }).await;
+    });
 }
 
 async fn sleep_until_some(at: Option<Instant>) {

@@ -75,6 +75,63 @@ async fn losers_are_cancelled_with_their_connections_closed() {
     assert_eq!(sample(&metrics, &cancelled), 1.0, "{metrics}");
 }
 
+/// `late` answers its first request after 100 ms and later ones at once.
+async fn late_first_time() -> Origin {
+    let n = std::sync::atomic::AtomicUsize::new(0);
+    Origin::start(move |_| {
+        let first = n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+        Reply::json(200, r#"{"status": true, "from": "late"}"#)
+            .after(Duration::from_millis(if first { 100 } else { 0 }))
+    })
+    .await
+}
+
+/// Sends requests (at most 50) until `late` gets one on the connection its
+/// first request came on; true when it did.
+async fn late_connection_is_reused(gw: &Gateway, late: &Origin) -> bool {
+    for _ in 0..50 {
+        assert_eq!(get_json(&gw.url("/api/x")).await.0, 200);
+        let seen = late.requests();
+        if seen.len() > 1 && seen[1..].iter().any(|r| r.connection == seen[0].connection) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loser_that_answers_within_the_drain_keeps_its_connection() {
+    let fast = Origin::json("fast", true, 0).await;
+    let late = late_first_time().await;
+    let routes = [route("t", "/api/", &[&fast, &late], "drain_losers_ms: 2000")];
+    let gw = Gateway::start(&routes, "").await;
+
+    let (status, _, body, took) = get_json(&gw.url("/api/x")).await;
+    // The answer does not wait for the loser.
+    assert_eq!((status, body["from"].as_str()), (200, Some("fast")));
+    assert!(took < Duration::from_millis(90), "answered after {took:?}");
+    assert!(late_connection_is_reused(&gw, &late).await, "{:?}", late.requests());
+    assert!(late.closed_early().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_losers_ms_0_closes_losers_at_once() {
+    let fast = Origin::json("fast", true, 0).await;
+    let late = late_first_time().await;
+    let routes = [route("t", "/api/", &[&fast, &late], "drain_losers_ms: 0")];
+    let gw = Gateway::start(&routes, "").await;
+
+    assert_eq!(get_json(&gw.url("/api/x")).await.0, 200);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while late.closed_early().is_empty() {
+        assert!(Instant::now() < deadline, "the loser's connection was not closed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (req, closed_at) = late.closed_early().remove(0);
+    assert!(closed_at.duration_since(req.received_at) < Duration::from_millis(100));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fast_status_false_loses_to_slower_status_true() {
     let fast_false = Origin::json("fast", false, 0).await;

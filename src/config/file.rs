@@ -190,6 +190,8 @@ pub(super) struct FileRoute {
     pub(super) cache: Option<FileCache>,
     #[serde(default = "default_max_response_bytes")]
     pub(super) max_response_bytes: usize,
+    #[serde(default = "default_drain_losers_ms")]
+    pub(super) drain_losers_ms: u64,
 }
 
 pub(super) fn default_strategy() -> String {
@@ -209,6 +211,9 @@ pub(super) fn default_cost() -> u64 {
 }
 pub(super) fn default_max_response_bytes() -> usize {
     8 * 1024 * 1024
+}
+pub(super) fn default_drain_losers_ms() -> u64 {
+    50
 }
 
 #[derive(Debug, Deserialize)]

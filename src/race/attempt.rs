@@ -4,6 +4,7 @@
 //! Dropping the future mid-way drops the connection, which closes it: that is
 //! how a losing attempt is cancelled.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -51,17 +52,32 @@ pub struct UpstreamRequest<'a> {
     pub forwarded_for: Option<&'a str>,
 }
 
-/// Run one attempt with a per-attempt timeout.
-pub async fn run(
-    connector: &Connector,
-    replica: &Replica,
+/// One attempt with a per-attempt timeout. The request header is built at
+/// once; the returned future owns everything it needs, so that it can outlive
+/// the race (see `drain`).
+pub fn run(
+    connector: Arc<Connector>,
+    replica: Arc<Replica>,
     req: &UpstreamRequest<'_>,
-    rules: &AttemptRules,
+    rules: AttemptRules,
+) -> impl std::future::Future<Output = AttemptResult> + Send + 'static {
+    let header = request_header(&replica.host_header, &replica.base_path, req);
+    async move {
+        let started = Instant::now();
+        let exchange = async {
+            exchange(&connector, &replica, header?, rules.max_body).await
+        };
+        judge(tokio::time::timeout(rules.timeout, exchange).await, rules, started)
+    }
+}
+
+fn judge(
+    result: Result<Result<Answer, String>, tokio::time::error::Elapsed>,
+    rules: AttemptRules,
+    started: Instant,
 ) -> AttemptResult {
-    let started = Instant::now();
-    let exchange = exchange(connector, replica, req, rules.max_body);
     let timeout = rules.timeout;
-    let (outcome, answer, detail) = match tokio::time::timeout(timeout, exchange).await {
+    let (outcome, answer, detail) = match result {
         Err(_) => (
             Outcome::Timeout,
             None,
@@ -88,10 +104,9 @@ pub async fn run(
 async fn exchange(
     connector: &Connector,
     replica: &Replica,
-    req: &UpstreamRequest<'_>,
+    header: Box<RequestHeader>,
     max_body: usize,
 ) -> Result<Answer, String> {
-    let header = request_header(&replica.host_header, &replica.base_path, req)?;
     let peer = &replica.peer;
     let mut tries = 0;
     let mut session = loop {
