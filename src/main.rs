@@ -20,6 +20,11 @@ use tollgate::store::redis::RedisStore;
 use tollgate::store::Store;
 use tollgate::{admin, demo, logging, notify};
 
+/// glibc's malloc took about 12% of the CPU on the race path (profiled with
+/// perf, see bench/RESULTS.md); mimalloc's thread-local free lists cost less.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "tollgate",
