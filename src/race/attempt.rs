@@ -4,6 +4,7 @@
 //! Dropping the future mid-way drops the connection, which closes it: that is
 //! how a losing attempt is cancelled.
 
+use std::cell::Cell;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,7 @@ use http::HeaderValue;
 use pingora::connectors::http::v1::Connector;
 use pingora::http::RequestHeader;
 use pingora::protocols::http::v1::client::HttpSession;
-use serde::Deserialize;
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 
 use super::{AttemptRules, Outcome, Replica, SuccessRule};
 
@@ -64,10 +65,12 @@ pub fn run(
     let header = request_header(&replica.host_header, &replica.base_path, req);
     async move {
         let started = Instant::now();
-        let exchange = async {
-            exchange(&connector, &replica, header?, rules.max_body).await
-        };
-        judge(tokio::time::timeout(rules.timeout, exchange).await, rules, started)
+        let exchange = async { exchange(&connector, &replica, header?, rules.max_body).await };
+        judge(
+            tokio::time::timeout(rules.timeout, exchange).await,
+            rules,
+            started,
+        )
     }
 }
 
@@ -215,13 +218,6 @@ async fn read_answer(session: &mut HttpSession, max_body: usize) -> Result<Answe
     })
 }
 
-/// Only the top-level `status` member is read; everything else is skipped.
-#[derive(Deserialize)]
-struct StatusProbe {
-    #[serde(default)]
-    status: Option<bool>,
-}
-
 /// Judge an answer by the route's success rule. 5xx is a backend error; any
 /// other answer that is not a success means "no data" (the backend worked).
 pub fn classify(rule: SuccessRule, status: u16, body: &[u8]) -> Outcome {
@@ -233,10 +229,67 @@ pub fn classify(rule: SuccessRule, status: u16, body: &[u8]) -> Outcome {
     }
     match rule {
         SuccessRule::Http2xx => Outcome::Success,
-        SuccessRule::JsonStatus => match serde_json::from_slice::<StatusProbe>(body) {
-            Ok(StatusProbe { status: Some(true) }) => Outcome::Success,
-            _ => Outcome::NoData,
-        },
+        SuccessRule::JsonStatus if top_level_status(body) == Some(true) => Outcome::Success,
+        SuccessRule::JsonStatus => Outcome::NoData,
+    }
+}
+
+/// The top-level `status` member of a JSON object, if it is a boolean. The
+/// body is parsed only up to that member: backends put it first, and reading
+/// a 1 MiB answer whole took ~0.7 ms per attempt (`cargo bench --bench hot`).
+/// What precedes it must be valid JSON; what follows is not checked (the
+/// answer is passed through as it is).
+fn top_level_status(body: &[u8]) -> Option<bool> {
+    let found = Cell::new(None);
+    let mut de = serde_json::Deserializer::from_slice(body);
+    // Stopping early makes serde_json report the unread rest as an error;
+    // the visitor has noted the member by then.
+    let _ = de.deserialize_map(StatusVisitor(&found));
+    found.get()
+}
+
+struct StatusVisitor<'a>(&'a Cell<Option<bool>>);
+
+impl<'de> Visitor<'de> for StatusVisitor<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(is_status) = map.next_key_seed(IsStatus)? {
+            if is_status {
+                self.0.set(map.next_value::<Option<bool>>()?);
+                return Ok(());
+            }
+            map.next_value::<IgnoredAny>()?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads an object key and says whether it is `status`, without allocating
+/// (unless it has escapes).
+struct IsStatus;
+
+impl<'de> DeserializeSeed<'de> for IsStatus {
+    type Value = bool;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl Visitor<'_> for IsStatus {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_str<E>(self, key: &str) -> Result<bool, E> {
+        Ok(key == "status")
     }
 }
 
@@ -254,6 +307,9 @@ mod tests {
             br#"{"status": "true"}"#,
             br#"{"data": {"status": true}}"#,
             br#"[{"status": true}]"#,
+            br#"{"status": null}"#,
+            br#"{"data": [1, 2, {"status": true}], "status": 1}"#,
+            br#"{"data": {"status": true}, "x": ["#,
             b"not json",
             b"",
         ] {
@@ -262,6 +318,18 @@ mod tests {
                 Outcome::NoData
             );
         }
+        // The member may come after anything, and may be spelt with escapes.
+        let late = br#"{"data": [{"status": false}, "x"], "n": null, "st\u0061tus": true}"#;
+        assert_eq!(
+            classify(SuccessRule::JsonStatus, 200, late),
+            Outcome::Success
+        );
+        // Invalid JSON before the member is not a success.
+        let broken = br#"{"data": [1,, 2], "status": true}"#;
+        assert_eq!(
+            classify(SuccessRule::JsonStatus, 200, broken),
+            Outcome::NoData
+        );
         assert_eq!(classify(SuccessRule::JsonStatus, 404, ok), Outcome::NoData);
         assert_eq!(classify(SuccessRule::JsonStatus, 503, ok), Outcome::Error);
     }
