@@ -33,13 +33,24 @@ impl KeyHash {
     }
 
     pub fn hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        hex(&self.0)
     }
 
     /// The key's public id: the first 12 hex digits of its hash.
     pub fn id(&self) -> String {
-        self.0[..6].iter().map(|b| format!("{b:02x}")).collect()
+        hex(&self.0[..6])
     }
+}
+
+/// Lower-case hex digits of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    s
 }
 
 /// Never print a key hash in full by accident: Debug shows the id only.

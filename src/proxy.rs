@@ -94,8 +94,8 @@ pub struct Ctx {
     route: Option<usize>,
     /// Path and query as sent upstream (auth parameter removed): safe to log.
     upstream_path: Option<String>,
-    /// Public id of the caller's key (hash prefix), once known.
-    key_id: Option<String>,
+    /// The caller's key hash, once known (its id goes to the access log).
+    key: Option<KeyHash>,
     limit: Option<Decision>,
     /// The charge, once taken; dropping it unsettled refunds it.
     credits: Option<CreditHold>,
@@ -147,7 +147,7 @@ impl Gateway {
     /// auth → rate limit → credits. A refused request costs nothing.
     async fn admit(&self, ctx: &mut Ctx, route: usize, key: Option<String>) -> Result<(), Reject> {
         let hash = KeyHash::of(&key.ok_or(Reject::MissingKey)?);
-        ctx.key_id = Some(hash.id());
+        ctx.key = Some(hash);
         let own_rate = match self.store.key(&hash).await {
             Ok(None) => return Err(Reject::InvalidKey),
             Ok(Some(info)) if info.state == KeyState::Revoked => return Err(Reject::RevokedKey),
@@ -410,7 +410,7 @@ fn request_id(req: &RequestHeader) -> String {
             return String::from_utf8_lossy(b).into_owned();
         }
     }
-    format!("{:032x}", rand::random::<u128>())
+    auth::hex(&rand::random::<[u8; 16]>())
 }
 
 #[async_trait]
@@ -424,7 +424,7 @@ impl ProxyHttp for Gateway {
             head: false,
             route: None,
             upstream_path: None,
-            key_id: None,
+            key: None,
             limit: None,
             credits: None,
             race: None,
@@ -483,6 +483,10 @@ impl ProxyHttp for Gateway {
         if let Some(route) = ctx.route {
             self.log_race(ctx, route);
         }
+        if !self.access_log.enabled() {
+            return;
+        }
+        let key_id = ctx.key.as_ref().map(KeyHash::id);
         let winner = ctx
             .route
             .zip(ctx.race.as_ref().and_then(|r| r.winner.as_ref()))
@@ -497,7 +501,7 @@ impl ProxyHttp for Gateway {
             latency_ms: logging::ms(elapsed),
             cache: ctx.cache,
             winner,
-            key_id: ctx.key_id.as_deref(),
+            key_id: key_id.as_deref(),
             credits: ctx.credits.as_ref().map(CreditHold::cost),
             error: ctx.reject.map(Reject::code),
         };
