@@ -104,14 +104,23 @@ async fn late_connection_is_reused(gw: &Gateway, late: &Origin) -> bool {
 async fn a_loser_that_answers_within_the_drain_keeps_its_connection() {
     let fast = Origin::json("fast", true, 0).await;
     let late = late_first_time().await;
-    let routes = [route("t", "/api/", &[&fast, &late], "drain_losers_ms: 2000")];
+    let routes = [route(
+        "t",
+        "/api/",
+        &[&fast, &late],
+        "drain_losers_ms: 2000",
+    )];
     let gw = Gateway::start(&routes, "").await;
 
     let (status, _, body, took) = get_json(&gw.url("/api/x")).await;
     // The answer does not wait for the loser.
     assert_eq!((status, body["from"].as_str()), (200, Some("fast")));
     assert!(took < Duration::from_millis(90), "answered after {took:?}");
-    assert!(late_connection_is_reused(&gw, &late).await, "{:?}", late.requests());
+    assert!(
+        late_connection_is_reused(&gw, &late).await,
+        "{:?}",
+        late.requests()
+    );
     assert!(late.closed_early().is_empty());
 }
 
@@ -125,7 +134,10 @@ async fn drain_losers_ms_0_closes_losers_at_once() {
     assert_eq!(get_json(&gw.url("/api/x")).await.0, 200);
     let deadline = Instant::now() + Duration::from_secs(3);
     while late.closed_early().is_empty() {
-        assert!(Instant::now() < deadline, "the loser's connection was not closed");
+        assert!(
+            Instant::now() < deadline,
+            "the loser's connection was not closed"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let (req, closed_at) = late.closed_early().remove(0);
