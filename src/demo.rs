@@ -42,6 +42,9 @@ pub struct Reply {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// After the answer: wait this long, send these bytes unasked (as a
+    /// server's 408 on its idle timeout), then close the connection.
+    pub then: Option<(Duration, Vec<u8>)>,
 }
 
 impl Reply {
@@ -51,7 +54,14 @@ impl Reply {
             status,
             headers: vec![("Content-Type".into(), "application/json".into())],
             body: body.into(),
+            then: None,
         }
+    }
+
+    /// Send `bytes` unasked `after` the answer, then hang up.
+    pub fn then_send(mut self, after: Duration, bytes: &[u8]) -> Reply {
+        self.then = Some((after, bytes.to_vec()));
+        self
     }
 
     pub fn after(mut self, delay: Duration) -> Reply {
@@ -70,6 +80,8 @@ pub trait Handler: Send + Sync + 'static {
     fn reply(&self, req: &Request) -> Reply;
     /// The client closed the connection while this request's reply was delayed.
     fn closed_early(&self, _req: &Request) {}
+    /// The reply's unasked bytes were sent (see [`Reply::then_send`]).
+    fn sent_unasked(&self, _req: &Request) {}
 }
 
 const MAX_HEAD: usize = 64 * 1024;
@@ -168,6 +180,12 @@ async fn connection(
             bytes.extend_from_slice(&reply.body);
         }
         stream.write_all(&bytes).await?;
+        if let Some((after, unasked)) = reply.then {
+            tokio::time::sleep(after).await;
+            stream.write_all(&unasked).await?;
+            handler.sent_unasked(&req);
+            return Ok(());
+        }
         if close {
             return Ok(());
         }

@@ -68,7 +68,11 @@ impl Gateway {
                 .map(|_| AtomicBool::new(false))
                 .collect(),
             table: RouteTable::new(&config.routes),
-            upstreams: config.routes.iter().map(RouteUpstream::new).collect(),
+            upstreams: config
+                .routes
+                .iter()
+                .map(|r| RouteUpstream::new(r, config.server.upstream_keepalive_pool_size))
+                .collect(),
             routes: config.routes.clone(),
             racer: Racer::new(&config.server),
             store: store.clone(),

@@ -11,18 +11,19 @@
 //! connection back to the pool; one that does not is dropped, which closes it.
 
 mod attempt;
+mod pool;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
-use pingora::connectors::http::v1::Connector;
-use pingora::connectors::ConnectorOptions;
+use pingora::connectors::{ConnectorOptions, TransportConnector};
 use pingora::server::configuration::ServerConf;
 use pingora::upstreams::peer::HttpPeer;
 use tokio::time::Instant;
 
 pub use attempt::{classify, Answer, UpstreamRequest};
+use pool::Pool;
 
 use crate::config::Route;
 
@@ -122,7 +123,12 @@ pub struct Replica {
     peer: HttpPeer,
     host_header: String,
     base_path: String,
+    /// Its idle connections.
+    pool: Pool,
 }
+
+/// How long an idle upstream connection is kept.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Per-attempt rules of a route.
 #[derive(Clone, Copy)]
@@ -142,7 +148,9 @@ pub struct RouteUpstream {
 }
 
 impl RouteUpstream {
-    pub fn new(route: &Route) -> Self {
+    /// `pool_size`: idle connections kept per backend
+    /// (`server.upstream_keepalive_pool_size`).
+    pub fn new(route: &Route, pool_size: usize) -> Self {
         let replicas = route
             .backends
             .iter()
@@ -152,6 +160,7 @@ impl RouteUpstream {
                     peer: HttpPeer::new(b.addr, false, String::new()),
                     host_header: b.host_header.clone(),
                     base_path: b.base_path.clone(),
+                    pool: Pool::new(pool_size, POOL_IDLE_TIMEOUT),
                 })
             })
             .collect();
@@ -208,17 +217,18 @@ impl RaceReport {
     }
 }
 
-/// Runs races over Pingora's pooled HTTP/1 connector; one per proxy service.
+/// Runs races over HTTP/1 connections made by Pingora's transport connector
+/// and kept in each backend's own pool; one per proxy service.
 pub struct Racer {
-    connector: Arc<Connector>,
+    connector: Arc<TransportConnector>,
 }
 
 impl Racer {
     pub fn new(server: &ServerConf) -> Self {
         Racer {
-            connector: Arc::new(Connector::new(Some(ConnectorOptions::from_server_conf(
-                server,
-            )))),
+            connector: Arc::new(TransportConnector::new(Some(
+                ConnectorOptions::from_server_conf(server),
+            ))),
         }
     }
 

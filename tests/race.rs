@@ -406,6 +406,31 @@ async fn upstream_connections_are_reused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_the_backend_wrote_to_or_closed_are_not_reused() {
+    // Every answer is followed, 50 ms later, by an unasked 408 and a hang-up:
+    // what some servers do when their keep-alive timeout ends.
+    let odd = Origin::start(|_| {
+        Reply::json(200, r#"{"status": true}"#).then_send(
+            Duration::from_millis(50),
+            b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n",
+        )
+    })
+    .await;
+    let gw = Gateway::start(&[route("t", "/api/", &[&odd], "")], "").await;
+    for i in 1..=3 {
+        assert_eq!(get_json(&gw.url("/api/x")).await.0, 200, "request {i}");
+        // The connection it came on is now in the pool; wait for the 408.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while *odd.rec.sent_unasked.lock().unwrap() < i {
+            assert!(Instant::now() < deadline, "the origin sent no 408");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let connections: HashSet<u64> = odd.requests().iter().map(|r| r.connection).collect();
+    assert_eq!(connections.len(), 3, "a dead connection was reused");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backends_get_path_and_query_without_the_key() {
     let only = Origin::json("only", true, 0).await;
     let based = format!("\"{}/base/\"", only.url());

@@ -11,15 +11,12 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
 use http::HeaderValue;
-use pingora::connectors::http::v1::Connector;
+use pingora::connectors::TransportConnector;
 use pingora::http::RequestHeader;
 use pingora::protocols::http::v1::client::HttpSession;
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 
 use super::{AttemptRules, Outcome, Replica, SuccessRule};
-
-/// How long an idle upstream connection stays in the pool.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A pooled connection that fails before any answer byte was probably closed
 /// by the backend while idle: try again on another connection this many times.
@@ -57,7 +54,7 @@ pub struct UpstreamRequest<'a> {
 /// once; the returned future owns everything it needs, so that it can outlive
 /// the race (see `drain`).
 pub fn run(
-    connector: Arc<Connector>,
+    connector: Arc<TransportConnector>,
     replica: Arc<Replica>,
     req: &UpstreamRequest<'_>,
     rules: AttemptRules,
@@ -105,7 +102,7 @@ fn judge(
 }
 
 async fn exchange(
-    connector: &Connector,
+    connector: &TransportConnector,
     replica: &Replica,
     header: Box<RequestHeader>,
     max_body: usize,
@@ -113,10 +110,17 @@ async fn exchange(
     let peer = &replica.peer;
     let mut tries = 0;
     let mut session = loop {
-        let (mut session, reused) = connector
-            .get_http_session(peer)
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
+        let (stream, reused) = match replica.pool.take() {
+            Some(stream) => (stream, true),
+            None => (
+                connector
+                    .new_stream(peer)
+                    .await
+                    .map_err(|e| format!("connect: {e}"))?,
+                false,
+            ),
+        };
+        let mut session = HttpSession::new_with_options(stream, peer);
         match send_and_read_header(&mut session, header.clone()).await {
             Ok(()) => break session,
             Err(e) if reused && tries < STALE_CONNECTION_RETRIES => {
@@ -127,9 +131,10 @@ async fn exchange(
         }
     };
     let answer = read_answer(&mut session, max_body).await?;
-    connector
-        .release_http_session(session, peer, Some(POOL_IDLE_TIMEOUT))
-        .await;
+    session.respect_keepalive();
+    if let Some(stream) = session.reuse().await {
+        replica.pool.put(stream);
+    }
     Ok(answer)
 }
 

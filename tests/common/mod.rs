@@ -24,6 +24,8 @@ pub struct Recorder {
     pub requests: Mutex<Vec<Request>>,
     /// Requests whose client closed the connection during the delay, with when.
     pub closed_early: Mutex<Vec<(Request, Instant)>>,
+    /// Replies whose unasked bytes went out.
+    pub sent_unasked: Mutex<usize>,
 }
 
 struct FnHandler<F> {
@@ -42,6 +44,9 @@ impl<F: Fn(&Request) -> Reply + Send + Sync + 'static> Handler for FnHandler<F> 
             .lock()
             .unwrap()
             .push((req.clone(), Instant::now()));
+    }
+    fn sent_unasked(&self, _req: &Request) {
+        *self.rec.sent_unasked.lock().unwrap() += 1;
     }
 }
 
