@@ -2,7 +2,8 @@
 //! the GET, read the answer up to the route's body cap, classify it with the
 //! success rule, and give the connection back to the pool when it is clean.
 //! Dropping the future mid-way drops the connection, which closes it: that is
-//! how a losing attempt is cancelled.
+//! how a losing attempt ends when it has not finished within the route's
+//! `drain_losers_ms` (see `race::drain`).
 
 use std::cell::Cell;
 use std::sync::Arc;
