@@ -51,11 +51,18 @@ impl Pool {
     }
 
     /// Keep a connection whose last answer was read whole; beyond the bound
-    /// it is closed.
+    /// it is closed. Connections at the bottom that outlived the idle timeout
+    /// (left there after a burst) are closed on the way.
     pub fn put(&self, stream: Stream) {
         let Ok(mut idle) = self.idle.lock() else {
             return;
         };
+        while idle
+            .first()
+            .is_some_and(|oldest| oldest.since.elapsed() >= self.idle_timeout)
+        {
+            idle.remove(0);
+        }
         if idle.len() < self.max {
             idle.push(Idle {
                 stream,
