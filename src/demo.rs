@@ -82,6 +82,8 @@ pub trait Handler: Send + Sync + 'static {
     fn closed_early(&self, _req: &Request) {}
     /// The reply's unasked bytes were sent (see [`Reply::then_send`]).
     fn sent_unasked(&self, _req: &Request) {}
+    /// The reply to this request was written.
+    fn answered(&self, _req: &Request) {}
 }
 
 const MAX_HEAD: usize = 64 * 1024;
@@ -180,6 +182,7 @@ async fn connection(
             bytes.extend_from_slice(&reply.body);
         }
         stream.write_all(&bytes).await?;
+        handler.answered(&req);
         if let Some((after, unasked)) = reply.then {
             tokio::time::sleep(after).await;
             stream.write_all(&unasked).await?;

@@ -26,6 +26,8 @@ pub struct Recorder {
     pub closed_early: Mutex<Vec<(Request, Instant)>>,
     /// Replies whose unasked bytes went out.
     pub sent_unasked: Mutex<usize>,
+    /// Replies written.
+    pub answered: Mutex<usize>,
 }
 
 struct FnHandler<F> {
@@ -47,6 +49,9 @@ impl<F: Fn(&Request) -> Reply + Send + Sync + 'static> Handler for FnHandler<F> 
     }
     fn sent_unasked(&self, _req: &Request) {
         *self.rec.sent_unasked.lock().unwrap() += 1;
+    }
+    fn answered(&self, _req: &Request) {
+        *self.rec.answered.lock().unwrap() += 1;
     }
 }
 
@@ -110,13 +115,23 @@ impl Drop for Origin {
     }
 }
 
-/// A port nothing listens on right now.
+/// A port nothing listens on right now, and not handed out before in this
+/// process: Pingora listens with SO_REUSEPORT, so two gateways given the same
+/// port would both bind it and share its connections.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    loop {
+        let port = StdListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 pub fn tollgate_bin() -> PathBuf {
