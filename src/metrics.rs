@@ -171,7 +171,7 @@ impl Metrics {
             access_log_dropped: {
                 let c = IntCounter::new(
                     "tollgate_access_log_dropped_total",
-                    "Access log lines dropped because the writer's queue was full.",
+                    "Access log lines dropped because the writer's buffer was full.",
                 )?;
                 r.register(Box::new(c.clone()))?;
                 c

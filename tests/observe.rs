@@ -238,12 +238,17 @@ async fn webhook_gets_one_post_per_interval_with_the_suppressed_count() {
         (p[2]["route"].as_str(), p[2]["reason"].as_str()),
         (Some("t"), Some("recovered"))
     );
-    let m = gw.metrics().await;
-    assert_eq!(
-        sample(&m, "tollgate_notifications_total{outcome=\"sent\"}"),
-        3.0,
-        "{m}"
-    );
+    // The notifier counts a post as sent once the webhook's answer is back,
+    // which can be just after the hook recorded it.
+    let sent = "tollgate_notifications_total{outcome=\"sent\"}";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut m = gw.metrics().await;
+    while sample(&m, sent) < 3.0 {
+        assert!(Instant::now() < deadline, "{m}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        m = gw.metrics().await;
+    }
+    assert_eq!(sample(&m, sent), 3.0, "{m}");
     assert_eq!(
         sample(&m, "tollgate_notifications_total{outcome=\"suppressed\"}"),
         4.0,
