@@ -46,8 +46,7 @@ pub enum KeysCommand {
 pub fn generate() -> String {
     let mut bytes = [0u8; 24];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("tg_{hex}")
+    format!("tg_{}", crate::auth::hex(&bytes))
 }
 
 fn is_id(s: &str) -> bool {
