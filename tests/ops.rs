@@ -103,14 +103,6 @@ impl Drop for Daemons {
     }
 }
 
-async fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Poll the admin listener until the daemon serves.
 async fn wait_ready(ports: &Ports) {
     let url = format!("http://127.0.0.1:{}/healthz", ports.admin);

@@ -52,18 +52,15 @@ async fn losers_are_cancelled_with_their_connections_closed() {
     let gw = Gateway::start(&[route("t", "/api/", &[&fast, &slow], "")], "").await;
 
     let (status, _, body, _) = get_json(&gw.url("/api/x")).await;
-    let answered = Instant::now();
     assert_eq!((status, body["from"].as_str()), (200, Some("fast")));
     assert_eq!(slow.hits(), 1, "the slow backend never got the request");
     // The slow backend sees its connection closed long before its 10 s delay ends.
-    let deadline = answered + Duration::from_secs(3);
-    while slow.closed_early().is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "slow backend's connection was not closed"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_until(
+        "the slow backend's connection to be closed",
+        Duration::from_secs(3),
+        || !slow.closed_early().is_empty(),
+    )
+    .await;
     let (req, closed_at) = slow.closed_early().remove(0);
     assert!(closed_at.duration_since(req.received_at) < Duration::from_secs(2));
     gw.wait_log("\"winner\":").await;
@@ -103,15 +100,10 @@ async fn a_loser_that_answers_within_the_drain_keeps_its_connection() {
     assert_eq!((status, body["from"].as_str()), (200, Some("fast")));
     assert!(took < Duration::from_millis(90), "answered after {took:?}");
     // The loser answers 100 ms in, within its drain window.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while *late.rec.answered.lock().unwrap() == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the loser never answered: {:?}",
-            late.closed_early()
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until("the loser to answer", Duration::from_secs(5), || {
+        *late.rec.answered.lock().unwrap() > 0
+    })
+    .await;
     // Give the gateway a moment to read that answer and pool the connection
     // (microseconds; nothing is waiting for a server to start here).
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -131,14 +123,12 @@ async fn drain_losers_ms_0_closes_losers_at_once() {
     let gw = Gateway::start(&routes, "").await;
 
     assert_eq!(get_json(&gw.url("/api/x")).await.0, 200);
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while late.closed_early().is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the loser's connection was not closed"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_until(
+        "the loser's connection to be closed",
+        Duration::from_secs(3),
+        || !late.closed_early().is_empty(),
+    )
+    .await;
     let (req, closed_at) = late.closed_early().remove(0);
     assert!(closed_at.duration_since(req.received_at) < Duration::from_millis(100));
 }
@@ -419,11 +409,10 @@ async fn idle_connections_the_backend_wrote_to_or_closed_are_not_reused() {
     for i in 1..=3 {
         assert_eq!(get_json(&gw.url("/api/x")).await.0, 200, "request {i}");
         // The connection it came on is now in the pool; wait for the 408.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while *odd.rec.sent_unasked.lock().unwrap() < i {
-            assert!(Instant::now() < deadline, "the origin sent no 408");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_until("the origin's 408", Duration::from_secs(5), || {
+            *odd.rec.sent_unasked.lock().unwrap() >= i
+        })
+        .await;
     }
     let connections: HashSet<u64> = odd.requests().iter().map(|r| r.connection).collect();
     assert_eq!(connections.len(), 3, "a dead connection was reused");

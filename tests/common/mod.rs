@@ -115,6 +115,15 @@ impl Drop for Origin {
     }
 }
 
+/// Poll `cond` (bounded by `within`) until it holds; fail naming `what`.
+pub async fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// A port nothing listens on right now, and not handed out before in this
 /// process: Pingora listens with SO_REUSEPORT, so two gateways given the same
 /// port would both bind it and share its connections.
