@@ -140,11 +140,11 @@ impl Gateway {
     /// Size, method and path checks, then the route; notes the upstream path
     /// and returns the route with the request's API key, if any.
     fn route(&self, req: &RequestHeader, ctx: &mut Ctx) -> Result<(usize, Option<String>), Reject> {
-        let target = router::check_request(req)?;
+        let target = router::check_request(req, &self.auth_param)?;
         let route = self.table.find(target.path).ok_or(Reject::NoRoute)?;
         ctx.route = Some(route);
-        ctx.upstream_path = Some(router::upstream_path_and_query(&target, &self.auth_param));
-        let key = auth::extract(req, target.query, &self.auth_param)?;
+        ctx.upstream_path = Some(target.upstream_path_and_query());
+        let key = auth::extract(req, &target)?;
         Ok((route, key))
     }
 
@@ -213,7 +213,7 @@ impl Gateway {
             Some((p, q)) => (p, Some(q)),
             None => (upstream, None),
         };
-        let key = cache::key(&self.routes[route].name, path, query, &self.auth_param);
+        let key = cache::key(&self.routes[route].name, path, query);
         if let Some(entry) = self.lookup(ctx, &key).await {
             return self.serve_entry(session, ctx, &entry, "HIT").await;
         }
