@@ -12,7 +12,7 @@ use http::Method;
 use pingora::http::RequestHeader;
 use pingora::modules::http::HttpModules;
 use pingora::prelude::*;
-use pingora::proxy::{ProxyHttp, Session};
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::auth::{self, KeyHash};
 use crate::cache::{self, Cache, Entry, Found, LeaderGuard, Turn};
@@ -87,6 +87,13 @@ impl Gateway {
             ),
             lock_timeout: config.cache.lock_timeout,
         }
+    }
+}
+
+impl Gateway {
+    /// The metrics, for the HTTP/1 front door's own answers.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 }
 
@@ -437,6 +444,43 @@ impl ProxyHttp for Gateway {
             stale: None,
             cache_lock: None,
             reject: None,
+        }
+    }
+
+    /// What Pingora's own log lines (`Fail to filter request: …`, `Fail to
+    /// proxy: …`) show for a request: the method and the target as the access
+    /// log shows it, never the auth parameter.
+    fn request_summary(&self, session: &Session, ctx: &Ctx) -> String {
+        let req = session.req_header();
+        let target = match &ctx.upstream_path {
+            Some(path) => path.clone(),
+            None => router::loggable_target(req.raw_path(), &self.auth_param),
+        };
+        format!("{} {target}, request_id: {}", req.method, ctx.request_id)
+    }
+
+    /// Pingora's default answers its own errors with an empty body and
+    /// `Server: Pingora`; ours is the JSON error. Status 0: the client is gone.
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let reject = match (e.etype(), e.esource()) {
+            (HTTPStatus(400), _) => Some(Reject::BadRequest("malformed request")),
+            (HTTPStatus(_), _) | (_, ErrorSource::Internal | ErrorSource::Unset) => {
+                Some(Reject::Internal)
+            }
+            (_, ErrorSource::Upstream) => Some(Reject::UpstreamFailed),
+            (WriteError | ReadError | ConnectionClosed, ErrorSource::Downstream) => None,
+            (_, ErrorSource::Downstream) => Some(Reject::BadRequest("malformed request")),
+        };
+        let mut code = reject.map_or(0, Reject::status);
+        if let Some(reject) = reject.filter(|_| session.response_written().is_none()) {
+            session.set_keepalive(None);
+            if self.reject(session, ctx, reject).await.is_err() {
+                code = 0;
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
         }
     }
 

@@ -77,6 +77,23 @@ impl Target<'_> {
     }
 }
 
+/// A request target as logs may show it: without the auth parameter, or,
+/// when the target does not parse, its path alone (`?…` marks a query left out).
+pub fn loggable_target(raw: &[u8], auth_param: &str) -> String {
+    if let Ok(target) = parse_target(raw, auth_param) {
+        return target.upstream_path_and_query();
+    }
+    let (path, query) = match raw.iter().position(|&b| b == b'?') {
+        Some(i) => (&raw[..i], true),
+        None => (raw, false),
+    };
+    let mut out = path.escape_ascii().to_string();
+    if query {
+        out.push_str("?…");
+    }
+    out
+}
+
 /// Size, method and target checks, in that order. HEAD counts as GET.
 pub fn check_request<'r>(req: &'r RequestHeader, auth_param: &str) -> Result<Target<'r>, Reject> {
     let raw = req.raw_path();
@@ -362,6 +379,15 @@ mod tests {
             let target = parse_target(t.as_bytes(), "api_key").unwrap();
             assert_eq!(target.auth_values().count(), 0, "{t}");
         }
+    }
+
+    #[test]
+    fn loggable_targets_never_carry_the_key() {
+        assert_eq!(loggable_target(b"/a?x=1&api_key=s3cret", "api_key"), "/a?x=1");
+        assert_eq!(loggable_target(b"/a?API_KEY=s3cret", "api_key"), "/a");
+        assert_eq!(loggable_target(b"/a/%zz?api_key=s3cret", "api_key"), "/a/%zz?…");
+        assert_eq!(loggable_target(b"/a?api_key[]=s3cret", "api_key"), "/a?…");
+        assert_eq!(loggable_target(b"/a\n", "api_key"), "/a\\n");
     }
 
     #[test]
