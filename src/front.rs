@@ -147,7 +147,8 @@ impl Front {
     /// Answer with the JSON error, count it, and close.
     async fn refuse(&self, l4: &mut L4Stream, reject: Reject, started: Instant) {
         let request_id = crate::auth::hex(&rand::random::<[u8; 16]>());
-        self.metrics.request(None, reject.status(), started.elapsed());
+        self.metrics
+            .request(None, reject.status(), started.elapsed());
         self.metrics.rejection(reject);
         let answer = respond::raw_reject(reject, &request_id);
         if l4.write_all(&answer).await.is_err() || l4.flush().await.is_err() {
@@ -248,7 +249,9 @@ pub fn check_head(buf: &[u8]) -> Result<Option<Head>, Reject> {
         return Err(Reject::BadRequest("more than one Host header"));
     }
     if hosts == 0 && http11 {
-        return Err(Reject::BadRequest("an HTTP/1.1 request needs a Host header"));
+        return Err(Reject::BadRequest(
+            "an HTTP/1.1 request needs a Host header",
+        ));
     }
     if !lengths.is_empty() && !encodings.is_empty() {
         // RFC 9112 §6.1: a request smuggling attempt, or a broken client.
@@ -330,13 +333,21 @@ mod tests {
         assert!(refused(
             "GET /a HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"
         ));
-        assert!(refused("GET /a HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n"));
-        assert!(refused("GET /a HTTP/1.1\r\nHost: x\r\nContent-Length: 1,2\r\n\r\n"));
-        assert!(refused("GET /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n"));
+        assert!(refused(
+            "GET /a HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n"
+        ));
+        assert!(refused(
+            "GET /a HTTP/1.1\r\nHost: x\r\nContent-Length: 1,2\r\n\r\n"
+        ));
+        assert!(refused(
+            "GET /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n"
+        ));
         assert!(refused(
             "GET /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n"
         ));
-        assert!(refused("GET /a HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"));
+        assert!(refused(
+            "GET /a HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ));
         assert!(refused("GET /a HTTP/1.1\r\nHost: x\r\nBad Name: v\r\n\r\n"));
         assert_eq!(
             check("CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n"),
@@ -350,7 +361,12 @@ mod tests {
         assert!(with("Content-Length: 3\r\n").unwrap().unwrap().has_body);
         assert!(!with("Content-Length: 0\r\n").unwrap().unwrap().has_body);
         assert!(with("Content-Length: 3, 3\r\n").unwrap().unwrap().has_body);
-        assert!(with("Transfer-Encoding: chunked\r\n").unwrap().unwrap().has_body);
+        assert!(
+            with("Transfer-Encoding: chunked\r\n")
+                .unwrap()
+                .unwrap()
+                .has_body
+        );
     }
 
     #[test]

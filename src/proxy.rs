@@ -463,13 +463,13 @@ impl ProxyHttp for Gateway {
     /// `Server: Pingora`; ours is the JSON error. Status 0: the client is gone.
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let reject = match (e.etype(), e.esource()) {
-            (HTTPStatus(400), _) => Some(Reject::BadRequest("malformed request")),
-            (HTTPStatus(_), _) | (_, ErrorSource::Internal | ErrorSource::Unset) => {
-                Some(Reject::Internal)
-            }
             (_, ErrorSource::Upstream) => Some(Reject::UpstreamFailed),
-            (WriteError | ReadError | ConnectionClosed, ErrorSource::Downstream) => None,
-            (_, ErrorSource::Downstream) => Some(Reject::BadRequest("malformed request")),
+            // The client is gone (a write to it fails with no source set).
+            (WriteError | ReadError | ConnectionClosed, _) => None,
+            (HTTPStatus(400), _) | (_, ErrorSource::Downstream) => {
+                Some(Reject::BadRequest("malformed request"))
+            }
+            _ => Some(Reject::Internal),
         };
         let mut code = reject.map_or(0, Reject::status);
         if let Some(reject) = reject.filter(|_| session.response_written().is_none()) {

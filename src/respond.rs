@@ -266,10 +266,16 @@ mod tests {
     fn raw_reject_is_a_complete_json_answer() {
         let raw = String::from_utf8(raw_reject(Reject::MethodNotAllowed, "abc")).unwrap();
         let (head, body) = raw.split_once("\r\n\r\n").unwrap();
-        assert!(head.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"), "{head}");
+        assert!(
+            head.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"),
+            "{head}"
+        );
         assert!(head.contains("\r\nAllow: GET, HEAD"), "{head}");
         assert!(head.contains("\r\nConnection: close"), "{head}");
-        assert!(head.contains(&format!("\r\nContent-Length: {}", body.len())), "{head}");
+        assert!(
+            head.contains(&format!("\r\nContent-Length: {}", body.len())),
+            "{head}"
+        );
         assert!(!head.to_ascii_lowercase().contains("server:"), "{head}");
         let v: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(v["error"], "method_not_allowed");

@@ -383,9 +383,15 @@ mod tests {
 
     #[test]
     fn loggable_targets_never_carry_the_key() {
-        assert_eq!(loggable_target(b"/a?x=1&api_key=s3cret", "api_key"), "/a?x=1");
+        assert_eq!(
+            loggable_target(b"/a?x=1&api_key=s3cret", "api_key"),
+            "/a?x=1"
+        );
         assert_eq!(loggable_target(b"/a?API_KEY=s3cret", "api_key"), "/a");
-        assert_eq!(loggable_target(b"/a/%zz?api_key=s3cret", "api_key"), "/a/%zz?…");
+        assert_eq!(
+            loggable_target(b"/a/%zz?api_key=s3cret", "api_key"),
+            "/a/%zz?…"
+        );
         assert_eq!(loggable_target(b"/a?api_key[]=s3cret", "api_key"), "/a?…");
         assert_eq!(loggable_target(b"/a\n", "api_key"), "/a\\n");
     }
