@@ -41,7 +41,8 @@ use pingora::server::ShutdownWatch;
 use pingora::services::listening::Service;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::metrics::Metrics;
+use crate::logging::{self, AccessLine, AccessLog};
+use crate::metrics::{Metrics, UNMATCHED};
 use crate::proxy::Gateway;
 use crate::respond::{self, Reject};
 use crate::router::{MAX_HEADER_BYTES, MAX_TARGET_BYTES};
@@ -62,14 +63,22 @@ const LINGER_BYTES: usize = 64 * 1024;
 
 /// The listening service: the front door in front of the gateway's proxy.
 pub fn service(conf: &Arc<ServerConf>, gateway: Gateway, name: &str) -> Service<Front> {
-    let metrics = gateway.metrics();
+    let (metrics, access_log) = gateway.observers();
     let proxy = Arc::new(http_proxy(conf, gateway));
-    Service::new(name.to_string(), Front { proxy, metrics })
+    Service::new(
+        name.to_string(),
+        Front {
+            proxy,
+            metrics,
+            access_log,
+        },
+    )
 }
 
 pub struct Front {
     proxy: Arc<HttpProxy<Gateway>>,
     metrics: Arc<Metrics>,
+    access_log: AccessLog,
 }
 
 /// What a checked head says about the request's framing.
@@ -103,8 +112,8 @@ impl ServerApp for Front {
         let mut pending = BytesMut::new();
         let mut settings: Option<HttpPersistentSettings> = None;
         loop {
-            let started = Instant::now();
-            let head = match read_head(&mut l4, &mut pending, shutdown).await {
+            let mut started = Instant::now();
+            let head = match read_head(&mut l4, &mut pending, &mut started, shutdown).await {
                 Read::Head(head) => head,
                 Read::Gone => return None,
                 Read::Refuse(reject) => {
@@ -144,12 +153,27 @@ impl ServerApp for Front {
 }
 
 impl Front {
-    /// Answer with the JSON error, count it, and close.
+    /// Answer with the JSON error, count and log it (no path: the target is
+    /// not known to be safe to log), and close.
     async fn refuse(&self, l4: &mut L4Stream, reject: Reject, started: Instant) {
         let request_id = crate::auth::hex(&rand::random::<[u8; 16]>());
-        self.metrics
-            .request(None, reject.status(), started.elapsed());
+        let elapsed = started.elapsed();
+        self.metrics.request(None, reject.status(), elapsed);
         self.metrics.rejection(reject);
+        self.access_log.write(&AccessLine {
+            time: logging::now_rfc3339(),
+            request_id: &request_id,
+            method: "-",
+            route: UNMATCHED,
+            path: None,
+            status: reject.status(),
+            latency_ms: logging::ms(elapsed),
+            cache: None,
+            winner: None,
+            key_id: None,
+            credits: None,
+            error: Some(reject.code()),
+        });
         let answer = respond::raw_reject(reject, &request_id);
         if l4.write_all(&answer).await.is_err() || l4.flush().await.is_err() {
             return;
@@ -168,8 +192,13 @@ impl Front {
 }
 
 /// Read until `pending` holds a complete head (and check it), the client
-/// leaves, or the server shuts down.
-async fn read_head(l4: &mut L4Stream, pending: &mut BytesMut, shutdown: &ShutdownWatch) -> Read {
+/// leaves, or the server shuts down. `started` becomes the first byte's time.
+async fn read_head(
+    l4: &mut L4Stream,
+    pending: &mut BytesMut,
+    started: &mut Instant,
+    shutdown: &ShutdownWatch,
+) -> Read {
     let mut shutdown = shutdown.clone();
     loop {
         if !pending.is_empty() {
@@ -190,7 +219,11 @@ async fn read_head(l4: &mut L4Stream, pending: &mut BytesMut, shutdown: &Shutdow
             _ = shutdown.wait_for(|down| *down), if idle => return Read::Gone,
         };
         match read {
-            Ok(Ok(n)) if n > 0 => {}
+            Ok(Ok(n)) if n > 0 => {
+                if idle {
+                    *started = Instant::now();
+                }
+            }
             _ => return Read::Gone,
         }
     }

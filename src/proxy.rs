@@ -91,9 +91,9 @@ impl Gateway {
 }
 
 impl Gateway {
-    /// The metrics, for the HTTP/1 front door's own answers.
-    pub fn metrics(&self) -> Arc<Metrics> {
-        self.metrics.clone()
+    /// The metrics and access log, for the HTTP/1 front door's own answers.
+    pub fn observers(&self) -> (Arc<Metrics>, AccessLog) {
+        (self.metrics.clone(), self.access_log.clone())
     }
 }
 

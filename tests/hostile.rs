@@ -126,7 +126,10 @@ async fn near_miss_spellings_of_the_auth_param_are_the_key_or_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn framing_that_nginx_refuses_is_400_and_closes() {
     let only = echo(0).await;
-    let gw = Gateway::start(&[route("t", "/api/", &[&only], "")], "").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    let top = format!("access_log: {}", path.display());
+    let gw = Gateway::start(&[route("t", "/api/", &[&only], "")], &top).await;
     let cases = [
         // RFC 9112 §6.1: both framings. No `Connection: close`: the gateway
         // must close by itself (raw() reads until it does).
@@ -155,6 +158,25 @@ async fn framing_that_nginx_refuses_is_400_and_closes() {
         assert_json_error(&answer, 400, "bad_request");
     }
     assert_eq!(only.hits(), 0, "a refused request reached the backend");
+    // Each refusal is in the access log, without a path.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let refused: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("\"error\":\"bad_request\""))
+            .collect();
+        if refused.len() >= 8 {
+            assert!(
+                refused.iter().all(|l| l.contains("\"status\":400")),
+                "{text}"
+            );
+            assert!(!text.contains(KEY), "{text}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "access log has:\n{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // HTTP/1.0 may leave out Host.
     let answer = raw(
         gw.addr,
