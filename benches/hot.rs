@@ -17,17 +17,14 @@ use tollgate::race::{classify, SuccessRule};
 fn cache_key(c: &mut Criterion) {
     let mut g = c.benchmark_group("cache_key");
     g.bench_function("path only", |b| {
-        b.iter(|| cache::key("v1", black_box("/api/v1/eod/AAPL"), None, "api_key"))
+        b.iter(|| cache::key("v1", black_box("/api/v1/eod/AAPL"), None))
     });
-    g.bench_function("4 query params, auth removed", |b| {
+    g.bench_function("3 query params", |b| {
         b.iter(|| {
             cache::key(
                 "v1",
                 black_box("/api/v1/eod/AAPL.US"),
-                Some(black_box(
-                    "to=2024-12-31&api_key=secret&from=2024-01-01&period=d",
-                )),
-                "api_key",
+                Some(black_box("to=2024-12-31&from=2024-01-01&period=d")),
             )
         })
     });
@@ -37,7 +34,6 @@ fn cache_key(c: &mut Criterion) {
                 "v1",
                 black_box("/api/v1/news/%41APL%2fx"),
                 Some(black_box("s=%41APL&t=a%20b&limit=10")),
-                "api_key",
             )
         })
     });

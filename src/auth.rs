@@ -8,6 +8,7 @@ use pingora::http::RequestHeader;
 use sha2::{Digest, Sha256};
 
 use crate::respond::Reject;
+use crate::router::Target;
 
 /// The SHA-256 of an API key.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -62,13 +63,11 @@ impl fmt::Debug for KeyHash {
 
 const CONFLICT: Reject = Reject::BadRequest("the request carries two different API keys");
 
-/// The API key of a request, from any of its three sources. `Ok(None)`: none
-/// given; two sources with different keys is a bad request.
-pub fn extract(
-    req: &RequestHeader,
-    query: Option<&str>,
-    param: &str,
-) -> Result<Option<String>, Reject> {
+/// The API key of a request, from any of its three sources: the target's
+/// auth parameter (as the router marked it), `X-API-Key`, `Authorization:
+/// Bearer`. `Ok(None)`: none given; two sources with different keys is a bad
+/// request.
+pub fn extract(req: &RequestHeader, target: &Target<'_>) -> Result<Option<String>, Reject> {
     let mut found: Option<String> = None;
     let mut offer = |candidate: String| -> Result<(), Reject> {
         match &found {
@@ -80,17 +79,12 @@ pub fn extract(
             }
         }
     };
-    if let Some(q) = query {
-        for pair in q.split('&') {
-            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            if crate::router::decoded_eq(name, param) {
-                let value = percent_decode_str(value)
-                    .decode_utf8()
-                    .map_err(|_| Reject::BadRequest("the API key is not valid UTF-8"))?;
-                if !value.is_empty() {
-                    offer(value.into_owned())?;
-                }
-            }
+    for value in target.auth_values() {
+        let value = percent_decode_str(value)
+            .decode_utf8()
+            .map_err(|_| Reject::BadRequest("the API key is not valid UTF-8"))?;
+        if !value.is_empty() {
+            offer(value.into_owned())?;
         }
     }
     for value in req.headers.get_all("x-api-key") {
@@ -118,6 +112,19 @@ pub fn extract(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn extract(
+        req: &RequestHeader,
+        query: Option<&str>,
+        param: &str,
+    ) -> Result<Option<String>, Reject> {
+        let raw = match query {
+            Some(q) => format!("/?{q}"),
+            None => "/".to_string(),
+        };
+        let target = crate::router::parse_target(raw.as_bytes(), param)?;
+        super::extract(req, &target)
+    }
 
     fn req(headers: &[(&str, &str)]) -> RequestHeader {
         let mut r = RequestHeader::build("GET", b"/", None).unwrap();

@@ -145,9 +145,11 @@ fn normalize(raw: &str, plus_is_space: bool, out: &mut String) {
 }
 
 /// The cache key: route name, normalized path, and the query parameters
-/// sorted by name (repeated names keep their order), without the auth
-/// parameter. Two customers asking the same thing share one entry.
-pub fn key(route: &str, path: &str, query: Option<&str>, auth_param: &str) -> String {
+/// sorted by name (repeated names keep their order). `query` is the router's
+/// [`Target::public_query`](crate::router::Target::public_query): the auth
+/// parameter is already gone. Two customers asking the same thing share one
+/// entry.
+pub fn key(route: &str, path: &str, query: Option<&str>) -> String {
     let mut out = String::with_capacity(route.len() + path.len() + query.map_or(0, str::len) + 2);
     out.push_str(route);
     out.push('\n');
@@ -163,7 +165,6 @@ pub fn key(route: &str, path: &str, query: Option<&str>, auth_param: &str) -> St
             normalize(v, true, &mut value);
             (name, value)
         })
-        .filter(|(name, _)| !crate::router::decoded_eq(name, auth_param))
         .collect();
     pairs.sort_by(|a, b| a.0.cmp(&b.0));
     for (i, (n, v)) in pairs.iter().enumerate() {
@@ -414,55 +415,29 @@ mod tests {
     }
 
     #[test]
-    fn key_sorts_query_and_drops_the_auth_parameter() {
-        let a = key(
-            "v1",
-            "/api/eod/AAPL",
-            Some("to=2&from=1&api_key=k1"),
-            "api_key",
-        );
-        let b = key(
-            "v1",
-            "/api/eod/AAPL",
-            Some("api_key=k2&from=1&to=2"),
-            "api_key",
-        );
+    fn key_sorts_query_parameters() {
+        let a = key("v1", "/api/eod/AAPL", Some("to=2&from=1"));
+        let b = key("v1", "/api/eod/AAPL", Some("from=1&to=2"));
         assert_eq!(a, b);
         assert_eq!(a, "v1\n/api/eod/AAPL?from=1&to=2");
-        assert!(!a.contains("k1"));
-        assert_ne!(
-            a,
-            key("v2", "/api/eod/AAPL", Some("from=1&to=2"), "api_key")
-        );
-        assert_ne!(
-            a,
-            key("v1", "/api/eod/AAPL", Some("from=1&to=3"), "api_key")
-        );
+        assert_ne!(a, key("v2", "/api/eod/AAPL", Some("from=1&to=2")));
+        assert_ne!(a, key("v1", "/api/eod/AAPL", Some("from=1&to=3")));
         // Repeated names keep their order.
         assert_ne!(
-            key("v1", "/a", Some("x=1&x=2"), "k"),
-            key("v1", "/a", Some("x=2&x=1"), "k")
+            key("v1", "/a", Some("x=1&x=2")),
+            key("v1", "/a", Some("x=2&x=1"))
         );
     }
 
     #[test]
     fn equivalent_percent_encodings_share_a_key() {
         assert_eq!(
-            key("v1", "/api/%65od/%41APL", Some("q=a%20b"), "api_key"),
-            key("v1", "/api/eod/AAPL", Some("q=a+b"), "api_key")
+            key("v1", "/api/%65od/%41APL", Some("q=a%20b")),
+            key("v1", "/api/eod/AAPL", Some("q=a+b"))
         );
-        assert_eq!(
-            key("v1", "/api/x%2fy", None, "k"),
-            key("v1", "/api/x%2Fy", None, "k")
-        );
-        assert_ne!(
-            key("v1", "/api/x%2Fy", None, "k"),
-            key("v1", "/api/x/y", None, "k")
-        );
-        assert_eq!(
-            key("v1", "/a", Some("q=%7e"), "k"),
-            key("v1", "/a", Some("q=~"), "k")
-        );
+        assert_eq!(key("v1", "/api/x%2fy", None), key("v1", "/api/x%2Fy", None));
+        assert_ne!(key("v1", "/api/x%2Fy", None), key("v1", "/api/x/y", None));
+        assert_eq!(key("v1", "/a", Some("q=%7e")), key("v1", "/a", Some("q=~")));
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod config;
 pub mod credits;
 pub mod demo;
 pub mod drain;
+pub mod front;
 pub mod keys;
 pub mod limits;
 pub mod logging;

@@ -133,6 +133,7 @@ struct Pending {
 /// [`WRITE_EVERY`] (sooner when it fills). Handing each line to the writer
 /// through a channel woke the writer's thread once per request, which cost
 /// ~40% of the throughput on the cache-hit path.
+#[derive(Clone)]
 pub struct AccessLog {
     pending: Option<Arc<Pending>>,
     dropped: IntCounter,

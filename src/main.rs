@@ -5,7 +5,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use pingora::proxy::http_proxy_service_with_name;
 use pingora::server::configuration::Opt;
 use pingora::server::Server;
 
@@ -130,7 +129,7 @@ fn serve(mut config: Config, opt: Opt) -> ExitCode {
     // With -t this checks Pingora's side too, then exits.
     server.bootstrap();
 
-    let mut proxy = http_proxy_service_with_name(&server.configuration, gateway, "tollgate");
+    let mut proxy = tollgate::front::service(&server.configuration, gateway, "tollgate");
     for addr in &config.listen {
         proxy.add_tcp(&addr.to_string());
     }

@@ -12,7 +12,7 @@ use http::Method;
 use pingora::http::RequestHeader;
 use pingora::modules::http::HttpModules;
 use pingora::prelude::*;
-use pingora::proxy::{ProxyHttp, Session};
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::auth::{self, KeyHash};
 use crate::cache::{self, Cache, Entry, Found, LeaderGuard, Turn};
@@ -90,6 +90,13 @@ impl Gateway {
     }
 }
 
+impl Gateway {
+    /// The metrics and access log, for the HTTP/1 front door's own answers.
+    pub fn observers(&self) -> (Arc<Metrics>, AccessLog) {
+        (self.metrics.clone(), self.access_log.clone())
+    }
+}
+
 /// Per-request state, in groups.
 pub struct Ctx {
     started: Instant,
@@ -140,11 +147,11 @@ impl Gateway {
     /// Size, method and path checks, then the route; notes the upstream path
     /// and returns the route with the request's API key, if any.
     fn route(&self, req: &RequestHeader, ctx: &mut Ctx) -> Result<(usize, Option<String>), Reject> {
-        let target = router::check_request(req)?;
+        let target = router::check_request(req, &self.auth_param)?;
         let route = self.table.find(target.path).ok_or(Reject::NoRoute)?;
         ctx.route = Some(route);
-        ctx.upstream_path = Some(router::upstream_path_and_query(&target, &self.auth_param));
-        let key = auth::extract(req, target.query, &self.auth_param)?;
+        ctx.upstream_path = Some(target.upstream_path_and_query());
+        let key = auth::extract(req, &target)?;
         Ok((route, key))
     }
 
@@ -213,7 +220,7 @@ impl Gateway {
             Some((p, q)) => (p, Some(q)),
             None => (upstream, None),
         };
-        let key = cache::key(&self.routes[route].name, path, query, &self.auth_param);
+        let key = cache::key(&self.routes[route].name, path, query);
         if let Some(entry) = self.lookup(ctx, &key).await {
             return self.serve_entry(session, ctx, &entry, "HIT").await;
         }
@@ -437,6 +444,43 @@ impl ProxyHttp for Gateway {
             stale: None,
             cache_lock: None,
             reject: None,
+        }
+    }
+
+    /// What Pingora's own log lines (`Fail to filter request: …`, `Fail to
+    /// proxy: …`) show for a request: the method and the target as the access
+    /// log shows it, never the auth parameter.
+    fn request_summary(&self, session: &Session, ctx: &Ctx) -> String {
+        let req = session.req_header();
+        let target = match &ctx.upstream_path {
+            Some(path) => path.clone(),
+            None => router::loggable_target(req.raw_path(), &self.auth_param),
+        };
+        format!("{} {target}, request_id: {}", req.method, ctx.request_id)
+    }
+
+    /// Pingora's default answers its own errors with an empty body and
+    /// `Server: Pingora`; ours is the JSON error. Status 0: the client is gone.
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let reject = match (e.etype(), e.esource()) {
+            (_, ErrorSource::Upstream) => Some(Reject::UpstreamFailed),
+            // The client is gone (a write to it fails with no source set).
+            (WriteError | ReadError | ConnectionClosed, _) => None,
+            (HTTPStatus(400), _) | (_, ErrorSource::Downstream) => {
+                Some(Reject::BadRequest("malformed request"))
+            }
+            _ => Some(Reject::Internal),
+        };
+        let mut code = reject.map_or(0, Reject::status);
+        if let Some(reject) = reject.filter(|_| session.response_written().is_none()) {
+            session.set_keepalive(None);
+            if self.reject(session, ctx, reject).await.is_err() {
+                code = 0;
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
         }
     }
 

@@ -31,6 +31,8 @@ pub enum Reject {
     NoData,
     UpstreamFailed,
     UpstreamTimeout,
+    /// A fault of the gateway itself (Pingora reported an internal error).
+    Internal,
 }
 
 impl Reject {
@@ -48,6 +50,7 @@ impl Reject {
             Reject::BadRequest(_) => 400,
             Reject::UpstreamFailed => 502,
             Reject::UpstreamTimeout => 504,
+            Reject::Internal => 500,
         }
     }
 
@@ -67,6 +70,7 @@ impl Reject {
             Reject::NoData => "no_data",
             Reject::UpstreamFailed => "upstream_failed",
             Reject::UpstreamTimeout => "upstream_timeout",
+            Reject::Internal => "internal_error",
         }
     }
 
@@ -90,6 +94,7 @@ impl Reject {
             Reject::NoData => NO_DATA_MESSAGE,
             Reject::UpstreamFailed => "no backend server could answer",
             Reject::UpstreamTimeout => "no backend server answered in time",
+            Reject::Internal => "the gateway failed to handle this request",
         }
     }
 
@@ -110,12 +115,12 @@ impl Reject {
     pub fn is_rejection(self) -> bool {
         !matches!(
             self,
-            Reject::NoData | Reject::UpstreamFailed | Reject::UpstreamTimeout
+            Reject::NoData | Reject::UpstreamFailed | Reject::UpstreamTimeout | Reject::Internal
         )
     }
 
     /// Every reason, for metrics set-up.
-    pub const ALL: [Reject; 14] = [
+    pub const ALL: [Reject; 15] = [
         Reject::NoRoute,
         Reject::MethodNotAllowed,
         Reject::UriTooLong,
@@ -130,6 +135,7 @@ impl Reject {
         Reject::NoData,
         Reject::UpstreamFailed,
         Reject::UpstreamTimeout,
+        Reject::Internal,
     ];
 }
 
@@ -158,6 +164,27 @@ pub fn error_body(reject: Reject) -> Vec<u8> {
         message: reject.message(),
     })
     .unwrap_or_default()
+}
+
+/// A whole HTTP/1.1 answer with a gateway-made JSON error, as bytes, for the
+/// front door (`front.rs`), which answers before any Pingora session exists.
+/// It always closes the connection.
+pub fn raw_reject(reject: Reject, request_id: &str) -> Vec<u8> {
+    let body = error_body(reject);
+    let status = http::StatusCode::from_u16(reject.status()).ok();
+    let mut head = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Request-Id: {request_id}\r\nConnection: close\r\n",
+        reject.status(),
+        status.and_then(|s| s.canonical_reason()).unwrap_or(""),
+        body.len(),
+    );
+    for (name, value) in reject.headers() {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut out = head.into_bytes();
+    out.extend_from_slice(&body);
+    out
 }
 
 /// What every response carries, whoever made it.
@@ -233,5 +260,24 @@ mod tests {
         assert_eq!(Reject::from(Failure::Timeout).status(), 504);
         assert_eq!(Reject::from(Failure::UpstreamFailed).status(), 502);
         assert_eq!(Reject::from(Failure::NoData).status(), 404);
+    }
+
+    #[test]
+    fn raw_reject_is_a_complete_json_answer() {
+        let raw = String::from_utf8(raw_reject(Reject::MethodNotAllowed, "abc")).unwrap();
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("\r\nAllow: GET, HEAD"), "{head}");
+        assert!(head.contains("\r\nConnection: close"), "{head}");
+        assert!(
+            head.contains(&format!("\r\nContent-Length: {}", body.len())),
+            "{head}"
+        );
+        assert!(!head.to_ascii_lowercase().contains("server:"), "{head}");
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"], "method_not_allowed");
     }
 }

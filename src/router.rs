@@ -1,6 +1,15 @@
 //! What the gateway checks before any route logic: method, request size,
-//! path and query well-formedness; then longest-prefix routing, and the
-//! path-and-query the backends receive (auth parameter removed).
+//! path and query well-formedness; then longest-prefix routing. The target is
+//! parsed here once, into a [`Target`] whose query pairs have the auth
+//! parameter marked: auth takes the key from it, the backends, the cache key
+//! and the logs get the rest. Nothing else splits the query.
+//!
+//! The auth parameter rule (README, "Requests"): a query parameter whose name,
+//! percent-decoded once (`+` as space), equals `auth.query_param` ignoring
+//! ASCII case is the auth parameter. A name that only looks like it — equal
+//! after decoding more than once, with a `[…]` suffix, with control
+//! characters or spaces, or hidden after a `;` — is refused with 400, so that
+//! no spelling of a key is ever passed on or logged.
 
 use http::Method;
 use percent_encoding::percent_decode;
@@ -14,15 +23,79 @@ pub const MAX_TARGET_BYTES: usize = 8 * 1024;
 /// Largest total of request header names and values accepted.
 pub const MAX_HEADER_BYTES: usize = 32 * 1024;
 
-/// A request target that passed the checks, split at `?`.
+/// A request target that passed the checks: its path, and its query split at
+/// `&` with the auth parameter marked.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Target<'a> {
     pub path: &'a str,
     pub query: Option<&'a str>,
+    pub pairs: Vec<Pair<'a>>,
+}
+
+/// One non-empty `&`-separated query parameter, as sent.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Pair<'a> {
+    /// `name=value` or `name`, still percent-encoded.
+    pub raw: &'a str,
+    /// This is the auth parameter: its value is the key; nothing passes it on.
+    pub auth: bool,
+}
+
+impl<'a> Pair<'a> {
+    /// The raw (percent-encoded) value; empty when there is no `=`.
+    pub fn raw_value(&self) -> &'a str {
+        self.raw.split_once('=').map_or("", |(_, v)| v)
+    }
+}
+
+impl Target<'_> {
+    /// The raw values of the auth parameter, in order.
+    pub fn auth_values(&self) -> impl Iterator<Item = &str> {
+        self.pairs.iter().filter(|p| p.auth).map(Pair::raw_value)
+    }
+
+    /// The query without the auth parameter (`None` when nothing is left).
+    pub fn public_query(&self) -> Option<String> {
+        let mut out = String::new();
+        for pair in self.pairs.iter().filter(|p| !p.auth) {
+            if !out.is_empty() {
+                out.push('&');
+            }
+            out.push_str(pair.raw);
+        }
+        (!out.is_empty()).then_some(out)
+    }
+
+    /// The path and query the backends receive: the client's, unchanged,
+    /// except that the auth parameter is removed (and empty pairs dropped).
+    /// Safe to log.
+    pub fn upstream_path_and_query(&self) -> String {
+        match self.public_query() {
+            Some(q) => format!("{}?{q}", self.path),
+            None => self.path.to_string(),
+        }
+    }
+}
+
+/// A request target as logs may show it: without the auth parameter, or,
+/// when the target does not parse, its path alone (`?…` marks a query left out).
+pub fn loggable_target(raw: &[u8], auth_param: &str) -> String {
+    if let Ok(target) = parse_target(raw, auth_param) {
+        return target.upstream_path_and_query();
+    }
+    let (path, query) = match raw.iter().position(|&b| b == b'?') {
+        Some(i) => (&raw[..i], true),
+        None => (raw, false),
+    };
+    let mut out = path.escape_ascii().to_string();
+    if query {
+        out.push_str("?…");
+    }
+    out
 }
 
 /// Size, method and target checks, in that order. HEAD counts as GET.
-pub fn check_request(req: &RequestHeader) -> Result<Target<'_>, Reject> {
+pub fn check_request<'r>(req: &'r RequestHeader, auth_param: &str) -> Result<Target<'r>, Reject> {
     let raw = req.raw_path();
     if raw.len() > MAX_TARGET_BYTES {
         return Err(Reject::UriTooLong);
@@ -38,11 +111,12 @@ pub fn check_request(req: &RequestHeader) -> Result<Target<'_>, Reject> {
     if req.method != Method::GET && req.method != Method::HEAD {
         return Err(Reject::MethodNotAllowed);
     }
-    parse_target(raw)
+    parse_target(raw, auth_param)
 }
 
-/// Split and check an origin-form target (`/path?query`).
-pub fn parse_target(raw: &[u8]) -> Result<Target<'_>, Reject> {
+/// Split and check an origin-form target (`/path?query`), marking the auth
+/// parameter `auth_param`.
+pub fn parse_target<'a>(raw: &'a [u8], auth_param: &str) -> Result<Target<'a>, Reject> {
     let Ok(text) = std::str::from_utf8(raw) else {
         return Err(Reject::BadRequest("the request target is not ASCII"));
     };
@@ -58,6 +132,11 @@ pub fn parse_target(raw: &[u8]) -> Result<Target<'_>, Reject> {
     check_percent_encoding(path)?;
     if let Some(q) = query {
         check_percent_encoding(q)?;
+        // `%0D%0A` or `%00` would reach a backend (or a log) as a raw
+        // control character once decoded.
+        if percent_decode(q.as_bytes()).any(|b| b.is_ascii_control()) {
+            return Err(Reject::BadRequest("the query contains control characters"));
+        }
     }
     // `..` after decoding could climb out of the route prefix on a backend
     // that decodes (`%2e%2e`, `..%2f`); no legitimate API path needs it.
@@ -71,7 +150,68 @@ pub fn parse_target(raw: &[u8]) -> Result<Target<'_>, Reject> {
     {
         return Err(Reject::BadRequest("the path may not contain .. segments"));
     }
-    Ok(Target { path, query })
+    let pairs = match query {
+        Some(q) => query_pairs(q, auth_param)?,
+        None => Vec::new(),
+    };
+    Ok(Target { path, query, pairs })
+}
+
+const NEAR_MISS: Reject = Reject::BadRequest(
+    "a query parameter name resembles the API key parameter without being it; send the key as exactly one parameter, header X-API-Key or Authorization: Bearer",
+);
+
+fn query_pairs<'a>(query: &'a str, auth_param: &str) -> Result<Vec<Pair<'a>>, Reject> {
+    let mut pairs = Vec::new();
+    for raw in query.split('&').filter(|p| !p.is_empty()) {
+        let name = raw.split_once('=').map_or(raw, |(n, _)| n);
+        let auth = is_auth_name(name, auth_param);
+        if !auth && looks_like_auth(name, auth_param) {
+            return Err(NEAR_MISS);
+        }
+        // `x=1;api_key=…`: some servers split at `;` too.
+        for segment in raw.split(';').skip(1) {
+            let name = segment.split_once('=').map_or(segment, |(n, _)| n);
+            if is_auth_name(name, auth_param) || looks_like_auth(name, auth_param) {
+                return Err(NEAR_MISS);
+            }
+        }
+        pairs.push(Pair { raw, auth });
+    }
+    Ok(pairs)
+}
+
+/// `+` as space, then percent-decoded once.
+fn decode_name(raw: &str) -> Vec<u8> {
+    if raw.contains('%') || raw.contains('+') {
+        percent_decode(raw.replace('+', " ").as_bytes()).collect()
+    } else {
+        raw.as_bytes().to_vec()
+    }
+}
+
+/// Whether a raw (percent-encoded) query parameter name is the auth
+/// parameter: decoded once, equal to it ignoring ASCII case.
+pub fn is_auth_name(raw_name: &str, auth_param: &str) -> bool {
+    decode_name(raw_name).eq_ignore_ascii_case(auth_param.as_bytes())
+}
+
+/// Whether a name that is not the auth parameter could be read as it by a
+/// more lenient parser: decoded again (up to three times), with a `[…]`
+/// suffix cut, control characters and spaces dropped, ignoring case.
+fn looks_like_auth(raw_name: &str, auth_param: &str) -> bool {
+    let mut name = decode_name(raw_name);
+    for _ in 0..3 {
+        if !name.contains(&b'%') {
+            break;
+        }
+        name = percent_decode(&name).collect();
+    }
+    if let Some(bracket) = name.iter().position(|&b| b == b'[') {
+        name.truncate(bracket);
+    }
+    name.retain(|b| !b.is_ascii_control() && !b.is_ascii_whitespace());
+    name.eq_ignore_ascii_case(auth_param.as_bytes())
 }
 
 fn check_percent_encoding(s: &str) -> Result<(), Reject> {
@@ -119,41 +259,6 @@ impl RouteTable {
     }
 }
 
-/// Whether a raw (percent-encoded) query parameter name is `param`.
-pub fn decoded_eq(raw_name: &str, param: &str) -> bool {
-    if raw_name.contains('%') || raw_name.contains('+') {
-        let decoded: Vec<u8> = percent_decode(raw_name.replace('+', " ").as_bytes()).collect();
-        decoded == param.as_bytes()
-    } else {
-        raw_name == param
-    }
-}
-
-/// Whether a raw query pair's name is `param`.
-fn is_param(pair: &str, param: &str) -> bool {
-    decoded_eq(pair.split_once('=').map_or(pair, |(n, _)| n), param)
-}
-
-/// The path and query the backends receive: the client's, unchanged, except
-/// that the auth query parameter is removed.
-pub fn upstream_path_and_query(target: &Target<'_>, auth_param: &str) -> String {
-    let Some(query) = target.query else {
-        return target.path.to_string();
-    };
-    let mut out = String::with_capacity(target.path.len() + 1 + query.len());
-    out.push_str(target.path);
-    let mut first = true;
-    for pair in query
-        .split('&')
-        .filter(|p| !p.is_empty() && !is_param(p, auth_param))
-    {
-        out.push(if first { '?' } else { '&' });
-        out.push_str(pair);
-        first = false;
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,11 +276,14 @@ mod tests {
             "/api/v1/..",
         ] {
             assert!(
-                matches!(parse_target(t.as_bytes()), Err(Reject::BadRequest(_))),
+                matches!(
+                    parse_target(t.as_bytes(), "api_key"),
+                    Err(Reject::BadRequest(_))
+                ),
                 "{t}"
             );
         }
-        assert!(parse_target(b"/api/v1/a..b/...").is_ok());
+        assert!(parse_target(b"/api/v1/a..b/...", "api_key").is_ok());
     }
 
     #[test]
@@ -188,20 +296,23 @@ mod tests {
             "/api/v1/%00",
         ] {
             assert!(
-                matches!(parse_target(t.as_bytes()), Err(Reject::BadRequest(_))),
+                matches!(
+                    parse_target(t.as_bytes(), "api_key"),
+                    Err(Reject::BadRequest(_))
+                ),
                 "{t}"
             );
         }
-        let t = parse_target(b"/api/v1/a%20b?x=%41&y").unwrap();
+        let t = parse_target(b"/api/v1/a%20b?x=%41&y", "api_key").unwrap();
         assert_eq!(t.path, "/api/v1/a%20b");
         assert_eq!(t.query, Some("x=%41&y"));
     }
 
     #[test]
     fn target_must_be_origin_form() {
-        assert!(parse_target(b"http://example.com/x").is_err());
-        assert!(parse_target(b"*").is_err());
-        assert!(parse_target("/caf\u{e9}".as_bytes()).is_err());
+        assert!(parse_target(b"http://example.com/x", "k").is_err());
+        assert!(parse_target(b"*", "k").is_err());
+        assert!(parse_target("/caf\u{e9}".as_bytes(), "k").is_err());
     }
 
     #[test]
@@ -216,13 +327,93 @@ mod tests {
 
     #[test]
     fn auth_param_is_removed_from_upstream_query() {
-        let q =
-            |raw: &str| upstream_path_and_query(&parse_target(raw.as_bytes()).unwrap(), "api_key");
+        let q = |raw: &str| {
+            parse_target(raw.as_bytes(), "api_key")
+                .unwrap()
+                .upstream_path_and_query()
+        };
         assert_eq!(q("/a/b"), "/a/b");
         assert_eq!(q("/a?api_key=s3cret"), "/a");
         assert_eq!(q("/a?x=1&api_key=s3cret&y=2"), "/a?x=1&y=2");
         assert_eq!(q("/a?api%5Fkey=s3cret&y=2"), "/a?y=2");
         assert_eq!(q("/a?api_key&y=2&&"), "/a?y=2");
         assert_eq!(q("/a?api_keys=1"), "/a?api_keys=1");
+        assert_eq!(q("/a?API_KEY=s3cret&y=2"), "/a?y=2");
+        assert_eq!(q("/a?Api_Key=s3cret"), "/a");
+        assert_eq!(q("/a?x=1;y=2"), "/a?x=1;y=2");
+    }
+
+    #[test]
+    fn auth_param_is_marked_whatever_its_case_or_encoding() {
+        let t = parse_target(b"/a?x=1&API_KEY=k1&api%5Fkey=k2&Api_Key", "api_key").unwrap();
+        let values: Vec<&str> = t.auth_values().collect();
+        assert_eq!(values, ["k1", "k2", ""]);
+        assert_eq!(t.public_query().as_deref(), Some("x=1"));
+        let t = parse_target(b"/a?token=k", "TOKEN").unwrap();
+        assert_eq!(t.auth_values().collect::<Vec<_>>(), ["k"]);
+    }
+
+    #[test]
+    fn near_misses_of_the_auth_param_are_rejected() {
+        for t in [
+            "/a?api%255Fkey=k",
+            "/a?api%25255Fkey=k",
+            "/a?api_key[]=k",
+            "/a?API_KEY[0]=k",
+            "/a?api_key%5B%5D=k",
+            "/a?api_key%20=k",
+            "/a?api_key+=k",
+            "/a?x=1;api_key=k",
+            "/a?x=1;API%5FKEY=k",
+            "/a?x=1;api_key[]=k",
+        ] {
+            assert_eq!(parse_target(t.as_bytes(), "api_key"), Err(NEAR_MISS), "{t}");
+        }
+        // Look-alikes that are different names stay ordinary parameters.
+        for t in [
+            "/a?api_keys=1",
+            "/a?apikey=1",
+            "/a?my_api_key=1",
+            "/a?x=api_key",
+        ] {
+            let target = parse_target(t.as_bytes(), "api_key").unwrap();
+            assert_eq!(target.auth_values().count(), 0, "{t}");
+        }
+    }
+
+    #[test]
+    fn loggable_targets_never_carry_the_key() {
+        assert_eq!(
+            loggable_target(b"/a?x=1&api_key=s3cret", "api_key"),
+            "/a?x=1"
+        );
+        assert_eq!(loggable_target(b"/a?API_KEY=s3cret", "api_key"), "/a");
+        assert_eq!(
+            loggable_target(b"/a/%zz?api_key=s3cret", "api_key"),
+            "/a/%zz?…"
+        );
+        assert_eq!(loggable_target(b"/a?api_key[]=s3cret", "api_key"), "/a?…");
+        assert_eq!(loggable_target(b"/a\n", "api_key"), "/a\\n");
+    }
+
+    #[test]
+    fn control_characters_in_the_query_are_rejected() {
+        for t in [
+            "/a?q=%0D%0AX:1",
+            "/a?q=%00",
+            "/a?q=%7f",
+            "/a?%0a=1",
+            "/a?api_key%00=k",
+        ] {
+            assert!(
+                matches!(
+                    parse_target(t.as_bytes(), "api_key"),
+                    Err(Reject::BadRequest(_))
+                ),
+                "{t}"
+            );
+        }
+        assert!(parse_target(b"/a?q=%20%09", "api_key").is_err());
+        assert!(parse_target(b"/a?q=%20%C3%A9", "api_key").is_ok());
     }
 }

@@ -1,0 +1,412 @@
+//! The HTTP/1 front door: reads each request head off a client connection
+//! before Pingora does, refuses what nginx refuses with the gateway's JSON
+//! error, and hands Pingora exactly one request at a time.
+//!
+//! Why it exists: Pingora's HTTP/1 server decides some things before any
+//! `ProxyHttp` hook runs, and they cannot be changed from one:
+//! - a head its parser rejects is answered by `HttpSession::respond_error(400)`
+//!   in `HttpProxy::handle_new_request`: empty body, `Server: Pingora`; so is
+//!   `CONNECT` (405);
+//! - a raw space or control character in the target is percent-encoded by
+//!   `escape_illegal_request_line` and served: the hooks see `%20`, the same
+//!   as a client that encoded it;
+//! - with both `Content-Length` and `Transfer-Encoding` it drops
+//!   `Content-Length` and serves the request;
+//! - bytes of a pipelined next request read together with the first make the
+//!   connection un-reusable: the next request is dropped with the connection.
+//!
+//! So the front door reads a head itself (with `httparse`, strictly), answers
+//! a bad one with [`respond::raw_reject`] and closes, and otherwise puts back
+//! exactly that request's bytes (`l4::Stream::rewind`) for Pingora to read.
+//! Bytes of the next pipelined request stay here until that request's turn:
+//! answers go out in request order. A request that carries a body (the
+//! gateway serves only GET and HEAD) closes the connection after its answer,
+//! so no body bytes are ever taken for a request head.
+//!
+//! Only plain TCP streams go through it; any other stream (TLS, none
+//! configured today) goes straight to Pingora.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::BytesMut;
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::l4::stream::Stream as L4Stream;
+use pingora::protocols::Stream;
+use pingora::proxy::{http_proxy, HttpProxy};
+use pingora::server::configuration::ServerConf;
+use pingora::server::ShutdownWatch;
+use pingora::services::listening::Service;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::logging::{self, AccessLine, AccessLog};
+use crate::metrics::{Metrics, UNMATCHED};
+use crate::proxy::Gateway;
+use crate::respond::{self, Reject};
+use crate::router::{MAX_HEADER_BYTES, MAX_TARGET_BYTES};
+
+/// Pingora's keep-alive timeout: how long a connection may sit without a
+/// byte of its next request (and how long any one read of a head may wait).
+const IDLE: Duration = Duration::from_secs(60);
+/// Longest head read before answering 414/431 without parsing further; the
+/// router's exact limits (8 KiB target, 32 KiB headers) apply below it.
+const MAX_HEAD_BYTES: usize = MAX_TARGET_BYTES + MAX_HEADER_BYTES + 4 * 1024;
+/// Pingora's own limit on the number of request header fields.
+const MAX_HEADERS: usize = 256;
+/// After refusing a request, how long to read and discard what the client
+/// still sends, so that closing does not reset the answer away (lingering
+/// close, as nginx does).
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 64 * 1024;
+
+/// The listening service: the front door in front of the gateway's proxy.
+pub fn service(conf: &Arc<ServerConf>, gateway: Gateway, name: &str) -> Service<Front> {
+    let (metrics, access_log) = gateway.observers();
+    let proxy = Arc::new(http_proxy(conf, gateway));
+    Service::new(
+        name.to_string(),
+        Front {
+            proxy,
+            metrics,
+            access_log,
+        },
+    )
+}
+
+pub struct Front {
+    proxy: Arc<HttpProxy<Gateway>>,
+    metrics: Arc<Metrics>,
+    access_log: AccessLog,
+}
+
+/// What a checked head says about the request's framing.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Head {
+    /// Bytes of the head, its blank line included.
+    pub len: usize,
+    /// Content-Length > 0 or Transfer-Encoding: chunked.
+    pub has_body: bool,
+}
+
+enum Read {
+    Head(Head),
+    /// Closed, idle too long, or the server is shutting down: nothing to answer.
+    Gone,
+    Refuse(Reject),
+}
+
+#[async_trait]
+impl ServerApp for Front {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        if !stream.as_any().is::<L4Stream>() {
+            return ServerApp::process_new(&self.proxy, stream, shutdown).await;
+        }
+        let mut l4 = stream.into_any().downcast::<L4Stream>().ok()?;
+        // Bytes read from the client and not yet handed to Pingora.
+        let mut pending = BytesMut::new();
+        let mut settings: Option<HttpPersistentSettings> = None;
+        loop {
+            let mut started = Instant::now();
+            let head = match read_head(&mut l4, &mut pending, &mut started, shutdown).await {
+                Read::Head(head) => head,
+                Read::Gone => return None,
+                Read::Refuse(reject) => {
+                    self.refuse(&mut l4, reject, started).await;
+                    return None;
+                }
+            };
+            // A body's bytes are never parsed as a head: hand over all we
+            // have and let Pingora close after the answer.
+            let take = if head.has_body {
+                pending.len()
+            } else {
+                head.len
+            };
+            l4.rewind(&pending.split_to(take));
+            if pending.is_empty() {
+                pending = BytesMut::new();
+            }
+            let mut session = ServerSession::new_http1(l4);
+            match settings.take() {
+                Some(s) => s.apply_to_session(&mut session),
+                None => session.set_keepalive(Some(IDLE.as_secs())),
+            }
+            if head.has_body || *shutdown.borrow() {
+                session.set_keepalive(None);
+            }
+            let reused = self.proxy.process_new_http(session, shutdown).await?;
+            let (stream, next) = reused.consume();
+            settings = next;
+            l4 = stream.into_any().downcast::<L4Stream>().ok()?;
+        }
+    }
+
+    async fn cleanup(&self) {
+        self.proxy.http_cleanup().await;
+    }
+}
+
+impl Front {
+    /// Answer with the JSON error, count and log it (no path: the target is
+    /// not known to be safe to log), and close.
+    async fn refuse(&self, l4: &mut L4Stream, reject: Reject, started: Instant) {
+        let request_id = crate::auth::hex(&rand::random::<[u8; 16]>());
+        let elapsed = started.elapsed();
+        self.metrics.request(None, reject.status(), elapsed);
+        self.metrics.rejection(reject);
+        self.access_log.write(&AccessLine {
+            time: logging::now_rfc3339(),
+            request_id: &request_id,
+            method: "-",
+            route: UNMATCHED,
+            path: None,
+            status: reject.status(),
+            latency_ms: logging::ms(elapsed),
+            cache: None,
+            winner: None,
+            key_id: None,
+            credits: None,
+            error: Some(reject.code()),
+        });
+        let answer = respond::raw_reject(reject, &request_id);
+        if l4.write_all(&answer).await.is_err() || l4.flush().await.is_err() {
+            return;
+        }
+        let _ = l4.shutdown().await;
+        let mut sink = [0u8; 4096];
+        let mut drained = 0;
+        let deadline = tokio::time::Instant::now() + LINGER;
+        while drained < LINGER_BYTES {
+            match tokio::time::timeout_at(deadline, l4.read(&mut sink)).await {
+                Ok(Ok(n)) if n > 0 => drained += n,
+                _ => break,
+            }
+        }
+    }
+}
+
+/// Read until `pending` holds a complete head (and check it), the client
+/// leaves, or the server shuts down. `started` becomes the first byte's time.
+async fn read_head(
+    l4: &mut L4Stream,
+    pending: &mut BytesMut,
+    started: &mut Instant,
+    shutdown: &ShutdownWatch,
+) -> Read {
+    let mut shutdown = shutdown.clone();
+    loop {
+        if !pending.is_empty() {
+            match check_head(pending) {
+                Ok(Some(head)) => return Read::Head(head),
+                Ok(None) => {}
+                Err(reject) => return Read::Refuse(reject),
+            }
+            if pending.len() > MAX_HEAD_BYTES {
+                return Read::Refuse(too_large(pending));
+            }
+            pending.reserve(1024);
+        }
+        let idle = pending.is_empty();
+        let read = tokio::select! {
+            read = tokio::time::timeout(IDLE, l4.read_buf(pending)) => read,
+            // Pingora drops idle keep-alive connections at shutdown; so do we.
+            _ = shutdown.wait_for(|down| *down), if idle => return Read::Gone,
+        };
+        match read {
+            Ok(Ok(n)) if n > 0 => {
+                if idle {
+                    *started = Instant::now();
+                }
+            }
+            _ => return Read::Gone,
+        }
+    }
+}
+
+/// 414 when the request line alone is too long, else 431.
+fn too_large(pending: &[u8]) -> Reject {
+    match pending.iter().position(|&b| b == b'\n') {
+        Some(end) if end <= MAX_TARGET_BYTES + 32 => Reject::HeadersTooLarge,
+        _ => Reject::UriTooLong,
+    }
+}
+
+/// Check a request head the way nginx would. `Ok(None)`: not complete yet.
+pub fn check_head(buf: &[u8]) -> Result<Option<Head>, Reject> {
+    let mut headers = vec![httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(Reject::HeadersTooLarge),
+        Err(httparse::Error::Token) => {
+            return Err(Reject::BadRequest(
+                "malformed request line or header: a character HTTP does not allow (a raw space or control character in the target?)",
+            ))
+        }
+        Err(_) => return Err(Reject::BadRequest("malformed request head")),
+    };
+    let method = req.method.unwrap_or("");
+    let target = req.path.unwrap_or("");
+    let http11 = req.version == Some(1);
+    if method == "CONNECT" {
+        return Err(Reject::MethodNotAllowed);
+    }
+    if !target.starts_with('/') {
+        return Err(Reject::BadRequest(
+            "the request target must be a path such as /api/v1/...",
+        ));
+    }
+    let mut hosts = 0;
+    let mut lengths: Vec<&[u8]> = Vec::new();
+    let mut encodings: Vec<&[u8]> = Vec::new();
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("host") {
+            hosts += 1;
+            if h.value.contains(&b'@') {
+                return Err(Reject::BadRequest("userinfo in the Host header"));
+            }
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            lengths.extend(h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii));
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            encodings.extend(h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii));
+        }
+    }
+    if hosts > 1 {
+        return Err(Reject::BadRequest("more than one Host header"));
+    }
+    if hosts == 0 && http11 {
+        return Err(Reject::BadRequest(
+            "an HTTP/1.1 request needs a Host header",
+        ));
+    }
+    if !lengths.is_empty() && !encodings.is_empty() {
+        // RFC 9112 §6.1: a request smuggling attempt, or a broken client.
+        return Err(Reject::BadRequest(
+            "both Content-Length and Transfer-Encoding: the body's framing is ambiguous",
+        ));
+    }
+    let mut length: Option<u64> = None;
+    for value in lengths {
+        let parsed = std::str::from_utf8(value)
+            .ok()
+            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|v| v.parse::<u64>().ok());
+        match (parsed, length) {
+            (None, _) => return Err(Reject::BadRequest("invalid Content-Length")),
+            (Some(n), Some(m)) if n != m => {
+                return Err(Reject::BadRequest("conflicting Content-Length values"))
+            }
+            (Some(n), _) => length = Some(n),
+        }
+    }
+    if !encodings.is_empty() {
+        let chunked_last = encodings
+            .last()
+            .is_some_and(|e| e.eq_ignore_ascii_case(b"chunked"));
+        let chunked_once = encodings
+            .iter()
+            .filter(|e| e.eq_ignore_ascii_case(b"chunked"))
+            .count()
+            == 1;
+        if !http11 || !chunked_last || !chunked_once {
+            return Err(Reject::BadRequest("unsupported Transfer-Encoding"));
+        }
+    }
+    Ok(Some(Head {
+        len,
+        has_body: length.unwrap_or(0) > 0 || !encodings.is_empty(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(head: &str) -> Result<Option<Head>, Reject> {
+        check_head(head.as_bytes())
+    }
+
+    fn refused(head: &str) -> bool {
+        matches!(check(head), Err(Reject::BadRequest(_)))
+    }
+
+    #[test]
+    fn a_plain_get_passes_and_its_length_is_exact() {
+        let one = "GET /a?b=1 HTTP/1.1\r\nHost: x\r\n\r\n";
+        let two = format!("{one}GET /b HTTP/1.1\r\nHost: x\r\n\r\n");
+        let expected = Head {
+            len: one.len(),
+            has_body: false,
+        };
+        assert_eq!(check(one), Ok(Some(expected)));
+        assert_eq!(check(&two).unwrap().unwrap().len, one.len());
+        assert_eq!(check("GET /a HTTP/1.1\r\nHost: x\r\n"), Ok(None));
+        // HTTP/1.0 may leave out Host.
+        assert!(check("GET /a HTTP/1.0\r\n\r\n").unwrap().is_some());
+    }
+
+    #[test]
+    fn what_nginx_refuses_is_refused() {
+        assert!(refused("GET /a b HTTP/1.1\r\nHost: x\r\n\r\n"));
+        assert!(refused("GET /a\tb HTTP/1.1\r\nHost: x\r\n\r\n"));
+        assert!(refused("GET /a HTTP/1.1\r\n\r\n"));
+        assert!(refused("GET /a HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n"));
+        assert!(refused("GET /a HTTP/1.1\r\nHost: u@x\r\n\r\n"));
+        assert!(refused("GET http://x/a HTTP/1.1\r\nHost: x\r\n\r\n"));
+        assert!(refused(
+            "GET /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ));
+        assert!(refused(
+            "GET /a HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"
+        ));
+        assert!(refused(
+            "GET /a HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n"
+        ));
+        assert!(refused(
+            "GET /a HTTP/1.1\r\nHost: x\r\nContent-Length: 1,2\r\n\r\n"
+        ));
+        assert!(refused(
+            "GET /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n"
+        ));
+        assert!(refused(
+            "GET /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n"
+        ));
+        assert!(refused(
+            "GET /a HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ));
+        assert!(refused("GET /a HTTP/1.1\r\nHost: x\r\nBad Name: v\r\n\r\n"));
+        assert_eq!(
+            check("CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n"),
+            Err(Reject::MethodNotAllowed)
+        );
+    }
+
+    #[test]
+    fn a_body_is_noted() {
+        let with = |h: &str| check(&format!("POST /a HTTP/1.1\r\nHost: x\r\n{h}\r\n"));
+        assert!(with("Content-Length: 3\r\n").unwrap().unwrap().has_body);
+        assert!(!with("Content-Length: 0\r\n").unwrap().unwrap().has_body);
+        assert!(with("Content-Length: 3, 3\r\n").unwrap().unwrap().has_body);
+        assert!(
+            with("Transfer-Encoding: chunked\r\n")
+                .unwrap()
+                .unwrap()
+                .has_body
+        );
+    }
+
+    #[test]
+    fn oversized_heads_get_414_or_431() {
+        let long_line = format!("GET /{} HTTP/1.1\r\n", "a".repeat(MAX_TARGET_BYTES + 100));
+        assert_eq!(too_large(long_line.as_bytes()), Reject::UriTooLong);
+        let long_headers = format!("GET /a HTTP/1.1\r\n{}", "X: y\r\n".repeat(10_000));
+        assert_eq!(too_large(long_headers.as_bytes()), Reject::HeadersTooLarge);
+    }
+}
