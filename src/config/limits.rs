@@ -71,7 +71,7 @@ pub const MEMORY_ENTRIES: Bound = bound(
     "cache.memory_entries",
     1,
     1_000_000,
-    "the in-process tier allocates about 40 bytes per entry at start, before any is stored",
+    "the in-process tier allocates about 70 bytes per entry at start: 1,000,000 take 69 MB",
 );
 pub const LOCK_TIMEOUT_MS: Bound = bound("cache.lock_timeout_ms", 0, HOUR_MS, "");
 pub const KEY_CREDITS: Bound = bound(
@@ -103,14 +103,24 @@ pub const SERVER_BOUNDS: &[Bound] = &[
     bound("server.upgrade_sock_connect_accept_max_retries", 0, 600, ""),
     bound("server.max_blocking_threads", 1, 4_096, ""),
     bound("server.blocking_threads_ttl_seconds", 0, 86_400, ""),
-    bound("server.fast_timeout_to_tokio_threshold_seconds", 0, 86_400, ""),
+    bound(
+        "server.fast_timeout_to_tokio_threshold_seconds",
+        0,
+        86_400,
+        "",
+    ),
     bound(
         "server.runtime_metrics_poll_time_histogram_resolution_micros",
         1,
         1_000_000,
         "",
     ),
-    bound("server.runtime_metrics_poll_time_histogram_buckets", 1, 1_024, ""),
+    bound(
+        "server.runtime_metrics_poll_time_histogram_buckets",
+        1,
+        1_024,
+        "",
+    ),
     bound("server.daemon_ready_timeout_seconds", 1, 3_600, ""),
     bound("server.daemon_notify_timeout_seconds", 1, 3_600, ""),
 ];
@@ -173,22 +183,22 @@ pub fn check_server(map: &serde_yaml::Mapping, errors: &mut Vec<ConfigError>) ->
     let mut ok = true;
     for b in SERVER_BOUNDS {
         let name = b.path.trim_start_matches("server.");
-        match map.get(name) {
-            Some(Value::Number(n)) => match n.as_u64() {
-                Some(v) => ok &= b.check(b.path, v, errors),
-                None => {
-                    ok = false;
-                    errors.push(err(
-                        b.path,
-                        format!(
-                            "expected a whole number from {} to {}, got {n}",
-                            b.min, b.max
-                        ),
-                    ));
-                }
-            },
-            // null (Pingora's default) or a type error serde reports.
-            _ => {}
+        // null (Pingora's default) or a type error serde reports.
+        let Some(Value::Number(n)) = map.get(name) else {
+            continue;
+        };
+        match n.as_u64() {
+            Some(v) => ok &= b.check(b.path, v, errors),
+            None => {
+                ok = false;
+                errors.push(err(
+                    b.path,
+                    format!(
+                        "expected a whole number from {} to {}, got {n}",
+                        b.min, b.max
+                    ),
+                ));
+            }
         }
     }
     ok
@@ -264,12 +274,8 @@ fn check_text(text: &str) -> Result<(), ConfigError> {
         }
         match (quote, c) {
             _ if comment => {}
-            (Some('"'), '\\') => {
-                // An escaped character cannot end the string; keep counting columns.
-                if chars.next_if(|&n| n != '\n').is_some() {
-                    col += 1;
-                }
-            }
+            // An escaped character cannot end the string; keep counting columns.
+            (Some('"'), '\\') if chars.next_if(|&n| n != '\n').is_some() => col += 1,
             (Some(q), c) if c == q => {
                 // '' inside a single-quoted scalar is an escaped quote.
                 if q == '\'' && chars.next_if_eq(&'\'').is_some() {

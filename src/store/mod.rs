@@ -192,7 +192,10 @@ pub fn parse_keys(text: &str) -> Result<Vec<KeyRecord>, Vec<ConfigError>> {
         if let Some(e) = limits::KEY_CREDITS.problem("credits", k.credits) {
             fail("credits", e.message);
         }
-        if let Some(e) = k.rate_per_second.and_then(|r| limits::KEY_RATE.problem("", r.into())) {
+        if let Some(e) = k
+            .rate_per_second
+            .and_then(|r| limits::KEY_RATE.problem("", r.into()))
+        {
             fail("rate_per_second", e.message);
         }
         let state = match k.state.as_deref() {
