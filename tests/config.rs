@@ -423,3 +423,68 @@ async fn a_config_without_shutdown_timers_stops_within_the_unit_bound() {
     );
     assert!(took < Duration::from_secs(20), "{took:?}");
 }
+
+/// What `check` used to let through, refused by `check` and `serve -t` alike,
+/// each naming its field or its line.
+#[test]
+fn input_that_check_let_through_is_refused() {
+    both_reject(
+        &format!("access_log: ~\n{GOOD}"),
+        "access_log: expected stderr, off, or a file path",
+    );
+    both_reject(
+        &GOOD.replace("http://127.0.0.1:9001", "http://u:p@127.0.0.1:9001"),
+        "routes[0].backends[0]: a URL cannot carry user:password@",
+    );
+    both_reject(
+        &GOOD.replace("127.0.0.1:9001", "127.0.0.1:0"),
+        "routes[0].backends[0]: port 0",
+    );
+    both_reject(
+        &GOOD.replace("listen: [\"127.0.0.1:0\"]", "listen: [\"127.0.0.1:9091\"]"),
+        "listen[0]: 127.0.0.1:9091 overlaps admin_listen",
+    );
+    both_reject(
+        &format!("{GOOD}    cost: 1\0\n"),
+        "line 9, column 12: control character U+0000",
+    );
+    let deep = format!(
+        "{GOOD}    costs: {}{}\n",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    let started = Instant::now();
+    both_reject(
+        &deep,
+        "line 9, column 44: collections nested more than 32 deep",
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let mut bomb = String::from("server:\n  a: &a [lol,lol,lol,lol,lol,lol,lol,lol,lol]\n");
+    for (prev, name) in ["a", "b", "c", "d", "e", "f", "g", "h"]
+        .iter()
+        .zip(["b", "c", "d", "e", "f", "g", "h", "i"])
+    {
+        let refs = vec![format!("*{prev}"); 9].join(",");
+        bomb.push_str(&format!("  {name}: &{name} [{refs}]\n"));
+    }
+    both_reject(
+        &GOOD.replace("server:\n", &bomb),
+        "the first alias is at line 3, column 10",
+    );
+    let yaml = format!("store:\n  keys_file: {{dir}}/keys.yaml\n{GOOD}");
+    let keys = format!(
+        "keys:\n  - {{sha256: \"{}\", name: b, credits: 1}}\n",
+        "+f".repeat(32)
+    );
+    let r = run_with(&["check"], &yaml, &[("keys.yaml", &keys)]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("keys[0].sha256: expected 64 hex digits"),
+        "{}",
+        r.stderr
+    );
+}
