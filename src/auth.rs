@@ -19,17 +19,10 @@ impl KeyHash {
         KeyHash(Sha256::digest(key.as_bytes()).into())
     }
 
-    /// Parse 64 hex digits.
-    pub fn from_hex(hex: &str) -> Option<KeyHash> {
-        let b = hex.as_bytes();
-        if b.len() != 64 {
-            return None;
-        }
+    /// Parse 64 hex digits (nothing else: no sign, no spaces).
+    pub fn from_hex(digits: &str) -> Option<KeyHash> {
         let mut out = [0u8; 32];
-        for (i, pair) in b.chunks(2).enumerate() {
-            let s = std::str::from_utf8(pair).ok()?;
-            out[i] = u8::from_str_radix(s, 16).ok()?;
-        }
+        ::hex::decode_to_slice(digits, &mut out).ok()?;
         Some(KeyHash(out))
     }
 
@@ -208,6 +201,9 @@ mod tests {
         assert_eq!(KeyHash::from_hex(&h.hex()), Some(h));
         assert_eq!(KeyHash::from_hex("9f86"), None);
         assert_eq!(KeyHash::from_hex(&"g".repeat(64)), None);
+        // u8::from_str_radix took "+f" as 15: a sign is not a hex digit.
+        assert_eq!(KeyHash::from_hex(&"+f".repeat(32)), None);
+        assert_eq!(KeyHash::from_hex(&format!("+{}", &h.hex()[1..])), None);
         assert!(!format!("{h:?}").contains(&h.hex()));
     }
 }

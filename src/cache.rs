@@ -37,6 +37,11 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Whole milliseconds of `d`, saturating at `u64::MAX`.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 impl Entry {
     pub fn is_fresh(&self, now: u64) -> bool {
         now < self.fresh_until
@@ -333,16 +338,17 @@ impl Cache {
     /// The shared tier is written in the background, off the request path.
     pub fn store(&self, key: &str, answer: &Answer, fresh: Duration, stale_if_error: Duration) {
         let now = now_ms();
+        // Saturating: `check` bounds both, but no TTL may panic a request.
+        let keep = fresh.saturating_add(stale_if_error);
         let entry = Arc::new(Entry {
             answer: Answer {
                 cache_control: None,
                 ..answer.clone()
             },
             stored_at: now,
-            fresh_until: now + fresh.as_millis() as u64,
-            stale_until: now + (fresh + stale_if_error).as_millis() as u64,
+            fresh_until: now.saturating_add(millis(fresh)),
+            stale_until: now.saturating_add(millis(keep)),
         });
-        let keep = fresh + stale_if_error;
         self.memory.put(key, entry.clone(), Some(keep));
         if let Some(shared) = &self.shared {
             let (shared, skey, bytes) = (shared.clone(), shared_key(key), entry.encode());
@@ -527,5 +533,16 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(matches!(cache.lookup("missing").await.found, Found::Miss));
+    }
+
+    #[tokio::test]
+    async fn huge_ttls_saturate_instead_of_panicking() {
+        let cache = Cache::new(100, None);
+        cache.store("k", &answer(None, "{}"), Duration::MAX, Duration::MAX);
+        let Found::Fresh(entry) = cache.lookup("k").await.found else {
+            panic!("a stored entry should be fresh")
+        };
+        assert_eq!(entry.fresh_until, u64::MAX);
+        assert_eq!(entry.stale_until, u64::MAX);
     }
 }

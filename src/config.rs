@@ -5,6 +5,7 @@
 //! and reject the same files.
 
 mod file;
+pub mod limits;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -195,13 +196,15 @@ impl Config {
     /// Read, parse and validate a configuration file.
     pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigErrors> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| {
+        let bytes = std::fs::read(path).map_err(|e| {
             ConfigErrors(vec![err(
                 "",
                 format!("cannot read {}: {e}", path.display()),
             )])
         })?;
-        let mut config = Config::from_yaml(&text)?;
+        let text = limits::precheck(&bytes, limits::MAX_CONFIG_BYTES)
+            .map_err(|e| ConfigErrors(vec![e]))?;
+        let mut config = Config::from_yaml(text)?;
         config.load_keys()?;
         Ok(config)
     }
@@ -213,9 +216,10 @@ impl Config {
             return Ok(());
         };
         let fail = |message: String| ConfigErrors(vec![err("store.keys_file", message)]);
-        let text =
-            std::fs::read_to_string(file).map_err(|e| fail(format!("cannot read {file}: {e}")))?;
-        self.store.keys = parse_keys(&text).map_err(|errors| {
+        let bytes = std::fs::read(file).map_err(|e| fail(format!("cannot read {file}: {e}")))?;
+        let text = limits::precheck(&bytes, limits::MAX_KEYS_BYTES)
+            .map_err(|e| fail(format!("{file}: {}", e.message)))?;
+        self.store.keys = parse_keys(text).map_err(|errors| {
             ConfigErrors(
                 errors
                     .into_iter()
@@ -228,9 +232,11 @@ impl Config {
 
     /// Parse and validate configuration text.
     pub fn from_yaml(text: &str) -> Result<Config, ConfigErrors> {
+        let text = limits::precheck(text.as_bytes(), limits::MAX_CONFIG_BYTES)
+            .map_err(|e| ConfigErrors(vec![e]))?;
         // serde_yaml's message starts with the field path ("routes[1].cost: ...").
-        let file: FileConfig =
-            serde_yaml::from_str(text).map_err(|e| ConfigErrors(vec![err("", e.to_string())]))?;
+        let file: FileConfig = serde_yaml::from_str(text)
+            .map_err(|e| ConfigErrors(vec![err("", limits::locate(&e, text))]))?;
         Config::try_from(file)
     }
 }
@@ -271,9 +277,7 @@ impl TryFrom<FileConfig> for Config {
                 ));
             }
         }
-        if file.store.timeout_ms == 0 {
-            errors.push(err("store.timeout_ms", "must be at least 1"));
-        }
+        limits::STORE_TIMEOUT_MS.check("store.timeout_ms", file.store.timeout_ms, &mut errors);
         let store = StoreConfig {
             redis_url: file.store.redis_url,
             key_prefix: file.store.key_prefix,
@@ -294,9 +298,11 @@ impl TryFrom<FileConfig> for Config {
                 format!("expected a query parameter name of letters, digits, _ - ., got \"{q}\""),
             ));
         }
-        if file.rate_limit.per_second == 0 {
-            errors.push(err("rate_limit.per_second", "must be at least 1"));
-        }
+        limits::RATE_PER_SECOND.check(
+            "rate_limit.per_second",
+            u64::from(file.rate_limit.per_second),
+            &mut errors,
+        );
 
         if file.routes.is_empty() {
             errors.push(err("routes", "must list at least one route"));
@@ -330,31 +336,38 @@ impl TryFrom<FileConfig> for Config {
                 timeout: Duration::from_millis(default_notify_timeout_ms()),
             },
             Some(n) => NotifyConfig {
+                min_interval: {
+                    let at = "notify.min_interval_seconds";
+                    limits::NOTIFY_INTERVAL.check(at, n.min_interval_seconds, &mut errors);
+                    limits::NOTIFY_TIMEOUT_MS.check("notify.timeout_ms", n.timeout_ms, &mut errors);
+                    Duration::from_secs(n.min_interval_seconds)
+                },
                 webhook_url: n.webhook_url.as_deref().and_then(|u| {
                     http_url("notify.webhook_url", u, &mut errors).map(|(uri, _)| uri)
                 }),
-                min_interval: Duration::from_secs(n.min_interval_seconds),
-                timeout: Duration::from_millis(n.timeout_ms.max(1)),
+                timeout: Duration::from_millis(n.timeout_ms),
             },
         };
 
-        if file.cache.memory_entries == 0 {
-            errors.push(err("cache.memory_entries", "must be at least 1"));
-        }
+        limits::MEMORY_ENTRIES.check(
+            "cache.memory_entries",
+            file.cache.memory_entries as u64,
+            &mut errors,
+        );
+        limits::LOCK_TIMEOUT_MS.check(
+            "cache.lock_timeout_ms",
+            file.cache.lock_timeout_ms,
+            &mut errors,
+        );
         let cache = GlobalCacheConfig {
             memory_entries: file.cache.memory_entries,
             lock_timeout: Duration::from_millis(file.cache.lock_timeout_ms),
         };
 
-        let access_log = match file.access_log.as_str() {
-            "stderr" => AccessTarget::Stderr,
-            "off" => AccessTarget::Off,
-            "" => {
-                errors.push(err("access_log", "expected stderr, off, or a file path"));
-                AccessTarget::Off
-            }
-            path => AccessTarget::File(path.into()),
-        };
+        let access_log = access_target(file.access_log, &mut errors);
+        if let Some(admin) = admin_listen {
+            check_listeners(&file.listen, admin, &mut errors);
+        }
 
         match (errors.is_empty(), server, admin_listen) {
             (true, Some(server), Some(admin_listen)) => Ok(Config {
@@ -382,6 +395,58 @@ impl TryFrom<FileConfig> for Config {
     }
 }
 
+/// `access_log`: `stderr`, `off` or a file path. A `~` is YAML's null (and
+/// no shell expands it here), so it and a path starting with it are refused.
+fn access_target(value: Option<String>, errors: &mut Vec<ConfigError>) -> AccessTarget {
+    const EXPECTED: &str = "expected stderr, off, or a file path";
+    match value.as_deref() {
+        Some("stderr") => AccessTarget::Stderr,
+        Some("off") => AccessTarget::Off,
+        None | Some("") => {
+            errors.push(err("access_log", format!("{EXPECTED}, got nothing")));
+            AccessTarget::Off
+        }
+        Some(path) if path.starts_with('~') => {
+            errors.push(err(
+                "access_log",
+                format!("{EXPECTED}; \"~\" is not expanded, write the full path, got \"{path}\""),
+            ));
+            AccessTarget::Off
+        }
+        Some(path) => AccessTarget::File(path.into()),
+    }
+}
+
+/// Two listeners on one address would share its connections (Pingora binds
+/// with SO_REUSEPORT), so client requests could reach the admin service.
+/// An unspecified address (`0.0.0.0`, `[::]`) overlaps every address of its port.
+fn check_listeners(listen: &[String], admin: SocketAddr, errors: &mut Vec<ConfigError>) {
+    let overlaps = |a: &SocketAddr, b: &SocketAddr| {
+        a.port() == b.port()
+            && a.port() != 0
+            && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+    };
+    let parsed: Vec<(usize, SocketAddr)> = listen
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| Some((i, t.parse().ok()?)))
+        .collect();
+    for (k, (i, a)) in parsed.iter().enumerate() {
+        if overlaps(a, &admin) {
+            errors.push(err(
+                format!("listen[{i}]"),
+                format!("{a} overlaps admin_listen {admin}: they must be different ports"),
+            ));
+        }
+        if let Some((j, b)) = parsed[..k].iter().find(|(_, b)| overlaps(a, b)) {
+            errors.push(err(
+                format!("listen[{i}]"),
+                format!("{a} overlaps listen[{j}] {b}"),
+            ));
+        }
+    }
+}
+
 fn unknown_value(path: &str, got: &str, expected: &str) -> ConfigError {
     err(
         path,
@@ -393,7 +458,7 @@ fn unknown_value(path: &str, got: &str, expected: &str) -> ConfigError {
 /// tollgate rejects them, so a misspelt `grace_period_second` is not silently lost.
 fn convert_server(value: Option<Value>, errors: &mut Vec<ConfigError>) -> Option<ServerConf> {
     let value = match value {
-        None | Some(Value::Null) => return Some(ServerConf::default()),
+        None | Some(Value::Null) => return Some(with_shutdown_defaults(ServerConf::default())),
         Some(v) => v,
     };
     let Value::Mapping(map) = &value else {
@@ -421,7 +486,7 @@ fn convert_server(value: Option<Value>, errors: &mut Vec<ConfigError>) -> Option
             ));
         }
     }
-    if !ok {
+    if !ok || !limits::check_server(map, errors) {
         return None;
     }
     let conf: ServerConf = match serde_yaml::from_value(value) {
@@ -440,12 +505,23 @@ fn convert_server(value: Option<Value>, errors: &mut Vec<ConfigError>) -> Option
         return None;
     }
     match conf.validate() {
-        Ok(c) => Some(c),
+        Ok(c) => Some(with_shutdown_defaults(c)),
         Err(e) => {
             errors.push(err("server", e.to_string()));
             None
         }
     }
+}
+
+/// Pingora waits 300 s (`grace_period_seconds`) after a SIGTERM or SIGQUIT
+/// before it stops, far past systemd's `TimeoutStopSec=30` in our unit; when
+/// the file leaves them out, tollgate's defaults keep a stop within ~15 s.
+fn with_shutdown_defaults(mut conf: ServerConf) -> ServerConf {
+    conf.grace_period_seconds
+        .get_or_insert(limits::DEFAULT_GRACE_PERIOD_SECONDS);
+    conf.graceful_shutdown_timeout_seconds
+        .get_or_insert(limits::DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_SECONDS);
+    conf
 }
 
 fn socket_addr(path: &str, text: &str, errors: &mut Vec<ConfigError>) -> Option<SocketAddr> {
@@ -481,7 +557,16 @@ fn http_url(path: &str, text: &str, errors: &mut Vec<ConfigError>) -> Option<(Ur
     if uri.query().is_some() {
         return fail(errors, "a backend URL cannot carry a query string");
     }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return fail(
+            errors,
+            "a URL cannot carry user:password@ (tollgate would not send it; it is refused rather than dropped)",
+        );
+    }
     let port = uri.port_u16().unwrap_or(80);
+    if port == 0 {
+        return fail(errors, "port 0 is not a port to connect to");
+    }
     let host_port = format!("{host}:{port}");
     Some((uri, host_port))
 }
@@ -568,20 +653,18 @@ fn convert_route(at: &str, r: FileRoute, errors: &mut Vec<ConfigError>) -> Optio
             SuccessRule::JsonStatus
         }
     };
-    if r.timeout_ms == 0 {
-        errors.push(err(format!("{at}.timeout_ms"), "must be at least 1"));
-    }
-    if r.hedge_after_ms == 0 {
-        errors.push(err(format!("{at}.hedge_after_ms"), "must be at least 1"));
-    }
-    if r.max_response_bytes == 0 {
-        errors.push(err(
-            format!("{at}.max_response_bytes"),
-            "must be at least 1",
-        ));
-    }
+    limits::TIMEOUT_MS.check(&format!("{at}.timeout_ms"), r.timeout_ms, errors);
+    limits::HEDGE_AFTER_MS.check(&format!("{at}.hedge_after_ms"), r.hedge_after_ms, errors);
+    limits::MAX_RESPONSE_BYTES.check(
+        &format!("{at}.max_response_bytes"),
+        r.max_response_bytes as u64,
+        errors,
+    );
+    limits::DRAIN_LOSERS_MS.check(&format!("{at}.drain_losers_ms"), r.drain_losers_ms, errors);
+    limits::COST.check(&format!("{at}.cost"), r.cost, errors);
     let mut costs: Vec<(String, u64)> = r.costs.into_iter().collect();
-    for (p, _) in &costs {
+    for (p, cost) in &costs {
+        limits::COSTS.check(&format!("{at}.costs[{p:?}]"), *cost, errors);
         if !p.starts_with(&r.prefix) {
             errors.push(err(
                 format!("{at}.costs"),
@@ -594,9 +677,17 @@ fn convert_route(at: &str, r: FileRoute, errors: &mut Vec<ConfigError>) -> Optio
     }
     costs.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
     let cache = r.cache.map(|c| {
-        if c.ttl_seconds == 0 {
-            errors.push(err(format!("{at}.cache.ttl_seconds"), "must be at least 1"));
-        }
+        limits::CACHE_TTL.check(&format!("{at}.cache.ttl_seconds"), c.ttl_seconds, errors);
+        limits::CACHE_STALE.check(
+            &format!("{at}.cache.stale_if_error_seconds"),
+            c.stale_if_error_seconds,
+            errors,
+        );
+        limits::CACHE_MAX_BODY.check(
+            &format!("{at}.cache.max_body_bytes"),
+            c.max_body_bytes as u64,
+            errors,
+        );
         CacheConfig {
             ttl: Duration::from_secs(c.ttl_seconds),
             stale_if_error: Duration::from_secs(c.stale_if_error_seconds),

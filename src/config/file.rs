@@ -29,12 +29,13 @@ pub(super) struct FileConfig {
     pub(super) notify: Option<FileNotify>,
     #[serde(default)]
     pub(super) cache: FileGlobalCache,
+    /// `Option` so that `access_log: ~` (null) is refused, not taken as "~".
     #[serde(default = "default_access_log")]
-    pub(super) access_log: String,
+    pub(super) access_log: Option<String>,
 }
 
-pub(super) fn default_access_log() -> String {
-    "stderr".to_string()
+pub(super) fn default_access_log() -> Option<String> {
+    Some("stderr".to_string())
 }
 
 #[derive(Debug, Deserialize)]

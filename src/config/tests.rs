@@ -177,3 +177,231 @@ fn cost_prefix_outside_route_is_rejected() {
         "{e:?}"
     );
 }
+
+#[test]
+fn numbers_that_broke_serve_are_refused_with_path_and_bound() {
+    let cases = [
+        (
+            format!("server:\n  threads: 0\n{MINIMAL}"),
+            "server.threads: must be at least 1",
+        ),
+        (
+            format!("{MINIMAL}    cache: {{ttl_seconds: 18446744073709551000}}\n"),
+            "routes[0].cache.ttl_seconds: must be at most 31536000, got 18446744073709551000",
+        ),
+        (
+            format!("{MINIMAL}    cache: {{ttl_seconds: 60, stale_if_error_seconds: 18446744073709551000}}\n"),
+            "routes[0].cache.stale_if_error_seconds: must be at most 31536000",
+        ),
+        (
+            format!("cache:\n  memory_entries: 1000000000000\n{MINIMAL}"),
+            "cache.memory_entries: must be at most 1000000, got 1000000000000",
+        ),
+        (
+            format!("cache:\n  memory_entries: 100000000\n{MINIMAL}"),
+            "cache.memory_entries: must be at most 1000000",
+        ),
+        (
+            format!("{MINIMAL}    costs: {{\"/api/v1/x\": 1000000001}}\n"),
+            "routes[0].costs[\"/api/v1/x\"]: must be at most 1000000000",
+        ),
+    ];
+    for (yaml, expected) in cases {
+        let e = errors_of(&yaml);
+        assert!(
+            e.iter().any(|m| m.starts_with(expected)),
+            "{expected}: {e:?}"
+        );
+    }
+}
+
+#[test]
+fn listeners_may_not_share_an_address() {
+    let e = errors_of(&format!(
+        "listen: [\"127.0.0.1:9091\"]\nadmin_listen: \"127.0.0.1:9091\"\n{MINIMAL}"
+    ));
+    assert_eq!(
+        e,
+        vec!["listen[0]: 127.0.0.1:9091 overlaps admin_listen 127.0.0.1:9091: they must be different ports"]
+    );
+    let e = errors_of(&format!(
+        "listen: [\"0.0.0.0:9091\"]\nadmin_listen: \"127.0.0.1:9091\"\n{MINIMAL}"
+    ));
+    assert!(
+        e[0].starts_with("listen[0]: 0.0.0.0:9091 overlaps admin_listen"),
+        "{e:?}"
+    );
+    let e = errors_of(&format!(
+        "listen: [\"127.0.0.1:8080\", \"0.0.0.0:8080\"]\n{MINIMAL}"
+    ));
+    assert_eq!(
+        e,
+        vec!["listen[1]: 0.0.0.0:8080 overlaps listen[0] 127.0.0.1:8080"]
+    );
+    // Port 0 (the kernel picks) and different ports are fine.
+    assert!(errors_of(&format!(
+        "listen: [\"127.0.0.1:0\", \"127.0.0.1:8081\"]\nadmin_listen: \"127.0.0.1:0\"\n{MINIMAL}"
+    ))
+    .is_empty());
+}
+
+#[test]
+fn access_log_null_or_tilde_is_refused() {
+    for value in ["~", "null", "\"~\"", "\"~/access.log\"", "\"\""] {
+        let e = errors_of(&format!("access_log: {value}\n{MINIMAL}"));
+        assert_eq!(e.len(), 1, "{value}: {e:?}");
+        assert!(
+            e[0].starts_with("access_log: expected stderr, off, or a file path"),
+            "{e:?}"
+        );
+    }
+    let c = Config::from_yaml(&format!("access_log: /tmp/a.log\n{MINIMAL}")).unwrap();
+    assert!(matches!(c.access_log, AccessTarget::File(p) if p == Path::new("/tmp/a.log")));
+}
+
+#[test]
+fn backend_userinfo_and_port_zero_are_refused() {
+    let e = errors_of(&MINIMAL.replace("http://127.0.0.1:9001", "http://user:pw@127.0.0.1:9001"));
+    assert!(
+        e[0].starts_with("routes[0].backends[0]: a URL cannot carry user:password@"),
+        "{e:?}"
+    );
+    let e = errors_of(&MINIMAL.replace("http://127.0.0.1:9001", "http://127.0.0.1:0"));
+    assert!(
+        e[0].starts_with("routes[0].backends[0]: port 0 is not a port"),
+        "{e:?}"
+    );
+    let e = errors_of(&format!(
+        "notify:\n  webhook_url: http://a:b@127.0.0.1:9/h\n{MINIMAL}"
+    ));
+    assert!(
+        e[0].starts_with("notify.webhook_url: a URL cannot carry"),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn text_problems_are_named_by_line_before_parsing() {
+    let e = errors_of(&format!("{MINIMAL}    cost: 1\0\n"));
+    assert_eq!(
+        e,
+        vec!["line 5, column 12: control character U+0000 (only tab and line breaks are allowed)"]
+    );
+    let deep = format!(
+        "{MINIMAL}    costs: {}{}\n",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    let started = std::time::Instant::now();
+    let e = errors_of(&deep);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        e,
+        vec!["line 5, column 44: collections nested more than 32 deep"]
+    );
+    // Brackets inside quotes and comments do not count.
+    let quoted = format!(
+        "{MINIMAL}    costs: {{\"/api/v1/{}\": 2}} # {}\n",
+        "[".repeat(40),
+        "{".repeat(40)
+    );
+    assert!(errors_of(&quoted).is_empty(), "{:?}", errors_of(&quoted));
+    let big = format!("{MINIMAL}{}", "#\n".repeat(limits::MAX_CONFIG_BYTES / 2));
+    assert!(
+        errors_of(&big)[0].starts_with("the file is "),
+        "{:?}",
+        errors_of(&big)
+    );
+}
+
+#[test]
+fn an_alias_bomb_names_its_first_alias() {
+    let mut bomb = String::from("server:\n  a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n");
+    for (prev, name) in ["a", "b", "c", "d", "e", "f", "g", "h"]
+        .iter()
+        .zip(["b", "c", "d", "e", "f", "g", "h", "i"])
+    {
+        bomb.push_str(&format!(
+            "  {name}: &{name} [{}]\n",
+            vec![format!("*{prev}"); 9].join(",")
+        ));
+    }
+    let e = errors_of(&format!("{bomb}{MINIMAL}"));
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].contains("the first alias is at line 3, column 10"),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn shutdown_timers_default_to_fit_the_unit() {
+    for yaml in [
+        MINIMAL.to_string(),
+        format!("server:\n  threads: 2\n{MINIMAL}"),
+    ] {
+        let c = Config::from_yaml(&yaml).unwrap();
+        assert_eq!(c.server.grace_period_seconds, Some(5));
+        assert_eq!(c.server.graceful_shutdown_timeout_seconds, Some(10));
+    }
+    let yaml = format!(
+        "server:\n  grace_period_seconds: 0\n  graceful_shutdown_timeout_seconds: 1\n{MINIMAL}"
+    );
+    let c = Config::from_yaml(&yaml).unwrap();
+    assert_eq!(c.server.grace_period_seconds, Some(0));
+    assert_eq!(c.server.graceful_shutdown_timeout_seconds, Some(1));
+}
+
+/// A Pingora upgrade that adds a numeric `server` field must add its bound.
+#[test]
+fn every_numeric_server_field_has_a_bound() {
+    const NOT_NUMERIC: &[&str] = &[
+        "daemon",
+        "error_log",
+        "pid_file",
+        "upgrade_sock",
+        "user",
+        "group",
+        "working_directory",
+        "work_stealing",
+        "runtime_enable_alt_timer",
+        "ca_file",
+        "client_bind_to_ipv4",
+        "client_bind_to_ipv6",
+        "upstream_debug_ssl_keylog",
+        "runtime_metrics_poll_time_histogram",
+        "runtime_metrics_poll_time_histogram_scale",
+        "daemon_wait_for_ready",
+    ];
+    let Ok(Value::Mapping(known)) = serde_yaml::to_value(ServerConf::default()) else {
+        panic!("ServerConf serializes to a mapping")
+    };
+    for key in known.keys().filter_map(Value::as_str) {
+        let bounded = limits::SERVER_BOUNDS
+            .iter()
+            .any(|b| b.path == format!("server.{key}"));
+        assert!(
+            bounded ^ NOT_NUMERIC.contains(&key),
+            "server.{key}: bound it or list it as not numeric"
+        );
+    }
+    for b in limits::SERVER_BOUNDS {
+        assert!(
+            known.contains_key(b.path.trim_start_matches("server.")),
+            "{}",
+            b.path
+        );
+    }
+}
+
+#[test]
+fn the_defaults_are_within_the_bounds() {
+    let c = Config::from_yaml(&format!(
+        "{MINIMAL}    cache: {{ttl_seconds: 60}}\nnotify: {{}}\n"
+    ));
+    assert!(c.is_ok(), "{c:?}");
+}

@@ -148,10 +148,12 @@ struct FileKey {
 
 /// Parse a keys file; plaintext keys are hashed here and dropped.
 pub fn parse_keys(text: &str) -> Result<Vec<KeyRecord>, Vec<ConfigError>> {
+    use crate::config::limits;
+    let text = limits::precheck(text.as_bytes(), limits::MAX_KEYS_BYTES).map_err(|e| vec![e])?;
     let file: FileKeys = serde_yaml::from_str(text).map_err(|e| {
         vec![ConfigError {
             path: String::new(),
-            message: e.to_string(),
+            message: limits::locate(&e, text),
         }]
     })?;
     let mut errors = Vec::new();
@@ -187,8 +189,14 @@ pub fn parse_keys(text: &str) -> Result<Vec<KeyRecord>, Vec<ConfigError>> {
         if k.name.is_empty() {
             fail("name", "must not be empty".into());
         }
-        if k.rate_per_second == Some(0) {
-            fail("rate_per_second", "must be at least 1".into());
+        if let Some(e) = limits::KEY_CREDITS.problem("credits", k.credits) {
+            fail("credits", e.message);
+        }
+        if let Some(e) = k
+            .rate_per_second
+            .and_then(|r| limits::KEY_RATE.problem("", r.into()))
+        {
+            fail("rate_per_second", e.message);
         }
         let state = match k.state.as_deref() {
             None | Some("active") => KeyState::Active,
