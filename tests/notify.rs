@@ -81,7 +81,7 @@ async fn no_failure_summary_follows_a_recovery() {
     .await;
     let hook = Origin::start(|_| Reply::json(200, "{}")).await;
     let top = format!(
-        "notify:\n  webhook_url: {}/hook\n  min_interval_seconds: 1",
+        "notify:\n  webhook_url: {}/hook\n  min_interval_seconds: 2",
         hook.url()
     );
     let gw = Gateway::start(&[route("t", "/api/", &[&backend], "")], &top).await;
@@ -98,7 +98,7 @@ async fn no_failure_summary_follows_a_recovery() {
             502
         );
     }
-    // Three more, held back (the next summary is due a second after the last).
+    // Three more, held back (the next summary is due 2 s after the last).
     for j in 1..=3 {
         assert_eq!(
             get_with_id(&c, &gw, "/api/x", &format!("pre-{}", i + j)).await,
