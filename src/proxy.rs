@@ -387,7 +387,6 @@ impl Gateway {
             self.recovered(ctx, route);
             return;
         }
-        self.failing[route].store(true, Ordering::Relaxed);
         self.notifier.notify(Event::Failed {
             route,
             reason: f.as_str(),
@@ -402,13 +401,16 @@ impl Gateway {
                 })
                 .collect(),
         });
+        // Only after the notifier has the failure, so that the recovery a
+        // concurrent success reports for it can never reach the notifier first.
+        self.failing[route].store(true, Ordering::Release);
     }
 }
 
 impl Gateway {
     /// Tell the notifier once when a route that had failed answers again.
     fn recovered(&self, ctx: &Ctx, route: usize) {
-        if self.failing[route].swap(false, Ordering::Relaxed) {
+        if self.failing[route].swap(false, Ordering::AcqRel) {
             self.notifier.notify(Event::Recovered {
                 route,
                 request_id: ctx.request_id.clone(),
