@@ -138,6 +138,10 @@ pub struct NotifyConfig {
     pub min_interval: Duration,
     /// Bound on one webhook attempt.
     pub timeout: Duration,
+    /// A `no_data` warning is posted when `no_data` answers reach this share
+    /// of a route's answers over `no_data_window` (0 < ratio ≤ 1).
+    pub no_data_ratio: f64,
+    pub no_data_window: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -334,6 +338,8 @@ impl TryFrom<FileConfig> for Config {
                 webhook_url: None,
                 min_interval: Duration::from_secs(default_min_interval()),
                 timeout: Duration::from_millis(default_notify_timeout_ms()),
+                no_data_ratio: default_no_data_ratio(),
+                no_data_window: Duration::from_secs(default_no_data_window()),
             },
             Some(n) => NotifyConfig {
                 min_interval: {
@@ -346,6 +352,12 @@ impl TryFrom<FileConfig> for Config {
                     http_url("notify.webhook_url", u, &mut errors).map(|(uri, _)| uri)
                 }),
                 timeout: Duration::from_millis(n.timeout_ms),
+                no_data_ratio: no_data_ratio(n.no_data_ratio, &mut errors),
+                no_data_window: {
+                    let (at, secs) = ("notify.no_data_window_seconds", n.no_data_window_seconds);
+                    limits::NOTIFY_NO_DATA_WINDOW.check(at, secs, &mut errors);
+                    Duration::from_secs(secs)
+                },
             },
         };
 
@@ -538,6 +550,18 @@ fn socket_addr(path: &str, text: &str, errors: &mut Vec<ConfigError>) -> Option<
 }
 
 /// Parse an `http://host[:port][/path]` URL; returns it with its `host:port`.
+/// `notify.no_data_ratio`: a share, more than 0 and at most 1.
+fn no_data_ratio(ratio: f64, errors: &mut Vec<ConfigError>) -> f64 {
+    if ratio > 0.0 && ratio <= 1.0 {
+        return ratio;
+    }
+    errors.push(err(
+        "notify.no_data_ratio",
+        format!("must be more than 0 and at most 1 (a share of the route's answers), got {ratio}"),
+    ));
+    default_no_data_ratio()
+}
+
 fn http_url(path: &str, text: &str, errors: &mut Vec<ConfigError>) -> Option<(Uri, String)> {
     let fail = |errors: &mut Vec<ConfigError>, why: &str| {
         errors.push(err(path, format!("{why}, got \"{text}\"")));

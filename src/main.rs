@@ -107,12 +107,8 @@ fn serve(mut config: Config, opt: Opt) -> ExitCode {
             Arc::new(MemoryStore::new(&config.store.keys))
         }
     };
-    let (notifier, notifier_service) = notify::channel(
-        config.notify.webhook_url.clone(),
-        config.notify.min_interval,
-        config.notify.timeout,
-        metrics.notifications(),
-    );
+    let (notifier, notifier_service) =
+        notify::channel(&config.notify, &config.routes, metrics.notifications());
     let (access_log, access_log_service) =
         logging::access_log(config.access_log.clone(), metrics.access_log_dropped());
     let draining = Draining::default();

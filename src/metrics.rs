@@ -25,6 +25,9 @@ pub const STORE_OPS: [&str; 3] = ["lookup", "charge", "refund"];
 /// The `result` label of `tollgate_cache_total`.
 pub const CACHE_RESULTS: [&str; 4] = ["hit", "miss", "stale", "error"];
 
+/// The `outcome` label of `tollgate_notifications_total`.
+pub const NOTIFICATION_OUTCOMES: [&str; 5] = ["sent", "failed", "timeout", "suppressed", "dropped"];
+
 /// The route label of a request that matched no route.
 pub const UNMATCHED: &str = "unmatched";
 
@@ -165,7 +168,7 @@ impl Metrics {
             notifications: counter(
                 r,
                 "tollgate_notifications_total",
-                "Failure notifications by outcome: sent, failed (webhook gave up), suppressed (held back by min_interval), dropped (queue full).",
+                "Failure notifications by outcome: sent (webhook answered 2xx), failed (never delivered after 3 attempts), timeout (delivered, no answer within timeout_ms; not retried), suppressed (an event held back by min_interval), dropped (a post found its route's queue full).",
                 &["outcome"],
             )?,
             access_log_dropped: {
@@ -183,6 +186,9 @@ impl Metrics {
         }
         for reject in Reject::ALL.into_iter().filter(|r| r.is_rejection()) {
             m.rejections.with_label_values(&[reject.code()]);
+        }
+        for outcome in NOTIFICATION_OUTCOMES {
+            m.notifications.with_label_values(&[outcome]);
         }
         for op in STORE_OPS {
             m.store_errors.with_label_values(&[op]);
@@ -268,6 +274,7 @@ impl Metrics {
         crate::notify::Counters {
             sent: c("sent"),
             failed: c("failed"),
+            timeout: c("timeout"),
             suppressed: c("suppressed"),
             dropped: c("dropped"),
         }

@@ -23,7 +23,7 @@ use crate::limits::{Decision, Limiter};
 use crate::logging::{self, AccessLine, AccessLog};
 use crate::metrics::{Metrics, UNMATCHED};
 use crate::notify::{BackendReport, Event, Notifier};
-use crate::race::{Answer, RaceReport, Racer, RouteUpstream, UpstreamRequest};
+use crate::race::{Answer, Failure, RaceReport, Racer, RouteUpstream, UpstreamRequest};
 use crate::respond::{self, Common, Reject};
 use crate::router::{self, RouteTable};
 use crate::store::{Charge, KeyState, Store, StoreError};
@@ -364,21 +364,16 @@ impl Gateway {
     }
 
     fn log_race(&self, ctx: &Ctx, route: usize) {
+        self.notifier.answered(route);
         let Some(report) = &ctx.race else { return };
         let winner = report.winner.as_ref().map(|(i, _)| *i);
         let failure = winner.is_none().then(|| report.failure());
         self.metrics.race(route, &report.attempts, winner, failure);
         let name = &self.routes[route].name;
         let Some(f) = failure else {
-            if self.failing[route].swap(false, Ordering::Relaxed) {
-                self.notifier.notify(Event::Recovered {
-                    route: name.clone(),
-                    request_id: ctx.request_id.clone(),
-                });
-            }
+            self.recovered(ctx, route);
             return;
         };
-        self.failing[route].store(true, Ordering::Relaxed);
         let labels: Vec<&str> = self.upstreams[route]
             .replicas
             .iter()
@@ -392,8 +387,15 @@ impl Gateway {
             &labels,
             &report.attempts,
         );
+        // "No such data" is the data API working: it only counts toward the
+        // route's no_data share, and ends an outage like a success.
+        if f == Failure::NoData {
+            self.notifier.no_data(route);
+            self.recovered(ctx, route);
+            return;
+        }
         self.notifier.notify(Event::Failed {
-            route: name.clone(),
+            route,
             reason: f.as_str(),
             request_id: ctx.request_id.clone(),
             backends: report
@@ -406,6 +408,21 @@ impl Gateway {
                 })
                 .collect(),
         });
+        // Only after the notifier has the failure, so that the recovery a
+        // concurrent success reports for it can never reach the notifier first.
+        self.failing[route].store(true, Ordering::Release);
+    }
+}
+
+impl Gateway {
+    /// Tell the notifier once when a route that had failed answers again.
+    fn recovered(&self, ctx: &Ctx, route: usize) {
+        if self.failing[route].swap(false, Ordering::AcqRel) {
+            self.notifier.notify(Event::Recovered {
+                route,
+                request_id: ctx.request_id.clone(),
+            });
+        }
     }
 }
 

@@ -239,6 +239,18 @@ pub(super) struct FileNotify {
     pub(super) min_interval_seconds: u64,
     #[serde(default = "default_notify_timeout_ms")]
     pub(super) timeout_ms: u64,
+    #[serde(default = "default_no_data_ratio")]
+    pub(super) no_data_ratio: f64,
+    #[serde(default = "default_no_data_window")]
+    pub(super) no_data_window_seconds: u64,
+}
+
+pub(super) fn default_no_data_ratio() -> f64 {
+    0.5
+}
+
+pub(super) fn default_no_data_window() -> u64 {
+    300
 }
 
 pub(super) fn default_notify_timeout_ms() -> u64 {

@@ -67,6 +67,8 @@ pub const CACHE_MAX_BODY: Bound = bound(
 );
 pub const NOTIFY_INTERVAL: Bound = bound("notify.min_interval_seconds", 0, 86_400, "one day");
 pub const NOTIFY_TIMEOUT_MS: Bound = bound("notify.timeout_ms", 1, MINUTE_MS, "");
+pub const NOTIFY_NO_DATA_WINDOW: Bound =
+    bound("notify.no_data_window_seconds", 1, 86_400, "one day");
 pub const MEMORY_ENTRIES: Bound = bound(
     "cache.memory_entries",
     1,
@@ -140,6 +142,7 @@ pub const BOUNDS: &[Bound] = &[
     CACHE_MAX_BODY,
     NOTIFY_INTERVAL,
     NOTIFY_TIMEOUT_MS,
+    NOTIFY_NO_DATA_WINDOW,
     MEMORY_ENTRIES,
     LOCK_TIMEOUT_MS,
     KEY_CREDITS,

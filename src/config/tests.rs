@@ -405,3 +405,44 @@ fn the_defaults_are_within_the_bounds() {
     ));
     assert!(c.is_ok(), "{c:?}");
 }
+
+#[test]
+fn notify_no_data_rule_defaults_and_values() {
+    for yaml in [
+        MINIMAL.to_string(),
+        format!("notify:\n  min_interval_seconds: 60\n{MINIMAL}"),
+    ] {
+        let n = Config::from_yaml(&yaml).unwrap().notify;
+        assert_eq!(n.no_data_ratio, 0.5);
+        assert_eq!(n.no_data_window, Duration::from_secs(300));
+    }
+    for (ratio, window) in [("0.05", 1), ("0.25", 60), ("1", 86_400)] {
+        let yaml = format!(
+            "notify:\n  no_data_ratio: {ratio}\n  no_data_window_seconds: {window}\n{MINIMAL}"
+        );
+        let n = Config::from_yaml(&yaml).unwrap().notify;
+        assert_eq!(n.no_data_ratio, ratio.parse::<f64>().unwrap());
+        assert_eq!(n.no_data_window, Duration::from_secs(window));
+    }
+}
+
+#[test]
+fn notify_no_data_rule_bad_values_name_the_field() {
+    for ratio in ["0", "-0.1", "1.5", ".nan"] {
+        let yaml = format!("notify:\n  no_data_ratio: {ratio}\n{MINIMAL}");
+        let e = errors_of(&yaml);
+        assert_eq!(e.len(), 1, "{ratio}: {e:?}");
+        assert!(
+            e[0].starts_with("notify.no_data_ratio: must be more than 0 and at most 1"),
+            "{e:?}"
+        );
+    }
+    let e = errors_of(&format!("notify:\n  no_data_window_seconds: 0\n{MINIMAL}"));
+    assert_eq!(e, ["notify.no_data_window_seconds: must be at least 1"]);
+    for bad in ["no_data_ratio: half", "no_data_window_seconds: -5"] {
+        let e = errors_of(&format!("notify:\n  {bad}\n{MINIMAL}"));
+        assert_eq!(e.len(), 1, "{bad}: {e:?}");
+        let field = bad.split(':').next().unwrap();
+        assert!(e[0].starts_with(&format!("notify.{field}")), "{e:?}");
+    }
+}
