@@ -160,7 +160,8 @@ const POLL: Duration = Duration::from_millis(20);
 /// or why the reload failed (the running process then still serves unless
 /// the message says otherwise).
 pub fn reload(config: &Config, conf: &Path, pid: Option<u32>) -> Result<String, String> {
-    let deadline = Instant::now() + RELOAD_WITHIN;
+    let started = Instant::now();
+    let deadline = started + RELOAD_WITHIN;
     let pid_file = &config.server.pid_file;
     let old = match pid {
         Some(p) if alive(p) => p,
@@ -201,6 +202,8 @@ pub fn reload(config: &Config, conf: &Path, pid: Option<u32>) -> Result<String, 
         std::thread::sleep(POLL);
     }
 
+    let waiting = started.elapsed();
+
     // 2. Only now is the old process asked for its sockets.
     send_quit(old)?;
 
@@ -222,6 +225,7 @@ pub fn reload(config: &Config, conf: &Path, pid: Option<u32>) -> Result<String, 
             "the new process failed ({status}) while taking the sockets over from {old}"
         ));
     }
+    let handed = started.elapsed();
 
     // 4. The PID file names the new daemon.
     let daemon = loop {
@@ -245,7 +249,13 @@ pub fn reload(config: &Config, conf: &Path, pid: Option<u32>) -> Result<String, 
         }
         match health(admin) {
             Some((200, Some(p))) if p == daemon => {
-                return Ok(format!("reloaded: process {old} handed over to {daemon}"))
+                return Ok(format!(
+                    "reloaded: process {old} handed over to {daemon} (new process waiting \
+                     {:.2} s, sockets held {:.2} s, serving {:.2} s after the start)",
+                    waiting.as_secs_f64(),
+                    handed.as_secs_f64(),
+                    started.elapsed().as_secs_f64()
+                ))
             }
             Some((status, Some(p))) if p == daemon => last = format!("/healthz {status}"),
             _ => {}
