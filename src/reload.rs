@@ -93,9 +93,12 @@ impl ShutdownSignalWatch for Signals {
 }
 
 /// After a hand-over, whether the proxy listeners live on elsewhere (this
-/// process has closed its own by now); if not, the hand-over failed.
+/// process has closed its own by now); if not, the hand-over failed. When
+/// that cannot be told, it is assumed to have worked.
 pub fn taken_over(listen: &[SocketAddr]) -> bool {
-    listen.iter().all(|a| listeners::listened_on(*a))
+    listen
+        .iter()
+        .all(|a| listeners::listened_on(*a).unwrap_or(true))
 }
 
 /// The PID a PID file names, if it names a running process.
