@@ -462,7 +462,10 @@ mod tests {
         assert!(why.contains("proxy: starting"), "{why}");
         h.set("proxy", State::Accepting);
         assert_eq!(h.verdict(), Ok(()));
-        h.set("proxy", State::Stopped("shutting down, no longer accepting".into()));
+        h.set(
+            "proxy",
+            State::Stopped("shutting down, no longer accepting".into()),
+        );
         let why = h.verdict().unwrap_err();
         assert_eq!(why, "proxy: shutting down, no longer accepting");
     }

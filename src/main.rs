@@ -163,8 +163,7 @@ fn serve(mut config: Config, opt: Opt) -> ExitCode {
     server.run(RunArgs {
         shutdown_signal: Box::new(signals),
     });
-    if handed_over.load(std::sync::atomic::Ordering::Relaxed)
-        && !reload::taken_over(&config.listen)
+    if handed_over.load(std::sync::atomic::Ordering::Relaxed) && !reload::taken_over(&config.listen)
     {
         log::error!("handed the sockets over, but no process listens on them now");
         return ExitCode::FAILURE;

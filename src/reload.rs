@@ -103,7 +103,11 @@ pub fn taken_over(listen: &[SocketAddr]) -> bool {
 
 /// The PID a PID file names, if it names a running process.
 pub fn running_pid(pid_file: &str) -> Option<u32> {
-    let pid: u32 = std::fs::read_to_string(pid_file).ok()?.trim().parse().ok()?;
+    let pid: u32 = std::fs::read_to_string(pid_file)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     alive(pid).then_some(pid)
 }
 
@@ -169,8 +173,9 @@ pub fn reload(config: &Config, conf: &Path, pid: Option<u32>) -> Result<String, 
     let old = match pid {
         Some(p) if alive(p) => p,
         Some(p) => return Err(format!("process {p} is not running")),
-        None => running_pid(pid_file)
-            .ok_or_else(|| format!("{pid_file} names no running process"))?,
+        None => {
+            running_pid(pid_file).ok_or_else(|| format!("{pid_file} names no running process"))?
+        }
     };
     let exe = std::env::current_exe().map_err(|e| format!("cannot find own binary: {e}"))?;
     let mut new = Command::new(exe)
