@@ -1,5 +1,11 @@
 //! The admin listener (`admin_listen`, loopback by default): `GET /healthz`
 //! and `GET /metrics`, the latter served by `pingora-prometheus`.
+//!
+//! `/healthz` answers 200 only while every listener of the process accepts
+//! (see `listeners::Health`), otherwise 503 with the reason; both carry the
+//! answering process's `pid`, because after a hand-over the old and the new
+//! process share this listener for a while and `tollgate reload` must hear
+//! the new one.
 
 use async_trait::async_trait;
 use http::Response;
@@ -8,10 +14,25 @@ use pingora::protocols::http::ServerSession;
 use pingora::services::listening::Service;
 use pingora_prometheus::PrometheusHttpApp;
 
+use crate::listeners::Health;
 use crate::respond::{error_body, Reject};
 
 pub struct AdminApp {
     metrics: PrometheusHttpApp,
+    health: Health,
+}
+
+/// The `/healthz` answer: status and JSON body.
+fn healthz(health: &Health) -> (u16, Vec<u8>) {
+    let pid = std::process::id();
+    let (status, body) = match health.verdict() {
+        Ok(()) => (200, serde_json::json!({"status": true, "pid": pid})),
+        Err(reason) => (
+            503,
+            serde_json::json!({"status": false, "error": "not_ready", "message": reason, "pid": pid}),
+        ),
+    };
+    (status, serde_json::to_vec(&body).unwrap_or_default())
 }
 
 fn simple(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -43,17 +64,21 @@ impl ServeHttp for AdminApp {
             return resp;
         }
         match req.uri.path() {
-            "/healthz" => simple(200, "text/plain", b"ok\n".to_vec()),
+            "/healthz" => {
+                let (status, body) = healthz(&self.health);
+                simple(status, "application/json", body)
+            }
             "/metrics" => self.metrics.response(session).await,
             _ => simple(404, "application/json", error_body(Reject::NoRoute)),
         }
     }
 }
 
-/// The admin service, listening on `addr`.
-pub fn service(addr: &str) -> Service<HttpServer<AdminApp>> {
+/// The admin service, listening on `addr`, answering `/healthz` from `health`.
+pub fn service(addr: &str, health: Health) -> Service<HttpServer<AdminApp>> {
     let app = HttpServer::new_app(AdminApp {
         metrics: PrometheusHttpApp,
+        health,
     });
     let mut service = Service::new("tollgate admin".to_string(), app);
     service.add_tcp(addr);

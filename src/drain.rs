@@ -3,7 +3,10 @@
 //! old one drops every idle keep-alive connection at once, racing any client
 //! that is just sending on one. So once an upgrade or a shutdown begins,
 //! answers carry `Connection: close`: keep-alive clients move to fresh
-//! connections (taken by the new process) while both still accept.
+//! connections (taken by the new process) while both still accept. (A fresh
+//! connection accepted just before a process stops accepting is the other
+//! half: `listeners` binds with `TCP_DEFER_ACCEPT` so that it already holds
+//! its request.)
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};

@@ -6,18 +6,19 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use pingora::server::configuration::Opt;
-use pingora::server::Server;
+use pingora::server::{RunArgs, Server};
 
 use pingora::services::background::background_service;
 use tollgate::config::Config;
 use tollgate::drain::{Draining, PhaseWatch};
 use tollgate::keys::KeysCommand;
+use tollgate::listeners::{Guarded, Health};
 use tollgate::metrics::Metrics;
 use tollgate::proxy::Gateway;
 use tollgate::store::memory::MemoryStore;
 use tollgate::store::redis::RedisStore;
 use tollgate::store::Store;
-use tollgate::{admin, demo, logging, notify};
+use tollgate::{admin, demo, logging, notify, reload};
 
 /// glibc's malloc took about 12% of the CPU on the race path (profiled with
 /// perf, see bench/RESULTS.md); mimalloc's thread-local free lists cost less.
@@ -54,6 +55,14 @@ enum Command {
     },
     /// Validate the configuration; print each problem with its field path.
     Check,
+    /// Graceful upgrade to a new process on FILE (the unit's ExecReload):
+    /// start `serve -u -d`, hand over from the running process once the new
+    /// one waits for the sockets, return once the new one serves.
+    Reload {
+        /// The running process (default: the one `server.pid_file` names).
+        #[arg(long)]
+        pid: Option<u32>,
+    },
     /// Run the gateway with demo backends listening on the config's backend addresses.
     Demo,
     /// Manage API keys in the configured store.
@@ -82,6 +91,14 @@ fn load(conf: Option<&PathBuf>) -> Result<Config, ExitCode> {
 }
 
 fn serve(mut config: Config, opt: Opt) -> ExitCode {
+    if opt.upgrade {
+        // Before the running process is asked for its sockets.
+        let old = reload::running_pid(&config.server.pid_file);
+        if let Err(e) = reload::preflight(&config, old) {
+            eprintln!("tollgate serve -u: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let metrics = match Metrics::register(&config.routes) {
         Ok(m) => Arc::new(m),
         Err(e) => {
@@ -129,12 +146,24 @@ fn serve(mut config: Config, opt: Opt) -> ExitCode {
     for addr in &config.listen {
         proxy.add_tcp(&addr.to_string());
     }
-    server.add_service(proxy);
-    server.add_service(admin::service(&config.admin_listen.to_string()));
+    let health = Health::default();
+    server.add_service(Guarded::new(proxy, "proxy", &health));
+    let admin = admin::service(&config.admin_listen.to_string(), health.clone());
+    server.add_service(Guarded::new(admin, "admin", &health));
     server.add_service(background_service("notifier", notifier_service));
     server.add_service(background_service("access log", access_log_service));
     server.add_service(background_service("drain", phases));
-    server.run_forever()
+    let signals = reload::Signals::new(&server.configuration.upgrade_sock);
+    let handed_over = signals.handed_over();
+    server.run(RunArgs {
+        shutdown_signal: Box::new(signals),
+    });
+    if handed_over.load(std::sync::atomic::Ordering::Relaxed) && !reload::taken_over(&config.listen)
+    {
+        log::error!("handed the sockets over, but no process listens on them now");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
 }
 
 fn main() -> ExitCode {
@@ -147,6 +176,21 @@ fn main() -> ExitCode {
         Command::Check => {
             println!("configuration OK: {} route(s)", config.routes.len());
             ExitCode::SUCCESS
+        }
+        Command::Reload { pid } => {
+            let Some(conf) = cli.conf.as_ref() else {
+                return ExitCode::from(2);
+            };
+            match reload::reload(&config, conf, pid) {
+                Ok(done) => {
+                    println!("{done}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("tollgate reload: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Serve {
             daemon,

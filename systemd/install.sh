@@ -7,11 +7,19 @@
 #                                        # no user, no systemctl
 #   TOLLGATE_BIN=path systemd/install.sh # install that binary instead of building one
 #
-# Puts: /usr/local/bin/tollgate, /etc/tollgate/tollgate.yaml and keys.yaml
-# (only if not there yet: an existing config is never overwritten),
+# Puts: /usr/local/bin/tollgate, /etc/tollgate/tollgate.yaml and an empty
+# keys.yaml (only if not there yet: an existing config is never overwritten),
 # /etc/systemd/system/tollgate.service, /usr/local/share/doc/tollgate/README.md,
-# and a `tollgate` system user.
+# and a `tollgate` system user. No API key is installed: the repository's
+# demo keys (conf/keys.yaml) are public; make the first key with
+# `tollgate keys create` (printed at the end).
 set -euo pipefail
+# TOLLGATE_BIN may be relative to where the script was started from.
+src_bin=${TOLLGATE_BIN:-}
+case $src_bin in
+  "" | /*) ;;
+  *) src_bin=$PWD/$src_bin ;;
+esac
 cd "$(dirname "$0")/.."
 root=${DESTDIR:-}
 bin=$root/usr/local/bin/tollgate
@@ -30,7 +38,6 @@ if [ "${1:-}" = "--uninstall" ]; then
   exit 0
 fi
 
-src_bin=${TOLLGATE_BIN:-}
 if [ -z "$src_bin" ]; then
   cargo build --release --locked
   src_bin=target/release/tollgate
@@ -48,7 +55,18 @@ if [ ! -e "$etc/tollgate.yaml" ]; then
   chmod 0640 "$etc/tollgate.yaml"
 fi
 if [ ! -e "$etc/keys.yaml" ]; then
-  install -m 0640 conf/keys.yaml "$etc/keys.yaml"
+  # Empty: every request gets 401 until the operator makes a key.
+  cat > "$etc/keys.yaml" <<'KEYS'
+# API keys of the embedded store (store.keys_file), loaded at start and on
+# reload. None yet: make one with
+#   sudo tollgate keys create --name NAME --credits N -c /etc/tollgate/tollgate.yaml
+# (it prints the key once and appends only its SHA-256 here), then
+#   sudo systemctl reload tollgate
+# Entry format: see conf/keys.yaml in the repository (its demo keys are public:
+# never copy them here).
+keys:
+KEYS
+  chmod 0640 "$etc/keys.yaml"
 fi
 "$bin" check -c "$etc/tollgate.yaml" >/dev/null 2>&1 || [ -n "$root" ] || {
   echo "warning: $etc/tollgate.yaml does not pass 'tollgate check'" >&2
@@ -64,4 +82,9 @@ if [ -z "$root" ]; then
   echo "installed; edit $etc/tollgate.yaml, then: systemctl start tollgate"
 else
   echo "staged under $root"
+fi
+if ! grep -qE '^[[:space:]]*-' "$etc/keys.yaml"; then
+  echo "no API keys yet (every request gets 401); make the first one with:"
+  echo "  sudo ${bin#"$root"} keys create --name NAME --credits N -c ${etc#"$root"}/tollgate.yaml"
+  echo "  sudo systemctl reload tollgate"
 fi
