@@ -214,6 +214,9 @@ async fn read_head(
         }
         let idle = pending.is_empty();
         let read = tokio::select! {
+            // Read first: bytes already waiting (a fresh connection's request,
+            // with TCP_DEFER_ACCEPT) are served even when shutdown is set.
+            biased;
             read = tokio::time::timeout(IDLE, l4.read_buf(pending)) => read,
             // Pingora drops idle keep-alive connections at shutdown; so do we.
             _ = shutdown.wait_for(|down| *down), if idle => return Read::Gone,
