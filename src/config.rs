@@ -179,7 +179,21 @@ pub struct Route {
     /// How long a race's losers may still finish, in the background, so that
     /// their connections go back to the pool instead of being closed.
     pub drain_losers: Duration,
+    /// Passive health of the backends; `None`: never skip one.
+    pub health: Option<HealthPolicy>,
 }
+
+/// When a backend is skipped (`routes[].health`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthPolicy {
+    /// Failed attempts in a row that make a backend skipped.
+    pub failures: u32,
+    /// How long it is skipped before one request may try it again.
+    pub skip: Duration,
+}
+
+/// The longest `routes[].health.skip_seconds` accepted: a day.
+const MAX_SKIP_SECONDS: u64 = 86_400;
 
 impl Route {
     /// The cost of a request path: the longest matching `costs` prefix, else `cost`.
@@ -603,6 +617,7 @@ fn convert_route(at: &str, r: FileRoute, errors: &mut Vec<ConfigError>) -> Optio
             max_body_bytes: c.max_body_bytes,
         }
     });
+    let health = convert_health(at, &r.health, errors);
     if errors.len() > before {
         return None;
     }
@@ -619,6 +634,31 @@ fn convert_route(at: &str, r: FileRoute, errors: &mut Vec<ConfigError>) -> Optio
         cache,
         max_response_bytes: r.max_response_bytes,
         drain_losers: Duration::from_millis(r.drain_losers_ms),
+        health,
+    })
+}
+
+/// `failures: 0` turns passive health off.
+fn convert_health(
+    at: &str,
+    h: &FileHealth,
+    errors: &mut Vec<ConfigError>,
+) -> Option<HealthPolicy> {
+    if h.failures == 0 {
+        return None;
+    }
+    if !(1..=MAX_SKIP_SECONDS).contains(&h.skip_seconds) {
+        errors.push(err(
+            format!("{at}.health.skip_seconds"),
+            format!(
+                "expected 1 to {MAX_SKIP_SECONDS} seconds, got {}",
+                h.skip_seconds
+            ),
+        ));
+    }
+    Some(HealthPolicy {
+        failures: h.failures,
+        skip: Duration::from_secs(h.skip_seconds),
     })
 }
 
