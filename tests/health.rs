@@ -203,6 +203,37 @@ async fn race_stops_starting_a_hung_backend_during_the_skip_period() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_merely_loses_races_stays_healthy() {
+    // It answers 15 ms after the winner: within the drain, or, without one,
+    // cancelled before it had run much longer than the winner.
+    let fast = Origin::json("fast", true, 0).await;
+    let slower = Origin::json("slower", true, 15).await;
+    for drain in [50, 0] {
+        let gw = Gateway::start(
+            &[route(
+                "r",
+                "/api/",
+                &[&fast, &slower],
+                &format!("drain_losers_ms: {drain}\nhealth: {{failures: 2, skip_seconds: 60}}"),
+            )],
+            "",
+        )
+        .await;
+        for _ in 0..8 {
+            assert_eq!(get(&gw.url("/api/x")).await.0, 200);
+        }
+        // Every race started it (with no drain, a request cancelled at once
+        // may never reach it: the gateway's count is the one to read).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while attempts(&gw, "r", &slower).await < 8.0 {
+            assert!(Instant::now() < deadline, "drain {drain}:\n{}", gw.metrics().await);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(healthy(&gw, "r", &slower).await, Some(1.0), "drain {drain}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_skipped_backend_is_tried_when_every_other_one_failed() {
     let (flaky, flaky_mode) = switchable("flaky", ERROR).await;
     let (good, good_mode) = switchable("good", OK).await;
