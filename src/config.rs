@@ -639,11 +639,7 @@ fn convert_route(at: &str, r: FileRoute, errors: &mut Vec<ConfigError>) -> Optio
 }
 
 /// `failures: 0` turns passive health off.
-fn convert_health(
-    at: &str,
-    h: &FileHealth,
-    errors: &mut Vec<ConfigError>,
-) -> Option<HealthPolicy> {
+fn convert_health(at: &str, h: &FileHealth, errors: &mut Vec<ConfigError>) -> Option<HealthPolicy> {
     if h.failures == 0 {
         return None;
     }

@@ -217,7 +217,9 @@ impl Metrics {
                 .iter()
                 .map(|b| {
                     let label = b.label.as_str();
-                    self.backend_healthy.with_label_values(&[name, label]).set(1);
+                    self.backend_healthy
+                        .with_label_values(&[name, label])
+                        .set(1);
                     BackendSeries {
                         outcomes: Outcome::ALL.map(|o| {
                             self.backend_requests

@@ -113,9 +113,11 @@ async fn hedge_stops_waiting_for_a_hung_backend_and_takes_it_back_when_it_answer
         let (status, took) = get(&gw.url("/api/x")).await;
         assert_eq!(status, 200);
         before.push(took);
-        wait_until("the hung backend to get the request", Duration::from_secs(5), || {
-            hung.hits() == i
-        })
+        wait_until(
+            "the hung backend to get the request",
+            Duration::from_secs(5),
+            || hung.hits() == i,
+        )
         .await;
     }
     wait_healthy(&gw, "h", &hung, 0.0).await;
@@ -140,7 +142,11 @@ async fn hedge_stops_waiting_for_a_hung_backend_and_takes_it_back_when_it_answer
     mode.store(OK, Ordering::SeqCst);
     let deadline = Instant::now() + Duration::from_secs(15);
     while healthy(&gw, "h", &hung).await != Some(1.0) {
-        assert!(Instant::now() < deadline, "never taken back:\n{}", gw.logs());
+        assert!(
+            Instant::now() < deadline,
+            "never taken back:\n{}",
+            gw.logs()
+        );
         assert_eq!(get(&gw.url("/api/x")).await.0, 200);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -170,9 +176,11 @@ async fn race_stops_starting_a_hung_backend_during_the_skip_period() {
     for i in 1..=3 {
         assert_eq!(get(&gw.url("/api/x")).await.0, 200);
         // The loser may reach its backend after the winner answered.
-        wait_until("the hung backend to get the request", Duration::from_secs(5), || {
-            hung.hits() == i
-        })
+        wait_until(
+            "the hung backend to get the request",
+            Duration::from_secs(5),
+            || hung.hits() == i,
+        )
         .await;
     }
     wait_healthy(&gw, "r", &hung, 0.0).await;
@@ -226,7 +234,11 @@ async fn a_replica_that_merely_loses_races_stays_healthy() {
         // may never reach it: the gateway's count is the one to read).
         let deadline = Instant::now() + Duration::from_secs(5);
         while attempts(&gw, "r", &slower).await < 8.0 {
-            assert!(Instant::now() < deadline, "drain {drain}:\n{}", gw.metrics().await);
+            assert!(
+                Instant::now() < deadline,
+                "drain {drain}:\n{}",
+                gw.metrics().await
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(healthy(&gw, "r", &slower).await, Some(1.0), "drain {drain}");
@@ -249,9 +261,11 @@ async fn a_skipped_backend_is_tried_when_every_other_one_failed() {
     .await;
     for i in 1..=2 {
         assert_eq!(get(&gw.url("/api/x")).await.0, 200);
-        wait_until("the flaky backend to get the request", Duration::from_secs(5), || {
-            flaky.hits() == i
-        })
+        wait_until(
+            "the flaky backend to get the request",
+            Duration::from_secs(5),
+            || flaky.hits() == i,
+        )
         .await;
     }
     wait_healthy(&gw, "r", &flaky, 0.0).await;
@@ -292,9 +306,11 @@ async fn when_every_backend_fails_all_are_still_tried() {
         let hits: Vec<usize> = backends.iter().map(Origin::hits).collect();
         for i in 1..=5 {
             assert_eq!(get(&gw.url("/api/x")).await.0, 502, "{strategy}");
-            wait_until("every backend to get the request", Duration::from_secs(5), || {
-                backends.iter().zip(&hits).all(|(o, h)| o.hits() == h + i)
-            })
+            wait_until(
+                "every backend to get the request",
+                Duration::from_secs(5),
+                || backends.iter().zip(&hits).all(|(o, h)| o.hits() == h + i),
+            )
             .await;
         }
         for o in &backends {
@@ -320,9 +336,11 @@ async fn failures_0_never_skips() {
     .await;
     for i in 1..=8 {
         assert_eq!(get(&gw.url("/api/x")).await.0, 200);
-        wait_until("every backend to get the request", Duration::from_secs(5), || {
-            hung.hits() == i && bad.hits() == i
-        })
+        wait_until(
+            "every backend to get the request",
+            Duration::from_secs(5),
+            || hung.hits() == i && bad.hits() == i,
+        )
         .await;
     }
     assert_eq!(healthy(&gw, "r", &hung).await, Some(1.0));

@@ -127,7 +127,10 @@ impl Health {
             }
             return;
         }
-        let n = self.failures.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        let n = self
+            .failures
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
         if n >= policy.failures
             && self
                 .down_until
@@ -304,7 +307,10 @@ mod tests {
             health_of("    health: {failures: 2, skip_seconds: 30}\n"),
             policy(2, 30)
         );
-        assert_eq!(health_of("    health: {skip_seconds: 86400}\n"), policy(5, 86400));
+        assert_eq!(
+            health_of("    health: {skip_seconds: 86400}\n"),
+            policy(5, 86400)
+        );
         assert_eq!(health_of("    health: {failures: 0}\n"), Ok(None));
         for bad in [0, 86401] {
             assert_eq!(
