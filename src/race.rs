@@ -29,7 +29,7 @@ use pingora_prometheus::prometheus::IntGauge;
 use tokio::time::Instant;
 
 pub use attempt::{classify, Answer, UpstreamRequest};
-use health::{Health, Verdict};
+use health::{Admit, Health, Verdict};
 use pool::Pool;
 
 use crate::config::Route;
@@ -188,22 +188,34 @@ impl RouteUpstream {
         }
     }
 
-    /// The backends a race tries, in order, and how many of them (a prefix)
-    /// are admitted; the rest are being skipped. Never all skipped.
-    fn order(&self) -> (Vec<usize>, usize) {
+    /// Which backends a race tries, in what order, by their health.
+    fn plan(&self) -> Plan {
         let n = self.replicas.len();
-        let (mut order, skipped): (Vec<usize>, Vec<usize>) =
-            (0..n).partition(|&i| self.replicas[i].health.admit());
-        if order.is_empty() {
-            return (skipped, n);
-        }
+        let admit: Vec<Admit> = self.replicas.iter().map(|r| r.health.admit()).collect();
+        let admit = &admit;
+        let with = |a: Admit| (0..n).filter(move |&i| admit[i] == a);
+        let mut order: Vec<usize> = with(Admit::Probe).collect();
+        let probes = order.len();
+        order.extend(with(Admit::Use));
         let admitted = order.len();
-        order.extend(skipped);
-        (order, admitted)
+        if admitted == probes {
+            // None healthy: all in their usual order, never all skipped.
+            return Plan {
+                order: (0..n).collect(),
+                probes: 0,
+                admitted: n,
+            };
+        }
+        order.extend(with(Admit::Skip));
+        Plan {
+            order,
+            probes,
+            admitted,
+        }
     }
 
-    /// When the `i`th backend tried is due, counted from the race's start;
-    /// `None`: only when nothing else is in flight.
+    /// When the `i`th backend of the schedule is due, counted from the
+    /// race's start; `None`: only when nothing else is in flight.
     fn due(&self, i: usize) -> Option<Duration> {
         match self.strategy {
             Strategy::Race => Some(Duration::ZERO),
@@ -211,6 +223,16 @@ impl RouteUpstream {
             Strategy::Failover => None,
         }
     }
+}
+
+/// The backends of one race: `order[..probes]` start at once, beside the
+/// schedule; `order[probes..admitted]` follow the strategy's schedule;
+/// the rest are skipped, and start (all at once) only when every attempt
+/// so far failed with an error or a timeout.
+struct Plan {
+    order: Vec<usize>,
+    probes: usize,
+    admitted: usize,
 }
 
 /// One backend's part in a race.
@@ -260,23 +282,31 @@ impl Racer {
     /// Race `req` over the route's backends as its strategy says.
     pub async fn run(&self, route: &RouteUpstream, req: &UpstreamRequest<'_>) -> RaceReport {
         let n = route.replicas.len();
-        let (order, admitted) = route.order();
+        let Plan {
+            order,
+            probes,
+            admitted,
+        } = route.plan();
+        let scheduled = |i: usize| order[probes..admitted].contains(&i);
         let start = Instant::now();
         let verdict = Arc::new(Verdict::default());
         let mut attempts: Vec<AttemptRecord> = Vec::with_capacity(n);
         let mut in_flight = FuturesUnordered::new();
+        // Scheduled attempts in flight (probes and skipped ones not counted).
+        let mut running = 0;
         let mut next = 0;
         let mut winner = None;
 
         loop {
             // Start every backend that is due, and the next one at once when
-            // nothing is in flight (nothing left to wait for). Skipped
-            // backends start, all at once, only when everything has failed.
+            // no scheduled one is in flight (nothing left to wait for).
             while next < n {
                 let now = Instant::now();
-                let ready = if next < admitted {
-                    let due = route.due(next).map(|d| start + d);
-                    in_flight.is_empty() || due.is_some_and(|d| d <= now)
+                let ready = if next < probes {
+                    true
+                } else if next < admitted {
+                    let due = route.due(next - probes).map(|d| start + d);
+                    running == 0 || due.is_some_and(|d| d <= now)
                 } else {
                     next > admitted
                         || (in_flight.is_empty()
@@ -288,6 +318,9 @@ impl Racer {
                     break;
                 }
                 let i = order[next];
+                if scheduled(i) {
+                    running += 1;
+                }
                 let attempt = attempt::run(
                     self.connector.clone(),
                     route.replicas[i].clone(),
@@ -308,13 +341,16 @@ impl Racer {
             if in_flight.is_empty() {
                 break;
             }
-            let wake = if next < admitted {
-                route.due(next).map(|d| start + d)
+            let wake = if (probes..admitted).contains(&next) {
+                route.due(next - probes).map(|d| start + d)
             } else {
                 None
             };
             tokio::select! {
                 Some((i, result)) = in_flight.next() => {
+                    if scheduled(i) {
+                        running -= 1;
+                    }
                     if let Some(rec) = attempts.iter_mut().find(|a| a.backend == i) {
                         rec.outcome = result.outcome;
                         rec.latency = result.latency;

@@ -159,6 +159,80 @@ async fn hedge_stops_waiting_for_a_hung_backend_and_takes_it_back_when_it_answer
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_of_a_hung_backend_makes_no_request_wait() {
+    let (hung, _) = switchable("hung", HUNG).await;
+    let a = Origin::json("a", true, 0).await;
+    let gw = Gateway::start(
+        &[route(
+            "h",
+            "/api/",
+            &[&hung, &a],
+            "strategy: hedge\nhedge_after_ms: 300\nhealth: {failures: 2, skip_seconds: 1}",
+        )],
+        "",
+    )
+    .await;
+    for i in 1..=2 {
+        assert_eq!(get(&gw.url("/api/x")).await.0, 200);
+        wait_until(
+            "the hung backend to get the request",
+            Duration::from_secs(5),
+            || hung.hits() == i,
+        )
+        .await;
+    }
+    wait_healthy(&gw, "h", &hung, 0.0).await;
+    // Two skip periods: two probes, each started beside the schedule.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut slowest = Duration::ZERO;
+    while hung.hits() < 4 {
+        assert!(Instant::now() < deadline, "no probes:\n{}", gw.logs());
+        let (status, took) = get(&gw.url("/api/x")).await;
+        assert_eq!(status, 200);
+        slowest = slowest.max(took);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        slowest < Duration::from_millis(250),
+        "a request waited for a probe: {slowest:?}"
+    );
+    // Each probe stalled: still skipped.
+    assert_eq!(healthy(&gw, "h", &hung).await, Some(0.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_skipped_backend_late_in_failover_order_is_probed_and_taken_back() {
+    let (first, first_mode) = switchable("first", ERROR).await;
+    let (second, second_mode) = switchable("second", ERROR).await;
+    let gw = Gateway::start(
+        &[route(
+            "f",
+            "/api/",
+            &[&first, &second],
+            "strategy: failover\nhealth: {failures: 2, skip_seconds: 1}",
+        )],
+        "",
+    )
+    .await;
+    for _ in 0..2 {
+        assert_eq!(get(&gw.url("/api/x")).await.0, 502);
+    }
+    wait_healthy(&gw, "f", &first, 0.0).await;
+    wait_healthy(&gw, "f", &second, 0.0).await;
+    first_mode.store(OK, Ordering::SeqCst);
+    second_mode.store(OK, Ordering::SeqCst);
+    // Failover never needs the second now that the first answers; its
+    // probe is what brings it back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while healthy(&gw, "f", &second).await != Some(1.0) {
+        assert!(Instant::now() < deadline, "never probed:\n{}", gw.logs());
+        assert_eq!(get(&gw.url("/api/x")).await.0, 200);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(healthy(&gw, "f", &first).await, Some(1.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn race_stops_starting_a_hung_backend_during_the_skip_period() {
     let (hung, _) = switchable("hung", HUNG).await;
     let (a, a_mode) = switchable("a", OK).await;

@@ -2,8 +2,9 @@
 //! attempts fail `failures` times in a row is skipped for `skip_seconds`:
 //! races leave it out unless every other backend has already failed on that
 //! request, and never when it would leave none. After the skip period one
-//! request tries it again in its usual place (the probe): an answer makes it
-//! healthy, a failure skips it for another period.
+//! request also starts it, at once and beside its usual schedule (the probe,
+//! which makes no request wait for it): an answer makes it healthy, a
+//! failure or a stall skips it for another period.
 //!
 //! A failure is an `error` or a `timeout`, or a stall: a loser dropped
 //! without a single answer byte although it had been in flight at least the
@@ -31,6 +32,18 @@ use crate::config::HealthPolicy;
 /// byte, to count as a stall.
 pub const STALL_MARGIN: Duration = Duration::from_millis(20);
 
+/// What a race does with a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// Healthy: in its usual place.
+    Use,
+    /// Skipped, but its period is over: start it at once, beside the usual
+    /// schedule, to see whether it answers again.
+    Probe,
+    /// Skipped: only when everything else failed.
+    Skip,
+}
+
 /// One backend's health.
 pub struct Health {
     /// `None`: never skipped.
@@ -57,20 +70,20 @@ impl Health {
         }
     }
 
-    /// Whether a race may start this backend in its usual place now. When
-    /// the skip period is over, one caller gets `true` (the probe) and the
-    /// period starts again for everyone else.
-    pub fn admit(&self) -> bool {
+    /// What a race starting now does with this backend. When the skip
+    /// period is over, one caller gets [`Admit::Probe`] and the period
+    /// starts again for everyone else.
+    pub fn admit(&self) -> Admit {
         let Some(policy) = self.policy else {
-            return true;
+            return Admit::Use;
         };
         let until = self.down_until.load(Ordering::Acquire);
         self.gauge.set(i64::from(until == 0));
         if until == 0 {
-            return true;
+            return Admit::Use;
         }
         let now = now_ms();
-        now >= until
+        let probe = now >= until
             && self
                 .down_until
                 .compare_exchange(
@@ -79,7 +92,12 @@ impl Health {
                     Ordering::AcqRel,
                     Ordering::Acquire,
                 )
-                .is_ok()
+                .is_ok();
+        if probe {
+            Admit::Probe
+        } else {
+            Admit::Skip
+        }
     }
 
     /// Whether the backend is being skipped (the probe included).
@@ -247,10 +265,10 @@ mod tests {
         h.record(Outcome::NoData);
         h.record(Outcome::Error);
         h.record(Outcome::Error);
-        assert!(h.admit() && !h.is_down());
+        assert!(h.admit() == Admit::Use && !h.is_down());
         assert_eq!(h.gauge.get(), 1);
         h.record(Outcome::Timeout);
-        assert!(h.is_down() && !h.admit());
+        assert!(h.is_down() && h.admit() == Admit::Skip);
         assert_eq!(h.gauge.get(), 0);
         // Cancellations say nothing.
         h.record(Outcome::Cancelled);
@@ -262,15 +280,15 @@ mod tests {
         let h = health(1, 1);
         h.record(Outcome::Error);
         std::thread::sleep(Duration::from_millis(5));
-        assert!(h.admit(), "the probe");
-        assert!(!h.admit(), "only one probe per period");
+        assert_eq!(h.admit(), Admit::Probe);
+        assert_eq!(h.admit(), Admit::Skip, "only one probe per period");
         // The probe fails: skipped again at once, no run of failures needed.
         h.record(Outcome::Timeout);
         assert!(h.is_down());
         std::thread::sleep(Duration::from_millis(5));
-        assert!(h.admit());
+        assert_eq!(h.admit(), Admit::Probe);
         h.record(Outcome::Success);
-        assert!(!h.is_down() && h.admit());
+        assert!(!h.is_down() && h.admit() == Admit::Use);
         assert_eq!(h.gauge.get(), 1);
     }
 
@@ -280,7 +298,7 @@ mod tests {
         for _ in 0..100 {
             h.record(Outcome::Timeout);
         }
-        assert!(h.admit() && !h.is_down());
+        assert!(h.admit() == Admit::Use && !h.is_down());
         assert_eq!(h.gauge.get(), 1);
     }
 
