@@ -184,6 +184,17 @@ pub struct Route {
     /// How long a race's losers may still finish, in the background, so that
     /// their connections go back to the pool instead of being closed.
     pub drain_losers: Duration,
+    /// Passive health of the backends; `None`: never skip one.
+    pub health: Option<HealthPolicy>,
+}
+
+/// When a backend is skipped (`routes[].health`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthPolicy {
+    /// Failed attempts in a row that make a backend skipped.
+    pub failures: u32,
+    /// How long it is skipped before one request may try it again.
+    pub skip: Duration,
 }
 
 impl Route {
@@ -718,6 +729,7 @@ fn convert_route(at: &str, r: FileRoute, errors: &mut Vec<ConfigError>) -> Optio
             max_body_bytes: c.max_body_bytes,
         }
     });
+    let health = convert_health(at, &r.health, errors);
     if errors.len() > before {
         return None;
     }
@@ -734,6 +746,25 @@ fn convert_route(at: &str, r: FileRoute, errors: &mut Vec<ConfigError>) -> Optio
         cache,
         max_response_bytes: r.max_response_bytes,
         drain_losers: Duration::from_millis(r.drain_losers_ms),
+        health,
+    })
+}
+
+/// `failures: 0` turns passive health off.
+fn convert_health(at: &str, h: &FileHealth, errors: &mut Vec<ConfigError>) -> Option<HealthPolicy> {
+    limits::HEALTH_FAILURES.check(
+        &format!("{at}.health.failures"),
+        u64::from(h.failures),
+        errors,
+    );
+    if h.failures == 0 {
+        return None;
+    }
+    let skip_at = format!("{at}.health.skip_seconds");
+    limits::HEALTH_SKIP_SECONDS.check(&skip_at, h.skip_seconds, errors);
+    Some(HealthPolicy {
+        failures: h.failures,
+        skip: Duration::from_secs(h.skip_seconds),
     })
 }
 

@@ -6,7 +6,8 @@
 use std::time::Duration;
 
 use pingora_prometheus::prometheus::{
-    self, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+    self, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry,
 };
 
 use crate::config::Route;
@@ -45,6 +46,7 @@ pub struct Metrics {
     cache: IntCounterVec,
     notifications: IntCounterVec,
     access_log_dropped: IntCounter,
+    backend_healthy: IntGaugeVec,
     /// Per route (config order), the series a race touches, resolved once.
     routes: Vec<RouteSeries>,
 }
@@ -179,6 +181,17 @@ impl Metrics {
                 r.register(Box::new(c.clone()))?;
                 c
             },
+            backend_healthy: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "tollgate_backend_healthy",
+                        "1 while a backend is used, 0 while passive health skips it (routes[].health).",
+                    ),
+                    &["route", "backend"],
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
             routes: Vec::new(),
         };
         for result in CACHE_RESULTS {
@@ -210,6 +223,9 @@ impl Metrics {
                 .iter()
                 .map(|b| {
                     let label = b.label.as_str();
+                    self.backend_healthy
+                        .with_label_values(&[name, label])
+                        .set(1);
                     BackendSeries {
                         outcomes: Outcome::ALL.map(|o| {
                             self.backend_requests
@@ -278,6 +294,12 @@ impl Metrics {
             suppressed: c("suppressed"),
             dropped: c("dropped"),
         }
+    }
+
+    /// A backend's `tollgate_backend_healthy` series, which its route's
+    /// race keeps up to date.
+    pub fn backend_healthy(&self, route: &str, backend: &str) -> IntGauge {
+        self.backend_healthy.with_label_values(&[route, backend])
     }
 
     pub fn access_log_dropped(&self) -> IntCounter {

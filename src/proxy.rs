@@ -71,7 +71,11 @@ impl Gateway {
             upstreams: config
                 .routes
                 .iter()
-                .map(|r| RouteUpstream::new(r, config.server.upstream_keepalive_pool_size))
+                .map(|r| {
+                    RouteUpstream::new(r, config.server.upstream_keepalive_pool_size, |b| {
+                        metrics.backend_healthy(&r.name, b)
+                    })
+                })
                 .collect(),
             routes: config.routes.clone(),
             racer: Racer::new(&config.server),

@@ -9,8 +9,13 @@
 //! but hands them to a background task that lets them finish for up to the
 //! route's `drain_losers_ms`: a loser that answers in that time gives its
 //! connection back to the pool; one that does not is dropped, which closes it.
+//!
+//! Backends that keep failing are skipped for a while (`health.rs`): a race
+//! starts the others in their usual order and schedule, and the skipped ones
+//! only when every attempt so far has failed; when all are skipped, all run.
 
 mod attempt;
+mod health;
 mod pool;
 
 use std::sync::Arc;
@@ -20,9 +25,11 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use pingora::connectors::{ConnectorOptions, TransportConnector};
 use pingora::server::configuration::ServerConf;
 use pingora::upstreams::peer::HttpPeer;
+use pingora_prometheus::prometheus::IntGauge;
 use tokio::time::Instant;
 
 pub use attempt::{classify, Answer, UpstreamRequest};
+use health::{Admit, Health, Verdict};
 use pool::Pool;
 
 use crate::config::Route;
@@ -125,6 +132,8 @@ pub struct Replica {
     base_path: String,
     /// Its idle connections.
     pool: Pool,
+    /// Whether it is being skipped.
+    health: Health,
 }
 
 /// How long an idle upstream connection is kept.
@@ -149,8 +158,9 @@ pub struct RouteUpstream {
 
 impl RouteUpstream {
     /// `pool_size`: idle connections kept per backend
-    /// (`server.upstream_keepalive_pool_size`).
-    pub fn new(route: &Route, pool_size: usize) -> Self {
+    /// (`server.upstream_keepalive_pool_size`); `healthy`: a backend label's
+    /// `tollgate_backend_healthy` series.
+    pub fn new(route: &Route, pool_size: usize, healthy: impl Fn(&str) -> IntGauge) -> Self {
         let replicas = route
             .backends
             .iter()
@@ -161,6 +171,7 @@ impl RouteUpstream {
                     host_header: b.host_header.clone(),
                     base_path: b.base_path.clone(),
                     pool: Pool::new(pool_size, POOL_IDLE_TIMEOUT),
+                    health: Health::new(route.health, &route.name, &b.label, healthy(&b.label)),
                 })
             })
             .collect();
@@ -177,8 +188,34 @@ impl RouteUpstream {
         }
     }
 
-    /// When backend `i` is due, counted from the race's start; `None`: only
-    /// when nothing else is in flight.
+    /// Which backends a race tries, in what order, by their health.
+    fn plan(&self) -> Plan {
+        let n = self.replicas.len();
+        let admit: Vec<Admit> = self.replicas.iter().map(|r| r.health.admit()).collect();
+        let admit = &admit;
+        let with = |a: Admit| (0..n).filter(move |&i| admit[i] == a);
+        let mut order: Vec<usize> = with(Admit::Probe).collect();
+        let probes = order.len();
+        order.extend(with(Admit::Use));
+        let admitted = order.len();
+        if admitted == probes {
+            // None healthy: all in their usual order, never all skipped.
+            return Plan {
+                order: (0..n).collect(),
+                probes: 0,
+                admitted: n,
+            };
+        }
+        order.extend(with(Admit::Skip));
+        Plan {
+            order,
+            probes,
+            admitted,
+        }
+    }
+
+    /// When the `i`th backend of the schedule is due, counted from the
+    /// race's start; `None`: only when nothing else is in flight.
     fn due(&self, i: usize) -> Option<Duration> {
         match self.strategy {
             Strategy::Race => Some(Duration::ZERO),
@@ -186,6 +223,16 @@ impl RouteUpstream {
             Strategy::Failover => None,
         }
     }
+}
+
+/// The backends of one race: `order[..probes]` start at once, beside the
+/// schedule; `order[probes..admitted]` follow the strategy's schedule;
+/// the rest are skipped, and start (all at once) only when every attempt
+/// so far failed with an error or a timeout.
+struct Plan {
+    order: Vec<usize>,
+    probes: usize,
+    admitted: usize,
 }
 
 /// One backend's part in a race.
@@ -235,27 +282,51 @@ impl Racer {
     /// Race `req` over the route's backends as its strategy says.
     pub async fn run(&self, route: &RouteUpstream, req: &UpstreamRequest<'_>) -> RaceReport {
         let n = route.replicas.len();
+        let Plan {
+            order,
+            probes,
+            admitted,
+        } = route.plan();
+        let scheduled = |i: usize| order[probes..admitted].contains(&i);
         let start = Instant::now();
+        let verdict = Arc::new(Verdict::default());
         let mut attempts: Vec<AttemptRecord> = Vec::with_capacity(n);
         let mut in_flight = FuturesUnordered::new();
+        // Scheduled attempts in flight (probes and skipped ones not counted).
+        let mut running = 0;
         let mut next = 0;
         let mut winner = None;
 
         loop {
             // Start every backend that is due, and the next one at once when
-            // nothing is in flight (nothing left to wait for).
+            // no scheduled one is in flight (nothing left to wait for).
             while next < n {
-                let due = route.due(next).map(|d| start + d);
                 let now = Instant::now();
-                if !(in_flight.is_empty() || due.is_some_and(|d| d <= now)) {
+                let ready = if next < probes {
+                    true
+                } else if next < admitted {
+                    let due = route.due(next - probes).map(|d| start + d);
+                    running == 0 || due.is_some_and(|d| d <= now)
+                } else {
+                    next > admitted
+                        || (in_flight.is_empty()
+                            && attempts
+                                .iter()
+                                .all(|a| matches!(a.outcome, Outcome::Error | Outcome::Timeout)))
+                };
+                if !ready {
                     break;
                 }
-                let i = next;
+                let i = order[next];
+                if scheduled(i) {
+                    running += 1;
+                }
                 let attempt = attempt::run(
                     self.connector.clone(),
                     route.replicas[i].clone(),
                     req,
                     route.rules,
+                    verdict.clone(),
                 );
                 in_flight.push(async move { (i, attempt.await) });
                 attempts.push(AttemptRecord {
@@ -270,19 +341,23 @@ impl Racer {
             if in_flight.is_empty() {
                 break;
             }
-            let wake = if next < n {
-                route.due(next).map(|d| start + d)
+            let wake = if (probes..admitted).contains(&next) {
+                route.due(next - probes).map(|d| start + d)
             } else {
                 None
             };
             tokio::select! {
                 Some((i, result)) = in_flight.next() => {
+                    if scheduled(i) {
+                        running -= 1;
+                    }
                     if let Some(rec) = attempts.iter_mut().find(|a| a.backend == i) {
                         rec.outcome = result.outcome;
                         rec.latency = result.latency;
                         rec.detail = result.detail;
                     }
                     if result.outcome == Outcome::Success {
+                        verdict.won(result.latency);
                         winner = result.answer.map(|a| (i, a));
                         break;
                     }

@@ -193,6 +193,34 @@ pub(super) struct FileRoute {
     pub(super) max_response_bytes: usize,
     #[serde(default = "default_drain_losers_ms")]
     pub(super) drain_losers_ms: u64,
+    #[serde(default)]
+    pub(super) health: FileHealth,
+}
+
+/// `routes[].health`: passive health of the route's backends.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileHealth {
+    #[serde(default = "default_health_failures")]
+    pub(super) failures: u32,
+    #[serde(default = "default_health_skip_seconds")]
+    pub(super) skip_seconds: u64,
+}
+
+impl Default for FileHealth {
+    fn default() -> Self {
+        FileHealth {
+            failures: default_health_failures(),
+            skip_seconds: default_health_skip_seconds(),
+        }
+    }
+}
+
+pub(super) fn default_health_failures() -> u32 {
+    5
+}
+pub(super) fn default_health_skip_seconds() -> u64 {
+    10
 }
 
 pub(super) fn default_strategy() -> String {

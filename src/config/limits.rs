@@ -51,6 +51,8 @@ pub const MAX_RESPONSE_BYTES: Bound = bound(
     GIB,
     "an answer is held in memory",
 );
+pub const HEALTH_FAILURES: Bound = bound("routes[].health.failures", 0, 1_000, "");
+pub const HEALTH_SKIP_SECONDS: Bound = bound("routes[].health.skip_seconds", 1, 86_400, "one day");
 pub const DRAIN_LOSERS_MS: Bound = bound("routes[].drain_losers_ms", 0, MINUTE_MS, "");
 pub const CACHE_TTL: Bound = bound("routes[].cache.ttl_seconds", 1, YEAR_S, "one year");
 pub const CACHE_STALE: Bound = bound(
@@ -137,6 +139,8 @@ pub const BOUNDS: &[Bound] = &[
     COSTS,
     MAX_RESPONSE_BYTES,
     DRAIN_LOSERS_MS,
+    HEALTH_FAILURES,
+    HEALTH_SKIP_SECONDS,
     CACHE_TTL,
     CACHE_STALE,
     CACHE_MAX_BODY,

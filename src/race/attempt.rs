@@ -6,6 +6,7 @@
 //! `drain_losers_ms` (see `race::drain`).
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,7 @@ use pingora::http::RequestHeader;
 use pingora::protocols::http::v1::client::HttpSession;
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 
+use super::health::{Verdict, Watch};
 use super::{AttemptRules, Outcome, Replica, SuccessRule};
 
 /// A pooled connection that fails before any answer byte was probably closed
@@ -54,21 +56,36 @@ pub struct UpstreamRequest<'a> {
 /// One attempt with a per-attempt timeout. The request header is built at
 /// once; the returned future owns everything it needs, so that it can outlive
 /// the race (see `drain`).
+/// Its end (or its drop, when cancelled) is recorded in the backend's
+/// health; `verdict` tells a dropped loser how long the winner took.
 pub fn run(
     connector: Arc<TransportConnector>,
     replica: Arc<Replica>,
     req: &UpstreamRequest<'_>,
     rules: AttemptRules,
+    verdict: Arc<Verdict>,
 ) -> impl std::future::Future<Output = AttemptResult> + Send + 'static {
     let header = request_header(&replica.host_header, &replica.base_path, req);
     async move {
         let started = Instant::now();
-        let exchange = async { exchange(&connector, &replica, header?, rules.max_body).await };
-        judge(
+        let watch = Watch::new(replica.clone(), verdict);
+        let exchange = async {
+            exchange(
+                &connector,
+                &replica,
+                header?,
+                rules.max_body,
+                &watch.answered,
+            )
+            .await
+        };
+        let result = judge(
             tokio::time::timeout(rules.timeout, exchange).await,
             rules,
             started,
-        )
+        );
+        watch.finish(result.outcome);
+        result
     }
 }
 
@@ -107,6 +124,7 @@ async fn exchange(
     replica: &Replica,
     header: Box<RequestHeader>,
     max_body: usize,
+    answered: &AtomicBool,
 ) -> Result<Answer, String> {
     let peer = &replica.peer;
     let mut tries = 0;
@@ -123,7 +141,10 @@ async fn exchange(
         };
         let mut session = HttpSession::new_with_options(stream, peer);
         match send_and_read_header(&mut session, header.clone()).await {
-            Ok(()) => break session,
+            Ok(()) => {
+                answered.store(true, Ordering::Relaxed);
+                break session;
+            }
             Err(e) if reused && tries < STALE_CONNECTION_RETRIES => {
                 log::debug!("pooled connection to {peer} failed ({e}), retrying on another");
                 tries += 1;
