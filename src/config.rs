@@ -84,7 +84,22 @@ pub struct Config {
     pub notify: NotifyConfig,
     pub cache: GlobalCacheConfig,
     pub access_log: AccessTarget,
+    pub limits: LimitsConfig,
 }
+
+/// Bounds on client connections (`limits:`), applied by `connections.rs`.
+#[derive(Debug, Clone, Copy)]
+pub struct LimitsConfig {
+    /// A request header must arrive whole within this.
+    pub request_header_timeout: Duration,
+    /// Client connections open at once; more are closed at once.
+    pub max_client_connections: usize,
+}
+
+/// `limits.request_header_timeout_ms` at most (10 minutes).
+pub const MAX_REQUEST_HEADER_TIMEOUT_MS: u64 = 600_000;
+/// `limits.max_client_connections` at most.
+pub const MAX_CLIENT_CONNECTIONS: u64 = 10_000_000;
 
 /// The cache settings shared by all routes.
 #[derive(Debug, Clone)]
@@ -356,6 +371,8 @@ impl TryFrom<FileConfig> for Config {
             path => AccessTarget::File(path.into()),
         };
 
+        let limits = convert_limits(&file.limits, &mut errors);
+
         match (errors.is_empty(), server, admin_listen) {
             (true, Some(server), Some(admin_listen)) => Ok(Config {
                 server,
@@ -376,9 +393,38 @@ impl TryFrom<FileConfig> for Config {
                 notify,
                 cache,
                 access_log,
+                limits,
             }),
             _ => Err(ConfigErrors(errors)),
         }
+    }
+}
+
+fn convert_limits(l: &FileLimits, errors: &mut Vec<ConfigError>) -> LimitsConfig {
+    let mut bounded = |path: &str, value: u64, max: u64| {
+        if (1..=max).contains(&value) {
+            value
+        } else {
+            errors.push(err(
+                path,
+                format!("must be between 1 and {max}, got {value}"),
+            ));
+            1
+        }
+    };
+    let timeout = bounded(
+        "limits.request_header_timeout_ms",
+        l.request_header_timeout_ms,
+        MAX_REQUEST_HEADER_TIMEOUT_MS,
+    );
+    let max = bounded(
+        "limits.max_client_connections",
+        l.max_client_connections,
+        MAX_CLIENT_CONNECTIONS,
+    );
+    LimitsConfig {
+        request_header_timeout: Duration::from_millis(timeout),
+        max_client_connections: usize::try_from(max).unwrap_or(usize::MAX),
     }
 }
 

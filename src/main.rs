@@ -5,12 +5,15 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use pingora::proxy::http_proxy_service_with_name;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
+use pingora::proxy::http_proxy;
 use pingora::server::configuration::Opt;
 use pingora::server::Server;
 
 use pingora::services::background::background_service;
+use pingora::services::listening::Service;
 use tollgate::config::Config;
+use tollgate::connections::Frontdoor;
 use tollgate::drain::{Draining, PhaseWatch};
 use tollgate::keys::KeysCommand;
 use tollgate::metrics::Metrics;
@@ -116,6 +119,7 @@ fn serve(mut config: Config, opt: Opt) -> ExitCode {
     );
     let (access_log, access_log_service) =
         logging::access_log(config.access_log.clone(), metrics.access_log_dropped());
+    let connections = metrics.connections();
     let draining = Draining::default();
     let gateway = Gateway::new(
         &config,
@@ -130,9 +134,19 @@ fn serve(mut config: Config, opt: Opt) -> ExitCode {
     // With -t this checks Pingora's side too, then exits.
     server.bootstrap();
 
-    let mut proxy = http_proxy_service_with_name(&server.configuration, gateway, "tollgate");
+    let app = Frontdoor::new(
+        http_proxy(&server.configuration, gateway),
+        config.limits,
+        connections,
+    );
+    let mut proxy = Service::new("tollgate".to_string(), app);
     for addr in &config.listen {
-        proxy.add_tcp(&addr.to_string());
+        // No L4 read buffer: Pingora's default is 64 KiB per client
+        // connection, while its HTTP/1 parser reads into its own buffer
+        // anyway (bench/RESULTS.md, idle connections).
+        proxy.add_listener(
+            ListenerConfig::tcp(addr.to_string()).l4_buffer(L4BufferSettings::default().read(0)),
+        );
     }
     server.add_service(proxy);
     server.add_service(admin::service(&config.admin_listen.to_string()));

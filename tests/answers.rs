@@ -31,7 +31,10 @@ async fn fetch(gw: &Gateway, path: &str) -> (u16, String, Option<String>, Vec<u8
             .get(n)
             .map(|v| v.to_str().unwrap().to_string())
     };
-    let (x_cache, encoding) = (header("x-cache").unwrap_or_default(), header("content-encoding"));
+    let (x_cache, encoding) = (
+        header("x-cache").unwrap_or_default(),
+        header("content-encoding"),
+    );
     (
         resp.status().as_u16(),
         x_cache,
@@ -84,7 +87,10 @@ async fn content_encoding_is_kept_in_the_redis_tier() {
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while !stored().await {
-        assert!(std::time::Instant::now() < deadline, "no cache entry in Redis");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no cache entry in Redis"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     assert_eq!(
@@ -114,5 +120,9 @@ async fn an_answer_that_sets_a_cookie_is_not_stored_and_the_cookie_not_passed_on
         assert_eq!(resp.headers()["x-cache"], "MISS");
         assert!(resp.headers().get("set-cookie").is_none());
     }
-    assert_eq!(o.hits(), 2, "an answer with Set-Cookie was served from cache");
+    assert_eq!(
+        o.hits(),
+        2,
+        "an answer with Set-Cookie was served from cache"
+    );
 }
