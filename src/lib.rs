@@ -17,6 +17,7 @@ pub mod drain;
 pub mod keys;
 pub mod limits;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod notify;
 pub mod proxy;

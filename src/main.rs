@@ -153,6 +153,10 @@ fn serve(mut config: Config, opt: Opt) -> ExitCode {
     server.add_service(background_service("notifier", notifier_service));
     server.add_service(background_service("access log", access_log_service));
     server.add_service(background_service("drain", phases));
+    server.add_service(background_service(
+        "allocator purge",
+        tollgate::memory::Purger,
+    ));
     server.run_forever()
 }
 
