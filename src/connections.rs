@@ -14,10 +14,12 @@
 //! in practice the deadline bounds the header; a body the gateway does not
 //! read is drained under the same deadline.
 //!
-//! Between requests, a keep-alive connection waits for its next request's
-//! first byte here, holding only its stream (~7 KB, bench/RESULTS.md), and
-//! not inside Pingora's request future (~10 KB more, with a 4 KiB header
-//! buffer), so that idle connections stay cheap. The wait ends, closing the
+//! Between requests, a keep-alive connection waits for its next request
+//! here, holding its stream and a 1 KiB read-ahead buffer (about 7.6 KB per
+//! idle connection in all, bench/RESULTS.md), not inside Pingora's request
+//! future (10 KB) with its 4 KiB header buffer. The first read of the next
+//! request goes into the read-ahead buffer, which Pingora's parser then
+//! reads from, so a request still takes one read. The wait ends, closing the
 //! connection, after the keep-alive timeout or when the server shuts down.
 //!
 //! A connection over the cap is accepted and closed at once, without
@@ -152,10 +154,11 @@ where
             .and_then(|o| o.keepalive_request_limit);
         session.set_keepalive_reuses_remaining(limit);
         let mut result = self.inner.process_new_http(session, shutdown).await;
+        let mut scratch = String::new();
         while let Some((stream, settings)) = result.map(|r| r.consume()) {
             // Between requests: the next one's clock starts at its first byte.
             idle.store(true, Ordering::Release);
-            let stream: Stream = if may_hold_a_request(settings.as_ref()) {
+            let stream: Stream = if may_hold_a_request(settings.as_ref(), &mut scratch) {
                 stream
             } else {
                 let mut conn = stream.into_any().downcast::<HeaderDeadline>().ok()?;
@@ -183,8 +186,14 @@ where
 /// wait for bytes the client has already sent. Pingora does not say, but
 /// its `Debug` form does; anything else is taken as "maybe", which only
 /// skips the cheap idle wait.
-fn may_hold_a_request(settings: Option<&HttpPersistentSettings>) -> bool {
-    settings.is_some_and(|s| !format!("{s:?}").contains("pipelined_prefix: None"))
+/// `scratch` is reused from request to request.
+fn may_hold_a_request(settings: Option<&HttpPersistentSettings>, scratch: &mut String) -> bool {
+    use std::fmt::Write;
+    let Some(settings) = settings else {
+        return false;
+    };
+    scratch.clear();
+    write!(scratch, "{settings:?}").is_err() || !scratch.contains("pipelined_prefix: None")
 }
 
 /// Wait for the next request's first bytes (kept in the stream for Pingora
@@ -460,9 +469,10 @@ mod tests {
         let session = ServerSession::new_http1(stream);
         let mut settings = HttpPersistentSettings::for_session(&session);
         // If Pingora's Debug form changes, this fails: see may_hold_a_request.
-        assert!(!may_hold_a_request(Some(&settings)));
-        assert!(!may_hold_a_request(None));
+        let mut scratch = String::new();
+        assert!(!may_hold_a_request(Some(&settings), &mut scratch));
+        assert!(!may_hold_a_request(None, &mut scratch));
         settings.set_pipelined_prefix(BytesMut::from(&b"GET /"[..]));
-        assert!(may_hold_a_request(Some(&settings)));
+        assert!(may_hold_a_request(Some(&settings), &mut scratch));
     }
 }
