@@ -52,43 +52,56 @@ impl Entry {
         now.saturating_sub(self.stored_at) / 1000
     }
 
-    const MAGIC: &'static [u8; 4] = b"TG1\n";
+    /// The Redis form since `Content-Encoding` is kept: magic, status, three
+    /// timestamps, content type, content encoding, body.
+    const MAGIC: &'static [u8; 4] = b"TG2\n";
+    /// The form before it (no content encoding), still read: such an entry
+    /// was stored without one.
+    const MAGIC_V1: &'static [u8; 4] = b"TG1\n";
 
-    /// The Redis form: magic, status, three timestamps, content type, body.
     pub fn encode(&self) -> Vec<u8> {
-        let ct = self
-            .answer
-            .content_type
-            .as_ref()
-            .map_or(&b""[..], |v| v.as_bytes());
-        let mut out = Vec::with_capacity(32 + ct.len() + self.answer.body.len());
+        fn bytes(v: &Option<HeaderValue>) -> &[u8] {
+            v.as_ref().map_or(&b""[..], HeaderValue::as_bytes)
+        }
+        let (ct, ce) = (
+            bytes(&self.answer.content_type),
+            bytes(&self.answer.content_encoding),
+        );
+        let mut out = Vec::with_capacity(38 + ct.len() + ce.len() + self.answer.body.len());
         out.extend_from_slice(Self::MAGIC);
         out.extend_from_slice(&self.answer.status.to_be_bytes());
         out.extend_from_slice(&self.stored_at.to_be_bytes());
         out.extend_from_slice(&self.fresh_until.to_be_bytes());
         out.extend_from_slice(&self.stale_until.to_be_bytes());
-        out.extend_from_slice(&(ct.len() as u16).to_be_bytes());
-        out.extend_from_slice(ct);
+        for value in [ct, ce] {
+            // A response header is at most 1 MiB (Pingora's limit).
+            out.extend_from_slice(&(value.len() as u32).to_be_bytes());
+            out.extend_from_slice(value);
+        }
         out.extend_from_slice(&self.answer.body);
         out
     }
 
     /// `None` for anything that is not a well-formed entry.
     pub fn decode(bytes: &[u8]) -> Option<Entry> {
-        let rest = bytes.strip_prefix(Self::MAGIC)?;
+        let (rest, v1) = match bytes.strip_prefix(Self::MAGIC) {
+            Some(rest) => (rest, false),
+            None => (bytes.strip_prefix(Self::MAGIC_V1)?, true),
+        };
         let (status, rest) = rest.split_first_chunk::<2>()?;
         let (stored_at, rest) = rest.split_first_chunk::<8>()?;
         let (fresh_until, rest) = rest.split_first_chunk::<8>()?;
         let (stale_until, rest) = rest.split_first_chunk::<8>()?;
-        let (ct_len, rest) = rest.split_first_chunk::<2>()?;
-        let ct_len = usize::from(u16::from_be_bytes(*ct_len));
-        if rest.len() < ct_len {
-            return None;
-        }
-        let (ct, body) = rest.split_at(ct_len);
-        let content_type = match ct {
-            [] => None,
-            ct => Some(HeaderValue::from_bytes(ct).ok()?),
+        let (content_type, content_encoding, body) = if v1 {
+            let (len, rest) = rest.split_first_chunk::<2>()?;
+            let (ct, body) = header_field(u16::from_be_bytes(*len).into(), rest)?;
+            (ct, None, body)
+        } else {
+            let (len, rest) = rest.split_first_chunk::<4>()?;
+            let (ct, rest) = header_field(u32::from_be_bytes(*len), rest)?;
+            let (len, rest) = rest.split_first_chunk::<4>()?;
+            let (ce, body) = header_field(u32::from_be_bytes(*len), rest)?;
+            (ct, ce, body)
         };
         let status = u16::from_be_bytes(*status);
         if !(100..600).contains(&status) {
@@ -99,6 +112,8 @@ impl Entry {
                 status,
                 content_type,
                 cache_control: None,
+                content_encoding,
+                sets_cookie: false,
                 body: Bytes::copy_from_slice(body),
             },
             stored_at: u64::from_be_bytes(*stored_at),
@@ -106,6 +121,21 @@ impl Entry {
             stale_until: u64::from_be_bytes(*stale_until),
         })
     }
+}
+
+/// A header value of `len` bytes at the start of `bytes` (empty: absent),
+/// and what follows it.
+fn header_field(len: u32, bytes: &[u8]) -> Option<(Option<HeaderValue>, &[u8])> {
+    let len = usize::try_from(len).ok()?;
+    if bytes.len() < len {
+        return None;
+    }
+    let (value, rest) = bytes.split_at(len);
+    let value = match value {
+        [] => None,
+        v => Some(HeaderValue::from_bytes(v).ok()?),
+    };
+    Some((value, rest))
 }
 
 /// Bytes that need no percent-encoding (RFC 3986 unreserved).
@@ -182,10 +212,12 @@ pub fn key(route: &str, path: &str, query: Option<&str>) -> String {
 }
 
 /// How long a backend answer may be served from cache, or `None` if it must
-/// not be stored: `no-store`/`private`, or a body over the route's limit.
+/// not be stored: `no-store`/`private`, a `Set-Cookie` (the answer may be
+/// meant for one client; nginx and Varnish do not store these either), or a
+/// body over the route's limit.
 /// `s-maxage` (else `max-age`) shortens the route's TTL; it never lengthens it.
 pub fn freshness(answer: &Answer, cfg: &CacheConfig) -> Option<Duration> {
-    if answer.body.len() > cfg.max_body_bytes {
+    if answer.sets_cookie || answer.body.len() > cfg.max_body_bytes {
         return None;
     }
     let mut ttl = cfg.ttl;
@@ -408,6 +440,8 @@ mod tests {
             status: 200,
             content_type: Some(HeaderValue::from_static("application/json")),
             cache_control: cc.map(|c| HeaderValue::from_str(c).unwrap()),
+            content_encoding: None,
+            sets_cookie: false,
             body: Bytes::from(body.to_string()),
         }
     }
@@ -490,9 +524,45 @@ mod tests {
             (200, e.answer.body.clone())
         );
         assert_eq!(d.answer.content_type, e.answer.content_type);
+        assert_eq!(d.answer.content_encoding, None);
         assert_eq!((d.stored_at, d.fresh_until, d.stale_until), (1, 2, 3));
         assert!(Entry::decode(b"garbage").is_none());
         assert!(Entry::decode(&e.encode()[..20]).is_none());
+        assert!(Entry::decode(&e.encode()[..40]).is_none());
+
+        let mut gz = e.clone();
+        gz.answer.content_encoding = Some(HeaderValue::from_static("gzip"));
+        gz.answer.body = Bytes::from_static(b"\x1f\x8b\x08\x00binary");
+        let d = Entry::decode(&gz.encode()).unwrap();
+        assert_eq!(d.answer.content_encoding, gz.answer.content_encoding);
+        assert_eq!(d.answer.content_type, gz.answer.content_type);
+        assert_eq!(d.answer.body, gz.answer.body);
+    }
+
+    #[test]
+    fn entries_in_the_first_format_still_decode() {
+        // TG1: magic, status, three timestamps, u16 content-type length, body.
+        let mut v1 = b"TG1\n".to_vec();
+        v1.extend_from_slice(&200u16.to_be_bytes());
+        for t in [1u64, 2, 3] {
+            v1.extend_from_slice(&t.to_be_bytes());
+        }
+        v1.extend_from_slice(&16u16.to_be_bytes());
+        v1.extend_from_slice(b"application/json{\"status\": true}");
+        let d = Entry::decode(&v1).unwrap();
+        assert_eq!(d.answer.status, 200);
+        assert_eq!(d.answer.content_type.unwrap(), "application/json");
+        assert_eq!(d.answer.content_encoding, None);
+        assert_eq!(&d.answer.body[..], b"{\"status\": true}");
+        assert_eq!((d.stored_at, d.fresh_until, d.stale_until), (1, 2, 3));
+    }
+
+    #[test]
+    fn answers_that_set_a_cookie_are_not_stored() {
+        let mut a = answer(None, "{}");
+        assert!(freshness(&a, &cfg()).is_some());
+        a.sets_cookie = true;
+        assert_eq!(freshness(&a, &cfg()), None);
     }
 
     #[tokio::test]

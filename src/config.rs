@@ -85,6 +85,16 @@ pub struct Config {
     pub notify: NotifyConfig,
     pub cache: GlobalCacheConfig,
     pub access_log: AccessTarget,
+    pub limits: LimitsConfig,
+}
+
+/// Bounds on client connections (`limits:`), applied by `connections.rs`.
+#[derive(Debug, Clone, Copy)]
+pub struct LimitsConfig {
+    /// A request header must arrive whole within this.
+    pub request_header_timeout: Duration,
+    /// Client connections open at once; more are closed at once.
+    pub max_client_connections: usize,
 }
 
 /// The cache settings shared by all routes.
@@ -392,6 +402,8 @@ impl TryFrom<FileConfig> for Config {
             check_listeners(&file.listen, admin, &mut errors);
         }
 
+        let limits = convert_limits(&file.limits, &mut errors);
+
         match (errors.is_empty(), server, admin_listen) {
             (true, Some(server), Some(admin_listen)) => Ok(Config {
                 server,
@@ -412,6 +424,7 @@ impl TryFrom<FileConfig> for Config {
                 notify,
                 cache,
                 access_log,
+                limits,
             }),
             _ => Err(ConfigErrors(errors)),
         }
@@ -467,6 +480,20 @@ fn check_listeners(listen: &[String], admin: SocketAddr, errors: &mut Vec<Config
                 format!("{a} overlaps listen[{j}] {b}"),
             ));
         }
+    }
+}
+
+fn convert_limits(l: &FileLimits, errors: &mut Vec<ConfigError>) -> LimitsConfig {
+    let (at, timeout_ms) = (
+        "limits.request_header_timeout_ms",
+        l.request_header_timeout_ms,
+    );
+    limits::REQUEST_HEADER_TIMEOUT_MS.check(at, timeout_ms, errors);
+    let (at, max) = ("limits.max_client_connections", l.max_client_connections);
+    limits::MAX_CLIENT_CONNECTIONS.check(at, max, errors);
+    LimitsConfig {
+        request_header_timeout: Duration::from_millis(timeout_ms),
+        max_client_connections: usize::try_from(max).unwrap_or(usize::MAX),
     }
 }
 

@@ -41,6 +41,8 @@ use pingora::server::ShutdownWatch;
 use pingora::services::listening::Service;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::config::LimitsConfig;
+use crate::connections::{Cap, ConnectionCounters};
 use crate::logging::{self, AccessLine, AccessLog};
 use crate::metrics::{Metrics, UNMATCHED};
 use crate::proxy::Gateway;
@@ -62,7 +64,13 @@ const LINGER: Duration = Duration::from_secs(1);
 const LINGER_BYTES: usize = 64 * 1024;
 
 /// The listening service: the front door in front of the gateway's proxy.
-pub fn service(conf: &Arc<ServerConf>, gateway: Gateway, name: &str) -> Service<Front> {
+pub fn service(
+    conf: &Arc<ServerConf>,
+    gateway: Gateway,
+    name: &str,
+    limits: &LimitsConfig,
+    counters: ConnectionCounters,
+) -> Service<Front> {
     let (metrics, access_log) = gateway.observers();
     let proxy = Arc::new(http_proxy(conf, gateway));
     Service::new(
@@ -71,6 +79,8 @@ pub fn service(conf: &Arc<ServerConf>, gateway: Gateway, name: &str) -> Service<
             proxy,
             metrics,
             access_log,
+            cap: Cap::new(limits.max_client_connections, counters),
+            header_timeout: limits.request_header_timeout,
         },
     )
 }
@@ -79,6 +89,12 @@ pub struct Front {
     proxy: Arc<HttpProxy<Gateway>>,
     metrics: Arc<Metrics>,
     access_log: AccessLog,
+    /// `limits.max_client_connections`.
+    cap: Cap,
+    /// `limits.request_header_timeout_ms`: how long one whole request head
+    /// may take, from the connection's accept (first request) or from the
+    /// first byte of the head (later requests on a keep-alive connection).
+    header_timeout: Duration,
 }
 
 /// What a checked head says about the request's framing.
@@ -94,6 +110,9 @@ enum Read {
     Head(Head),
     /// Closed, idle too long, or the server is shutting down: nothing to answer.
     Gone,
+    /// The head took longer than `limits.request_header_timeout_ms`: closed
+    /// without an answer (the client is too slow to read one anyway).
+    TimedOut,
     Refuse(Reject),
 }
 
@@ -104,6 +123,8 @@ impl ServerApp for Front {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        // Over the cap: dropping the stream closes the connection at once.
+        let _place = self.cap.admit()?;
         if !stream.as_any().is::<L4Stream>() {
             return ServerApp::process_new(&self.proxy, stream, shutdown).await;
         }
@@ -111,11 +132,26 @@ impl ServerApp for Front {
         // Bytes read from the client and not yet handed to Pingora.
         let mut pending = BytesMut::new();
         let mut settings: Option<HttpPersistentSettings> = None;
+        // The first request's clock starts at accept, later ones' at their
+        // first byte.
+        let mut deadline = Some(Instant::now() + self.header_timeout);
         loop {
             let mut started = Instant::now();
-            let head = match read_head(&mut l4, &mut pending, &mut started, shutdown).await {
+            let read = read_head(
+                &mut l4,
+                &mut pending,
+                &mut started,
+                (deadline.take(), self.header_timeout),
+                shutdown,
+            )
+            .await;
+            let head = match read {
                 Read::Head(head) => head,
                 Read::Gone => return None,
+                Read::TimedOut => {
+                    self.cap.counters().header_timeouts.inc();
+                    return None;
+                }
                 Read::Refuse(reject) => {
                     self.refuse(&mut l4, reject, started).await;
                     return None;
@@ -197,10 +233,15 @@ async fn read_head(
     l4: &mut L4Stream,
     pending: &mut BytesMut,
     started: &mut Instant,
+    (mut deadline, header_timeout): (Option<Instant>, Duration),
     shutdown: &ShutdownWatch,
 ) -> Read {
     let mut shutdown = shutdown.clone();
     loop {
+        // Bytes of this head already waiting (pipelined) start its clock now.
+        if deadline.is_none() && !pending.is_empty() {
+            deadline = Some(*started + header_timeout);
+        }
         if !pending.is_empty() {
             match check_head(pending) {
                 Ok(Some(head)) => return Read::Head(head),
@@ -210,8 +251,10 @@ async fn read_head(
             if pending.len() > MAX_HEAD_BYTES {
                 return Read::Refuse(too_large(pending));
             }
-            pending.reserve(1024);
         }
+        // Room for a whole usual head in one read (an empty BytesMut would
+        // read 64 bytes at a time); 1 KiB is what an idle connection holds.
+        pending.reserve(1024);
         let idle = pending.is_empty();
         let read = tokio::select! {
             // Read first: bytes already waiting (a fresh connection's request,
@@ -220,15 +263,24 @@ async fn read_head(
             read = tokio::time::timeout(IDLE, l4.read_buf(pending)) => read,
             // Pingora drops idle keep-alive connections at shutdown; so do we.
             _ = shutdown.wait_for(|down| *down), if idle => return Read::Gone,
+            _ = sleep_until_some(deadline) => return Read::TimedOut,
         };
         match read {
             Ok(Ok(n)) if n > 0 => {
                 if idle {
                     *started = Instant::now();
+                    deadline.get_or_insert(*started + header_timeout);
                 }
             }
             _ => return Read::Gone,
         }
+    }
+}
+
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::Opt;
 use pingora::server::{RunArgs, Server};
 
@@ -128,6 +129,7 @@ fn serve(mut config: Config, opt: Opt) -> ExitCode {
         notify::channel(&config.notify, &config.routes, metrics.notifications());
     let (access_log, access_log_service) =
         logging::access_log(config.access_log.clone(), metrics.access_log_dropped());
+    let connections = metrics.connections();
     let draining = Draining::default();
     let gateway = Gateway::new(
         &config,
@@ -142,9 +144,20 @@ fn serve(mut config: Config, opt: Opt) -> ExitCode {
     // With -t this checks Pingora's side too, then exits.
     server.bootstrap();
 
-    let mut proxy = tollgate::front::service(&server.configuration, gateway, "tollgate");
+    let mut proxy = tollgate::front::service(
+        &server.configuration,
+        gateway,
+        "tollgate",
+        &config.limits,
+        connections,
+    );
     for addr in &config.listen {
-        proxy.add_tcp(&addr.to_string());
+        // No L4 read buffer: Pingora's default is 64 KiB per client
+        // connection, while its HTTP/1 parser reads into its own buffer
+        // anyway (bench/RESULTS.md, idle connections).
+        proxy.add_listener(
+            ListenerConfig::tcp(addr.to_string()).l4_buffer(L4BufferSettings::default().read(0)),
+        );
     }
     let health = Health::default();
     server.add_service(Guarded::new(proxy, "proxy", &health));
@@ -153,6 +166,10 @@ fn serve(mut config: Config, opt: Opt) -> ExitCode {
     server.add_service(background_service("notifier", notifier_service));
     server.add_service(background_service("access log", access_log_service));
     server.add_service(background_service("drain", phases));
+    server.add_service(background_service(
+        "allocator purge",
+        tollgate::memory::Purger,
+    ));
     let signals = reload::Signals::new(&server.configuration.upgrade_sock);
     let handed_over = signals.handed_over();
     server.run(RunArgs {

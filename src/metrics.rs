@@ -47,6 +47,7 @@ pub struct Metrics {
     notifications: IntCounterVec,
     access_log_dropped: IntCounter,
     backend_healthy: IntGaugeVec,
+    connections: crate::connections::ConnectionCounters,
     /// Per route (config order), the series a race touches, resolved once.
     routes: Vec<RouteSeries>,
 }
@@ -90,6 +91,18 @@ fn histogram(
     let h = HistogramVec::new(opts, labels)?;
     registry.register(Box::new(h.clone()))?;
     Ok(h)
+}
+
+fn plain_counter(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
+    let c = IntCounter::new(name, help)?;
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> prometheus::Result<IntGauge> {
+    let g = IntGauge::new(name, help)?;
+    registry.register(Box::new(g.clone()))?;
+    Ok(g)
 }
 
 impl Metrics {
@@ -191,6 +204,23 @@ impl Metrics {
                 )?;
                 r.register(Box::new(g.clone()))?;
                 g
+            },
+            connections: crate::connections::ConnectionCounters {
+                open: gauge(
+                    r,
+                    "tollgate_client_connections",
+                    "Client connections open now.",
+                )?,
+                refused: plain_counter(
+                    r,
+                    "tollgate_client_connections_refused_total",
+                    "Client connections closed at once because limits.max_client_connections were open.",
+                )?,
+                header_timeouts: plain_counter(
+                    r,
+                    "tollgate_request_header_timeouts_total",
+                    "Client connections closed because a request header took longer than limits.request_header_timeout_ms.",
+                )?,
             },
             routes: Vec::new(),
         };
@@ -304,6 +334,11 @@ impl Metrics {
 
     pub fn access_log_dropped(&self) -> IntCounter {
         self.access_log_dropped.clone()
+    }
+
+    /// The client connection series (cap and header deadline).
+    pub fn connections(&self) -> crate::connections::ConnectionCounters {
+        self.connections.clone()
     }
 
     /// Count a failed store call (`op`: one of [`STORE_OPS`]).

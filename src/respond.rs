@@ -206,8 +206,8 @@ pub async fn reject(session: &mut Session, common: &Common<'_>, reject: Reject) 
     send(session, common, resp, Bytes::from(error_body(reject))).await
 }
 
-/// Answer with a backend's answer (status, Content-Type and body unchanged),
-/// fresh from a race or from the cache (`age` in seconds).
+/// Answer with a backend's answer (status, Content-Type, Content-Encoding and
+/// body unchanged), fresh from a race or from the cache (`age` in seconds).
 pub async fn proxied(
     session: &mut Session,
     common: &Common<'_>,
@@ -218,6 +218,9 @@ pub async fn proxied(
     let mut resp = ResponseHeader::build(answer.status, Some(12))?;
     if let Some(ct) = &answer.content_type {
         resp.insert_header("Content-Type", ct)?;
+    }
+    if let Some(ce) = &answer.content_encoding {
+        resp.insert_header("Content-Encoding", ce)?;
     }
     resp.insert_header("X-Cache", x_cache)?;
     if let Some(age) = age {

@@ -32,6 +32,34 @@ pub(super) struct FileConfig {
     /// `Option` so that `access_log: ~` (null) is refused, not taken as "~".
     #[serde(default = "default_access_log")]
     pub(super) access_log: Option<String>,
+    #[serde(default)]
+    pub(super) limits: FileLimits,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileLimits {
+    #[serde(default = "default_request_header_timeout_ms")]
+    pub(super) request_header_timeout_ms: u64,
+    #[serde(default = "default_max_client_connections")]
+    pub(super) max_client_connections: u64,
+}
+
+impl Default for FileLimits {
+    fn default() -> Self {
+        FileLimits {
+            request_header_timeout_ms: default_request_header_timeout_ms(),
+            max_client_connections: default_max_client_connections(),
+        }
+    }
+}
+
+pub(super) fn default_request_header_timeout_ms() -> u64 {
+    10_000
+}
+
+pub(super) fn default_max_client_connections() -> u64 {
+    50_000
 }
 
 pub(super) fn default_access_log() -> Option<String> {

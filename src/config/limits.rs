@@ -71,6 +71,13 @@ pub const NOTIFY_INTERVAL: Bound = bound("notify.min_interval_seconds", 0, 86_40
 pub const NOTIFY_TIMEOUT_MS: Bound = bound("notify.timeout_ms", 1, MINUTE_MS, "");
 pub const NOTIFY_NO_DATA_WINDOW: Bound =
     bound("notify.no_data_window_seconds", 1, 86_400, "one day");
+pub const REQUEST_HEADER_TIMEOUT_MS: Bound = bound(
+    "limits.request_header_timeout_ms",
+    100,
+    10 * MINUTE_MS,
+    "ten minutes",
+);
+pub const MAX_CLIENT_CONNECTIONS: Bound = bound("limits.max_client_connections", 1, 10_000_000, "");
 pub const MEMORY_ENTRIES: Bound = bound(
     "cache.memory_entries",
     1,
@@ -147,6 +154,8 @@ pub const BOUNDS: &[Bound] = &[
     NOTIFY_INTERVAL,
     NOTIFY_TIMEOUT_MS,
     NOTIFY_NO_DATA_WINDOW,
+    REQUEST_HEADER_TIMEOUT_MS,
+    MAX_CLIENT_CONNECTIONS,
     MEMORY_ENTRIES,
     LOCK_TIMEOUT_MS,
     KEY_CREDITS,

@@ -446,3 +446,50 @@ fn notify_no_data_rule_bad_values_name_the_field() {
         assert!(e[0].starts_with(&format!("notify.{field}")), "{e:?}");
     }
 }
+
+#[test]
+fn limits_have_defaults_bounds_and_field_paths() {
+    let c = Config::from_yaml(MINIMAL).unwrap();
+    assert_eq!(c.limits.request_header_timeout, Duration::from_secs(10));
+    assert_eq!(c.limits.max_client_connections, 50_000);
+
+    let with = |body: &str| format!("limits:\n{body}\n{MINIMAL}");
+    let c = Config::from_yaml(&with(
+        "  request_header_timeout_ms: 100\n  max_client_connections: 10000000",
+    ))
+    .unwrap();
+    assert_eq!(c.limits.request_header_timeout, Duration::from_millis(100));
+    assert_eq!(c.limits.max_client_connections, 10_000_000);
+    let c = Config::from_yaml(&with(
+        "  request_header_timeout_ms: 600000\n  max_client_connections: 1",
+    ))
+    .unwrap();
+    assert_eq!(c.limits.request_header_timeout, Duration::from_secs(600));
+    assert_eq!(c.limits.max_client_connections, 1);
+
+    assert_eq!(
+        errors_of(&with(
+            "  request_header_timeout_ms: 99\n  max_client_connections: 10000001"
+        )),
+        vec![
+            "limits.request_header_timeout_ms: must be at least 100",
+            "limits.max_client_connections: must be at most 10000000, got 10000001",
+        ]
+    );
+    assert_eq!(
+        errors_of(&with(
+            "  request_header_timeout_ms: 600001\n  max_client_connections: 0"
+        )),
+        vec![
+            "limits.request_header_timeout_ms: must be at most 600000, got 600001 (ten minutes)",
+            "limits.max_client_connections: must be at least 1",
+        ]
+    );
+    let e = errors_of(&with("  header_timeout_ms: 5"));
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].starts_with("limits"), "{e:?}");
+    assert!(e[0].contains("unknown field `header_timeout_ms`"), "{e:?}");
+    let e = errors_of(&with("  max_client_connections: -1"));
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].starts_with("limits.max_client_connections"), "{e:?}");
+}

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, SET_COOKIE};
 use http::HeaderValue;
 use pingora::connectors::TransportConnector;
 use pingora::http::RequestHeader;
@@ -31,6 +31,14 @@ pub struct Answer {
     pub status: u16,
     pub content_type: Option<HeaderValue>,
     pub cache_control: Option<HeaderValue>,
+    /// Passed on with the body it describes (gzip bytes stay readable) and
+    /// kept in the cache entry.
+    pub content_encoding: Option<HeaderValue>,
+    /// The backend set a cookie: the answer may be meant for one client, so
+    /// it is never stored (see `cache::freshness`). The cookie itself is
+    /// not passed on: tollgate sends backends no `Cookie` header, so it
+    /// could never come back to them.
+    pub sets_cookie: bool,
     pub body: Bytes,
 }
 
@@ -221,6 +229,8 @@ async fn read_answer(session: &mut HttpSession, max_body: usize) -> Result<Answe
     let copy = |v: &HeaderValue| HeaderValue::from_bytes(v.as_bytes()).ok();
     let content_type = session.get_header(CONTENT_TYPE).and_then(copy);
     let cache_control = session.get_header(CACHE_CONTROL).and_then(copy);
+    let content_encoding = session.get_header(CONTENT_ENCODING).and_then(copy);
+    let sets_cookie = session.get_header(SET_COOKIE).is_some();
     let declared = std::str::from_utf8(session.get_header_bytes(CONTENT_LENGTH))
         .ok()
         .and_then(|s| s.trim().parse::<usize>().ok());
@@ -245,6 +255,8 @@ async fn read_answer(session: &mut HttpSession, max_body: usize) -> Result<Answe
         status,
         content_type,
         cache_control,
+        content_encoding,
+        sets_cookie,
         body: body.freeze(),
     })
 }
