@@ -326,6 +326,10 @@ impl Gateway {
             }
             if self.credits.refund_on_failure {
                 self.refund(ctx).await;
+            } else if let Some(hold) = ctx.credits.as_mut() {
+                // The failure answer costs the route's price: settle the
+                // hold, or dropping it would refund.
+                hold.keep();
             }
             return self.reject(session, ctx, reject).await;
         };
