@@ -21,7 +21,8 @@ use crate::store::StoreError;
 /// was not seen is settled exactly when Redis answers this node again within
 /// this time of the call being sent; later, its outcome cannot be known and
 /// it counts in `tollgate_store_errors_total{op="settle"}`. Each charge's
-/// marker costs about 100 bytes of Redis memory for this long.
+/// marker costs about 230 bytes of Redis memory for this long
+/// (measured with redis-server 7.0: 14 MB at 1,000 charges per second).
 pub const OP_MEMORY: Duration = Duration::from_secs(60);
 /// Charges and refunds waiting to be settled; beyond this they are dropped
 /// and counted (`op="settle"`).
