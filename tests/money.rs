@@ -413,3 +413,67 @@ async fn a_store_with_keys_but_no_marker_is_adopted() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A refund sent while Redis stalls is applied when it wakes, once, however
+/// often it was sent meanwhile; the failure answer said it cost nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_that_timed_out_is_applied_once() {
+    let redis = RedisServer::start();
+    import_keys(&redis, PAYER);
+    let broken = Origin::start(|_| {
+        Reply::json(500, r#"{"status": false}"#).after(Duration::from_millis(700))
+    })
+    .await;
+    let gw = Gateway::start_with_keys(
+        &[route("t", "/api/", &[&broken], "")],
+        &redis_store(&redis, "deny"),
+        "",
+    )
+    .await;
+    let start = balance(&redis).await;
+    // Once without a stall, so that Redis knows the refund script: a stalled
+    // EVALSHA of an unknown script would fail (NOSCRIPT) rather than run.
+    assert_eq!(pay_owned(gw.url("/api/x")).await, (502, Some("0".into())));
+    assert_eq!(balance(&redis).await, start);
+    let request = tokio::spawn(pay_owned(gw.url("/api/x")));
+    // Charged, and waiting for the backend: stall Redis before the refund.
+    wait_until("the backend to be asked", Duration::from_secs(5), || {
+        broken.hits() == 2
+    })
+    .await;
+    redis.pause();
+    let (status, cost) = request.await.unwrap();
+    // Retries of the refund pile up behind the stall.
+    let m = gw.metrics().await;
+    assert!(sample(&m, "tollgate_store_unsettled") >= 1.0, "{m}");
+    redis.resume();
+    assert_eq!((status, cost.as_deref()), (502, Some("0")));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let unsettled = sample(&gw.metrics().await, "tollgate_store_unsettled");
+        let now = balance(&redis).await;
+        if unsettled == 0.0 {
+            assert_eq!(now, start, "refunded more or less than once");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "balance {now}, {unsettled} unsettled"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn pay_owned(url: String) -> (u16, Option<String>) {
+    let resp = reqwest::Client::new()
+        .get(url)
+        .header("X-API-Key", "payer")
+        .send()
+        .await
+        .unwrap();
+    let cost = resp
+        .headers()
+        .get("x-credits-cost")
+        .map(|v| v.to_str().unwrap().to_string());
+    (resp.status().as_u16(), cost)
+}
