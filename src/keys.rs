@@ -2,7 +2,10 @@
 //! subcommand works on the shared store. With the embedded store the keys file
 //! is the store: `list`/`show` read it, `create` appends a hashed entry (seen
 //! at the next start); `topup`, `revoke` and `import` need Redis, because
-//! embedded balances live in one process's memory.
+//! embedded balances live in one process's memory. `import` and `create`
+//! mark a Redis as set up (`{prefix}store`); `import` into a Redis with
+//! neither the marker nor keys needs `--init`, since that Redis may be one
+//! that lost its data, where an import would reset every balance.
 
 use std::io::Write;
 
@@ -39,7 +42,14 @@ pub enum KeysCommand {
     /// Revoke a key: its requests get 403 from then on.
     Revoke { key_or_id: String },
     /// Load a keys file into Redis; keys already there are left unchanged.
-    Import { file: String },
+    Import {
+        file: String,
+        /// Set up a Redis that holds no tollgate data yet. Without it, import
+        /// refuses such a Redis: it may be one that lost its data, where
+        /// importing would reset every balance to the file's.
+        #[arg(long)]
+        init: bool,
+    },
 }
 
 /// A new random key: `tg_` and 192 random bits in hex.
@@ -54,6 +64,12 @@ fn is_id(s: &str) -> bool {
         && s.bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
+
+/// Why `keys import` refuses a Redis without the store marker.
+const NOT_SET_UP: &str = "this Redis holds no tollgate data (no store marker): either it is new, \
+or it lost its data (restarted without persistence). If it lost its data, restore it from a \
+backup (AOF or RDB) instead: importing resets every balance to the file's and gives back \
+credits already spent. To set up a new store, run `tollgate keys import --init FILE`.";
 
 const HEADER: &str = "ID            NAME                 CREDITS        RATE  STATE";
 
@@ -126,6 +142,9 @@ async fn run_redis(
             if !store.insert(&record).await.map_err(e)? {
                 return Err("a key with this hash exists already; run create again".into());
             }
+            if !store.is_set_up().await.map_err(e)? {
+                store.mark_set_up().await.map_err(e)?;
+            }
             writeln!(out, "{key}").map_err(io)?;
             writeln!(
                 out,
@@ -163,13 +182,17 @@ async fn run_redis(
             }
             writeln!(out, "id {} revoked", hash.id()).map_err(io)?;
         }
-        KeysCommand::Import { file } => {
+        KeysCommand::Import { file, init } => {
             let text = std::fs::read_to_string(&file)
                 .map_err(|err| format!("cannot read {file}: {err}"))?;
             let records = parse_keys(&text).map_err(|errors| {
                 let lines: Vec<String> = errors.iter().map(|er| format!("{file}: {er}")).collect();
                 lines.join("\n")
             })?;
+            let set_up = store.is_set_up().await.map_err(e)?;
+            if !set_up && !init && !store.has_keys().await.map_err(e)? {
+                return Err(NOT_SET_UP.into());
+            }
             let (mut added, mut kept) = (0, 0);
             for r in &records {
                 if store.insert(r).await.map_err(e)? {
@@ -178,6 +201,7 @@ async fn run_redis(
                     kept += 1;
                 }
             }
+            store.mark_set_up().await.map_err(e)?;
             writeln!(
                 out,
                 "imported {added} key(s); {kept} already present, left unchanged"

@@ -17,7 +17,7 @@ use tollgate::listeners::{Guarded, Health};
 use tollgate::metrics::Metrics;
 use tollgate::proxy::Gateway;
 use tollgate::store::memory::MemoryStore;
-use tollgate::store::redis::RedisStore;
+use tollgate::store::redis::{Maintenance, RedisStore, StoreCounters};
 use tollgate::store::Store;
 use tollgate::{admin, demo, logging, notify, reload};
 
@@ -107,10 +107,19 @@ fn serve(mut config: Config, opt: Opt) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let mut maintenance = None;
     let store: Arc<dyn Store> = match &config.store.redis_url {
         // Connects on first use, inside the service, after Pingora daemonized.
         Some(url) => match RedisStore::new(url, &config.store.key_prefix, config.store.timeout) {
-            Ok(s) => Arc::new(s),
+            Ok(s) => {
+                let s = Arc::new(s.with_counters(StoreCounters {
+                    settle: metrics.store_error_counter("settle"),
+                    setup: metrics.store_error_counter("setup"),
+                    unsettled: metrics.store_unsettled(),
+                }));
+                maintenance = Some(Maintenance(s.clone()));
+                s
+            }
             Err(e) => {
                 eprintln!("tollgate: store.redis_url: {e}");
                 return ExitCode::FAILURE;
@@ -170,6 +179,9 @@ fn serve(mut config: Config, opt: Opt) -> ExitCode {
         "allocator purge",
         tollgate::memory::Purger,
     ));
+    if let Some(m) = maintenance {
+        server.add_service(background_service("store", m));
+    }
     let signals = reload::Signals::new(&server.configuration.upgrade_sock);
     let handed_over = signals.handed_over();
     server.run(RunArgs {

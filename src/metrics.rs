@@ -20,8 +20,11 @@ const LATENCY_BUCKETS: &[f64] = &[
     5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 ];
 
-/// Store operations, the `op` label of `tollgate_store_errors_total`.
-pub const STORE_OPS: [&str; 3] = ["lookup", "charge", "refund"];
+/// Store operations, the `op` label of `tollgate_store_errors_total`:
+/// calls that failed (`lookup`, `charge`, `refund`), calls whose outcome was
+/// not seen and could not be settled (`settle`), and looks that found the
+/// store not set up (`setup`: Redis lost its data).
+pub const STORE_OPS: [&str; 5] = ["lookup", "charge", "refund", "settle", "setup"];
 
 /// The `result` label of `tollgate_cache_total`.
 pub const CACHE_RESULTS: [&str; 4] = ["hit", "miss", "stale", "error"];
@@ -43,6 +46,7 @@ pub struct Metrics {
     credits_refunded: IntCounterVec,
     rejections: IntCounterVec,
     store_errors: IntCounterVec,
+    store_unsettled: IntGauge,
     cache: IntCounterVec,
     notifications: IntCounterVec,
     access_log_dropped: IntCounter,
@@ -174,6 +178,14 @@ impl Metrics {
                 "Key store calls that failed, by operation.",
                 &["op"],
             )?,
+            store_unsettled: {
+                let g = IntGauge::new(
+                    "tollgate_store_unsettled",
+                    "Charges and refunds whose outcome Redis has not confirmed, waiting to be settled.",
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
             cache: counter(
                 r,
                 "tollgate_cache_total",
@@ -344,6 +356,15 @@ impl Metrics {
     /// Count a failed store call (`op`: one of [`STORE_OPS`]).
     pub fn store_error(&self, op: &'static str) {
         self.store_errors.with_label_values(&[op]).inc();
+    }
+
+    /// The series of one store operation, for the store to count itself.
+    pub fn store_error_counter(&self, op: &'static str) -> IntCounter {
+        self.store_errors.with_label_values(&[op])
+    }
+
+    pub fn store_unsettled(&self) -> IntGauge {
+        self.store_unsettled.clone()
     }
 
     /// Count a race's attempts, its winner, or its failure.

@@ -39,6 +39,8 @@ pub struct Gateway {
     metrics: Arc<Metrics>,
     auth_param: String,
     on_store_error: OnStoreError,
+    /// Bounds a request's store work as a whole (key lookup and charge).
+    store_timeout: Duration,
     credits: CreditsConfig,
     cache: Cache,
     lock_timeout: Duration,
@@ -84,6 +86,7 @@ impl Gateway {
             metrics,
             auth_param: config.auth.query_param.clone(),
             on_store_error: config.store.on_error,
+            store_timeout: config.store.timeout,
             credits: config.credits.clone(),
             cache: Cache::new(
                 config.cache.memory_entries,
@@ -163,7 +166,10 @@ impl Gateway {
     async fn admit(&self, ctx: &mut Ctx, route: usize, key: Option<String>) -> Result<(), Reject> {
         let hash = KeyHash::of(&key.ok_or(Reject::MissingKey)?);
         ctx.key = Some(hash);
-        let own_rate = match self.store.key(&hash).await {
+        // One budget for the lookup and the charge: with `on_error: allow` a
+        // stalled store must not hold the request for two timeouts.
+        let deadline = tokio::time::Instant::now() + self.store_timeout;
+        let own_rate = match within(deadline, self.store.key(&hash)).await {
             Ok(None) => return Err(Reject::InvalidKey),
             Ok(Some(info)) if info.state == KeyState::Revoked => return Err(Reject::RevokedKey),
             Ok(Some(info)) => info.rate_per_second,
@@ -178,7 +184,7 @@ impl Gateway {
 
         let path = ctx.upstream_path.as_deref().unwrap_or("");
         let cost = self.routes[route].cost_for(path);
-        match self.store.charge(&hash, cost).await {
+        match within(deadline, self.store.charge(&hash, cost)).await {
             Ok(Charge::Charged { remaining }) => {
                 self.metrics.charged(route, cost);
                 let refunded = self.metrics.refunded(route);
@@ -337,6 +343,10 @@ impl Gateway {
             }
             if self.credits.refund_on_failure {
                 self.refund(ctx).await;
+            } else if let Some(hold) = ctx.credits.as_mut() {
+                // The failure answer costs the route's price: settle the
+                // hold, or dropping it would refund.
+                hold.keep();
             }
             return self.reject(session, ctx, reject).await;
         };
@@ -428,6 +438,20 @@ impl Gateway {
             });
         }
     }
+}
+
+/// A store call, given what is left of the request's store budget; none
+/// left: a store error without making the call.
+async fn within<T>(
+    deadline: tokio::time::Instant,
+    call: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    if deadline <= tokio::time::Instant::now() {
+        return Err(StoreError("store.timeout_ms spent before this call".into()));
+    }
+    tokio::time::timeout_at(deadline, call)
+        .await
+        .unwrap_or_else(|_| Err(StoreError("store.timeout_ms spent".into())))
 }
 
 /// Keep a sane client-supplied `X-Request-Id`, otherwise make one.

@@ -293,9 +293,25 @@ async fn failures_are_refunded_unless_configured_otherwise(kind: Kind) {
         );
     }
 
+    // With `false`, each failure costs the route's price, and the charge
+    // stays after the request ended (nothing refunds it when it is dropped).
     let gw = start(kind, &routes, "credits:\n  refund_on_failure: false").await;
-    let a = call(&gw, "/failed/x", Some("rich")).await;
-    assert_eq!((a.status, a.cost(), a.remaining()), (502, 1, 999));
+    let mut balance = 1000;
+    for (path, status) in [("/nodata/x", 404), ("/failed/x", 502), ("/timeout/x", 504)] {
+        balance -= 1;
+        let a = call(&gw, path, Some("rich")).await;
+        assert_eq!((a.status, a.cost(), a.remaining()), (status, 1, balance));
+        gw.wait_log(&format!("\"path\":\"{path}\"")).await;
+    }
+    // Once the requests are over, a fourth charge sees what they left.
+    let a = call(&gw, "/nodata/y", Some("rich")).await;
+    assert_eq!((a.status, a.remaining()), (404, balance - 1), "refunded");
+    gw.wait_log("/nodata/y").await;
+    let m = gw.metrics().await;
+    for route in ["nodata", "failed", "timeout"] {
+        let refunded = format!("tollgate_credits_refunded_total{{route=\"{route}\"}}");
+        assert_eq!(sample(&m, &refunded), 0.0, "{route}\n{m}");
+    }
 }
 
 async fn n_credits_buy_exactly_n_answers_under_concurrency(kind: Kind) {

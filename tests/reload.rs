@@ -254,7 +254,7 @@ async fn balance(redis: &RedisServer) -> u64 {
     let dump = redis.dump().await;
     let (_, fields) = dump
         .iter()
-        .find(|(k, _)| k.starts_with("tollgate:key:"))
+        .find(|(k, _)| k.starts_with("tollgate:key:") && !k.contains(":op:"))
         .unwrap();
     fields
         .iter()

@@ -89,12 +89,16 @@ impl fmt::Display for StoreError {
 /// Keys and balances.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// The key's metadata, `None` if unknown.
+    /// The key's metadata, `None` if unknown. A store that cannot vouch for
+    /// "unknown" (a Redis that lost its data) answers an error instead.
     async fn key(&self, hash: &KeyHash) -> Result<Option<Arc<KeyInfo>>, StoreError>;
     /// Check state and balance and take `cost` credits, atomically: N credits
-    /// buy exactly N unit-cost charges under any concurrency.
+    /// buy exactly N unit-cost charges under any concurrency. An error means
+    /// not charged, even if the store learns of the call later.
     async fn charge(&self, hash: &KeyHash, cost: u64) -> Result<Charge, StoreError>;
-    /// Give `amount` credits back; returns the new balance if the key exists.
+    /// Give `amount` credits back; returns the new balance if the key exists
+    /// and it is known now (`None` also for a refund queued until the store
+    /// answers again, which then applies it once).
     async fn refund(&self, hash: &KeyHash, amount: u64) -> Result<Option<u64>, StoreError>;
 
     /// Whether the store has a cache tier shared between nodes.

@@ -5,16 +5,37 @@
 //! at most [`META_TTL`]. The connection is made on first use, i.e. inside the
 //! service after Pingora daemonized, and the connection manager reconnects by
 //! itself. Every call is bounded by `store.timeout_ms`.
+//!
+//! A call that timed out may still run: the command was sent, and a stalled
+//! Redis runs it when it wakes. So every charge and refund carries an id, and
+//! the script that applies it leaves a marker `{prefix}key:{sha256}:op:{id}`
+//! for [`OP_MEMORY`]. A charge whose answer the gateway did not see was
+//! answered as not charged (503, or served uncharged with `on_error: allow`),
+//! so it is cancelled: given back if it ran, made a no-op if it has not run
+//! yet. A refund whose answer was not seen is sent again with the same id,
+//! which applies it once. Both wait in a bounded queue, settled by
+//! [`Maintenance`] once Redis answers again.
+//!
+//! A Redis that restarted without its data would otherwise make every key
+//! unknown (401 for every customer). `tollgate keys import`/`create` write a
+//! marker `{prefix}store`; while it is missing, an unknown key is a store
+//! error (`on_error` decides), counted as `tollgate_store_errors_total{op="setup"}`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, Script};
-use tokio::sync::OnceCell;
+use redis::{AsyncCommands, ErrorKind, RedisError, Script};
+use tokio::sync::{Notify, OnceCell};
+
+mod upkeep;
+
+use upkeep::{InFlight, Unsettled, SETUP_UNKNOWN};
+pub use upkeep::{Maintenance, StoreCounters, OP_MEMORY, SETTLE_QUEUE_MAX, SETUP_CHECK_EVERY};
 
 use super::{Charge, KeyInfo, KeyRecord, KeyRow, KeyState, Store, StoreError};
 use crate::auth::KeyHash;
@@ -25,8 +46,9 @@ pub const META_TTL: Duration = Duration::from_secs(1);
 /// The metadata cache is cleared when it holds more entries than this.
 const META_CACHE_MAX: usize = 100_000;
 
-/// Check state and balance, take the cost. Returns {code, balance}:
-/// 0 unknown, 1 revoked, 2 insufficient, 3 charged.
+/// Check state and balance, take the cost, and remember the charge by its id
+/// (KEYS[2]) unless it was cancelled before it ran. Returns {code, balance}:
+/// 0 unknown, 1 revoked, 2 insufficient, 3 charged, 4 cancelled.
 const CHARGE_LUA: &str = r"
 local h = redis.call('HMGET', KEYS[1], 'state', 'credits')
 if not h[1] then return {0, 0} end
@@ -35,7 +57,31 @@ local credits = tonumber(h[2]) or 0
 local cost = tonumber(ARGV[1])
 if credits < cost then return {2, credits} end
 if cost == 0 then return {3, credits} end
+if not redis.call('SET', KEYS[2], 'c' .. cost, 'NX', 'PX', ARGV[2]) then return {4, credits} end
 return {3, redis.call('HINCRBY', KEYS[1], 'credits', -cost)}
+";
+
+/// Cancel the charge remembered at KEYS[2]: give it back if it ran, make it a
+/// no-op if it has not. Returns the credits given back, 0 if it was cancelled
+/// already, -1 if Redis has no record of it (not run yet, or forgotten).
+const CANCEL_LUA: &str = r"
+local m = redis.call('GET', KEYS[2])
+redis.call('SET', KEYS[2], 'x', 'PX', ARGV[1])
+if not m then return -1 end
+if string.sub(m, 1, 1) ~= 'c' then return 0 end
+local cost = tonumber(string.sub(m, 2)) or 0
+if cost > 0 and redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HINCRBY', KEYS[1], 'credits', cost)
+end
+return cost
+";
+
+/// Give credits back once per id (KEYS[2]). Returns the new balance, -1 if
+/// the key is unknown, -2 if this refund was applied already.
+const REFUND_LUA: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if not redis.call('SET', KEYS[2], 'r', 'NX', 'PX', ARGV[2]) then return -2 end
+return redis.call('HINCRBY', KEYS[1], 'credits', ARGV[1])
 ";
 
 /// Add credits to an existing key. Returns the new balance, or -1 if unknown.
@@ -54,6 +100,27 @@ return 1
 /// Key metadata as last read from Redis (`None`: unknown key), and when.
 type CachedInfo = (Instant, Option<Arc<KeyInfo>>);
 
+/// A failed call, and whether Redis may have run it all the same.
+struct Failure {
+    error: StoreError,
+    maybe_ran: bool,
+}
+
+impl From<StoreError> for Failure {
+    fn from(error: StoreError) -> Self {
+        Failure {
+            error,
+            maybe_ran: false,
+        }
+    }
+}
+
+/// Whether a command that failed with `e` may have run: anything but a
+/// refused connection or an error answer from Redis itself.
+fn maybe_ran(e: &RedisError) -> bool {
+    !(e.is_connection_refusal() || matches!(e.kind(), ErrorKind::Server(_)))
+}
+
 pub struct RedisStore {
     client: redis::Client,
     conn: OnceCell<ConnectionManager>,
@@ -61,8 +128,17 @@ pub struct RedisStore {
     timeout: Duration,
     meta: Mutex<HashMap<KeyHash, CachedInfo>>,
     charge: Script,
+    cancel: Script,
+    refund: Script,
     add: Script,
     set_state: Script,
+    unsettled: Mutex<VecDeque<Unsettled>>,
+    settle_wake: Notify,
+    counters: Option<StoreCounters>,
+    /// SETUP_*: whether `{prefix}store` was there at the last periodic look.
+    setup: AtomicU8,
+    /// A lookup found a key but no marker: the store has data.
+    seen_key: AtomicBool,
 }
 
 fn err(e: impl std::fmt::Display) -> StoreError {
@@ -79,9 +155,22 @@ impl RedisStore {
             timeout,
             meta: Mutex::new(HashMap::new()),
             charge: Script::new(CHARGE_LUA),
+            cancel: Script::new(CANCEL_LUA),
+            refund: Script::new(REFUND_LUA),
             add: Script::new(ADD_LUA),
             set_state: Script::new(STATE_LUA),
+            unsettled: Mutex::new(VecDeque::new()),
+            settle_wake: Notify::new(),
+            counters: None,
+            setup: AtomicU8::new(SETUP_UNKNOWN),
+            seen_key: AtomicBool::new(false),
         })
+    }
+
+    /// Count what the store does on its own in these series.
+    pub fn with_counters(mut self, counters: StoreCounters) -> RedisStore {
+        self.counters = Some(counters);
+        self
     }
 
     fn redis_key(&self, hash: &KeyHash) -> String {
@@ -107,13 +196,73 @@ impl RedisStore {
     where
         F: Future<Output = redis::RedisResult<T>>,
     {
+        self.call(call).await.map_err(|f| f.error)
+    }
+
+    /// [`Self::bounded`], saying whether a failed call may have run.
+    async fn call<T, F>(&self, call: F) -> Result<T, Failure>
+    where
+        F: Future<Output = redis::RedisResult<T>>,
+    {
         match tokio::time::timeout(self.timeout, call).await {
-            Ok(result) => result.map_err(err),
-            Err(_) => Err(StoreError(format!(
-                "no answer from Redis within {} ms",
-                self.timeout.as_millis()
-            ))),
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(Failure {
+                maybe_ran: maybe_ran(&e),
+                error: err(e),
+            }),
+            Err(_) => Err(Failure {
+                error: StoreError(format!(
+                    "no answer from Redis within {} ms",
+                    self.timeout.as_millis()
+                )),
+                maybe_ran: true,
+            }),
         }
+    }
+
+    /// Where the script that applies operation `id` on a key remembers it:
+    /// beside the key, so that a Redis Cluster hash tag on the key covers it.
+    fn op_key(&self, hash: &KeyHash, id: u64) -> String {
+        format!("{}:op:{id:016x}", self.redis_key(hash))
+    }
+
+    fn marker(&self) -> String {
+        format!("{}store", self.prefix)
+    }
+
+    /// Run a script on a key and the marker of operation `id`.
+    async fn script_op<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        hash: &KeyHash,
+        id: u64,
+        args: &[u64],
+    ) -> Result<T, Failure> {
+        let mut c = self.conn().await?;
+        let mut call = script.key(self.redis_key(hash));
+        call.key(self.op_key(hash, id));
+        for a in args {
+            call.arg(*a);
+        }
+        self.call(call.invoke_async(&mut c)).await
+    }
+
+    fn op_memory_ms() -> u64 {
+        u64::try_from(OP_MEMORY.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Apply refund `id` (at most once); the new balance, `None` if the key
+    /// is unknown or the refund was applied before.
+    async fn apply_refund(
+        &self,
+        hash: &KeyHash,
+        id: u64,
+        amount: u64,
+    ) -> Result<Option<u64>, Failure> {
+        let balance: i64 = self
+            .script_op(&self.refund, hash, id, &[amount, Self::op_memory_ms()])
+            .await?;
+        Ok(u64::try_from(balance).ok())
     }
 
     /// Run one of the scripts on a key (EVALSHA, reloaded on NOSCRIPT).
@@ -230,6 +379,14 @@ impl RedisStore {
     }
 }
 
+/// Whether a Redis key name is a key's hash (not an operation marker).
+fn is_key_name(name: &str, prefix: &str) -> bool {
+    name.strip_prefix(prefix)
+        .and_then(|n| n.strip_prefix("key:"))
+        .and_then(KeyHash::from_hex)
+        .is_some()
+}
+
 fn row_of(hash: KeyHash, fields: &HashMap<String, String>) -> Option<KeyRow> {
     let state = match fields.get("state")?.as_str() {
         "active" => KeyState::Active,
@@ -259,14 +416,27 @@ impl Store for RedisStore {
             }
         }
         let mut c = self.conn().await?;
-        let (name, rate, state): (Option<String>, Option<u32>, Option<String>) = self
+        // The store marker rides along (same round trip): a key is unknown
+        // only in a store that is set up.
+        type Fields = (Option<String>, Option<u32>, Option<String>);
+        let ((name, rate, state), set_up): (Fields, bool) = self
             .bounded(
-                redis::cmd("HMGET")
+                redis::pipe()
+                    .cmd("HMGET")
                     .arg(self.redis_key(hash))
                     .arg(&["name", "rate_per_second", "state"])
+                    .cmd("EXISTS")
+                    .arg(self.marker())
                     .query_async(&mut c),
             )
             .await?;
+        if !set_up {
+            if state.is_none() {
+                return Err(self.not_set_up());
+            }
+            // A key, but no marker: a store set up by an older tollgate.
+            self.seen_key.store(true, Ordering::Relaxed);
+        }
         let info = state.map(|s| {
             Arc::new(KeyInfo {
                 id: hash.id(),
@@ -289,7 +459,32 @@ impl Store for RedisStore {
     }
 
     async fn charge(&self, hash: &KeyHash, cost: u64) -> Result<Charge, StoreError> {
-        let (code, balance): (i64, i64) = self.script(&self.charge, hash, cost).await?;
+        let id = rand::random::<u64>();
+        let in_flight = InFlight {
+            store: self,
+            op: Some(Unsettled::Charge {
+                hash: *hash,
+                id,
+                sent: Instant::now(),
+            }),
+        };
+        let result = self
+            .script_op(&self.charge, hash, id, &[cost, Self::op_memory_ms()])
+            .await;
+        let (code, balance): (i64, i64) = match result {
+            Ok(answer) => {
+                in_flight.seen();
+                answer
+            }
+            Err(f) => {
+                if !f.maybe_ran {
+                    in_flight.seen();
+                }
+                // Otherwise `in_flight` queues the charge to be cancelled:
+                // it is answered as not charged.
+                return Err(f.error);
+            }
+        };
         let balance = u64::try_from(balance).unwrap_or(0);
         Ok(match code {
             3 => Charge::Charged { remaining: balance },
@@ -298,15 +493,56 @@ impl Store for RedisStore {
                 self.forget(hash);
                 Charge::Revoked
             }
+            4 => return Err(StoreError("charge cancelled before it ran".into())),
             _ => {
                 self.forget(hash);
+                // The key was there at the lookup: did the store lose it?
+                if !self.is_set_up().await? {
+                    return Err(self.not_set_up());
+                }
                 Charge::Unknown
             }
         })
     }
 
+    /// Applied once, even when retried; a refund whose outcome was not seen
+    /// is queued and applied when Redis answers again (`Ok(None)`: the new
+    /// balance is not known yet).
     async fn refund(&self, hash: &KeyHash, amount: u64) -> Result<Option<u64>, StoreError> {
-        self.add_credits(hash, amount).await
+        let id = rand::random::<u64>();
+        let in_flight = InFlight {
+            store: self,
+            op: Some(Unsettled::Refund {
+                hash: *hash,
+                id,
+                amount,
+                maybe_ran: Some(Instant::now()),
+            }),
+        };
+        match self.apply_refund(hash, id, amount).await {
+            Ok(balance) => {
+                in_flight.seen();
+                Ok(balance)
+            }
+            Err(f) => {
+                let Some(mut op) = in_flight.take() else {
+                    return Err(f.error);
+                };
+                if let (Unsettled::Refund { maybe_ran, .. }, false) = (&mut op, f.maybe_ran) {
+                    *maybe_ran = None;
+                }
+                if self.defer(op) {
+                    log::warn!(
+                        "store: refund to key {} queued until Redis answers: {}",
+                        hash.id(),
+                        f.error
+                    );
+                    Ok(None)
+                } else {
+                    Err(f.error)
+                }
+            }
+        }
     }
 
     fn has_shared_cache(&self) -> bool {

@@ -454,6 +454,26 @@ impl RedisServer {
         }
     }
 
+    /// Stall it (SIGSTOP): connections stay open, commands wait unread.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Let a paused server go on (SIGCONT); it runs what waited.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("redis-server is running").id();
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {pid} failed");
+    }
+
     /// Every key and every value in the server, as text.
     pub async fn dump(&self) -> Vec<(String, Vec<String>)> {
         let client = redis::Client::open(self.url()).unwrap();
@@ -532,6 +552,6 @@ pub fn import_keys(redis: &RedisServer, keys: &str) {
     let file = dir.path().join("keys.yaml");
     std::fs::write(&file, keys).unwrap();
     let conf = keys_conf(dir.path(), redis);
-    let (code, out, err) = tollgate(&["keys", "import", file.to_str().unwrap()], &conf);
+    let (code, out, err) = tollgate(&["keys", "import", "--init", file.to_str().unwrap()], &conf);
     assert_eq!(code, 0, "import failed: {out}{err}");
 }
