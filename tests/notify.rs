@@ -8,8 +8,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -69,16 +68,7 @@ async fn get_with_id(c: &reqwest::Client, gw: &Gateway, path: &str, id: &str) ->
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_failure_summary_follows_a_recovery() {
-    let broken = Arc::new(AtomicBool::new(true));
-    let flag = broken.clone();
-    let backend = Origin::start(move |_| {
-        if flag.load(Ordering::Relaxed) {
-            Reply::json(500, r#"{"status": false}"#)
-        } else {
-            Reply::json(200, r#"{"status": true}"#)
-        }
-    })
-    .await;
+    let (backend, broken) = Origin::switchable(true).await;
     let hook = Origin::start(|_| Reply::json(200, "{}")).await;
     let top = format!(
         "notify:\n  webhook_url: {}/hook\n  min_interval_seconds: 2",

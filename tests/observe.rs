@@ -7,8 +7,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -185,16 +184,7 @@ async fn wait_posts(hook: &Origin, n: usize, within: Duration) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhook_gets_one_post_per_interval_with_the_suppressed_count() {
-    let broken = Arc::new(AtomicBool::new(true));
-    let flag = broken.clone();
-    let backend = Origin::start(move |_| {
-        if flag.load(Ordering::Relaxed) {
-            Reply::json(500, r#"{"status": false}"#)
-        } else {
-            Reply::json(200, r#"{"status": true}"#)
-        }
-    })
-    .await;
+    let (backend, broken) = Origin::switchable(true).await;
     let hook = webhook().await;
     let top = format!(
         "notify:\n  webhook_url: {}/hook\n  min_interval_seconds: 1",

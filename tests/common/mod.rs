@@ -7,6 +7,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -90,6 +91,22 @@ impl Origin {
             Reply::json(code, r#"{"status": false}"#).after(Duration::from_millis(delay_ms))
         })
         .await
+    }
+
+    /// Answers 500 `{"status": false}` while the returned flag is set (it
+    /// starts as `broken`), and 200 `{"status": true}` otherwise.
+    pub async fn switchable(broken: bool) -> (Origin, Arc<AtomicBool>) {
+        let broken = Arc::new(AtomicBool::new(broken));
+        let flag = broken.clone();
+        let origin = Origin::start(move |_| {
+            if flag.load(Ordering::Relaxed) {
+                Reply::json(500, r#"{"status": false}"#)
+            } else {
+                Reply::json(200, r#"{"status": true}"#)
+            }
+        })
+        .await;
+        (origin, broken)
     }
 
     pub fn url(&self) -> String {
