@@ -67,6 +67,22 @@ async fn wait_healthy(gw: &Gateway, route: &str, o: &Origin, want: f64) {
     }
 }
 
+/// Send `n` requests, each answered 200, waiting each time until `o` got
+/// its attempt (a race's loser may reach its backend after the winner
+/// answered); then wait until passive health skips `o`.
+async fn answer_until_skipped(gw: &Gateway, route: &str, o: &Origin, n: usize) {
+    for i in 1..=n {
+        assert_eq!(get(&gw.url("/api/x")).await.0, 200);
+        wait_until(
+            "the backend to get the request",
+            Duration::from_secs(5),
+            || o.hits() == i,
+        )
+        .await;
+    }
+    wait_healthy(gw, route, o, 0.0).await;
+}
+
 /// Attempts the gateway counted on a backend, all outcomes together.
 async fn attempts(gw: &Gateway, route: &str, o: &Origin) -> f64 {
     let m = gw.metrics().await;
@@ -172,16 +188,7 @@ async fn a_probe_of_a_hung_backend_makes_no_request_wait() {
         "",
     )
     .await;
-    for i in 1..=2 {
-        assert_eq!(get(&gw.url("/api/x")).await.0, 200);
-        wait_until(
-            "the hung backend to get the request",
-            Duration::from_secs(5),
-            || hung.hits() == i,
-        )
-        .await;
-    }
-    wait_healthy(&gw, "h", &hung, 0.0).await;
+    answer_until_skipped(&gw, "h", &hung, 2).await;
     // Two skip periods: two probes, each started beside the schedule.
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut slowest = Duration::ZERO;
@@ -247,17 +254,7 @@ async fn race_stops_starting_a_hung_backend_during_the_skip_period() {
         "",
     )
     .await;
-    for i in 1..=3 {
-        assert_eq!(get(&gw.url("/api/x")).await.0, 200);
-        // The loser may reach its backend after the winner answered.
-        wait_until(
-            "the hung backend to get the request",
-            Duration::from_secs(5),
-            || hung.hits() == i,
-        )
-        .await;
-    }
-    wait_healthy(&gw, "r", &hung, 0.0).await;
+    answer_until_skipped(&gw, "r", &hung, 3).await;
     let logs = gw
         .wait_log("3 failed attempts in a row (last: stalled), skipped for 60 s")
         .await;
@@ -333,16 +330,7 @@ async fn a_skipped_backend_is_tried_when_every_other_one_failed() {
         "",
     )
     .await;
-    for i in 1..=2 {
-        assert_eq!(get(&gw.url("/api/x")).await.0, 200);
-        wait_until(
-            "the flaky backend to get the request",
-            Duration::from_secs(5),
-            || flaky.hits() == i,
-        )
-        .await;
-    }
-    wait_healthy(&gw, "r", &flaky, 0.0).await;
+    answer_until_skipped(&gw, "r", &flaky, 2).await;
     assert_eq!(get(&gw.url("/api/x")).await.0, 200);
     assert_eq!((flaky.hits(), good.hits()), (2, 3));
 
