@@ -294,7 +294,8 @@ fn too_large(pending: &[u8]) -> Reject {
 
 /// Check a request head the way nginx would. `Ok(None)`: not complete yet.
 pub fn check_head(buf: &[u8]) -> Result<Option<Head>, Reject> {
-    let mut headers = vec![httparse::EMPTY_HEADER; MAX_HEADERS];
+    // On the stack: a heap array here was an 8 KiB allocation per request.
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let len = match req.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
