@@ -313,18 +313,9 @@ async fn no_data_answers_warn_by_their_share_and_end_no_outage() {
 #[test]
 fn alert_rules_page_only_on_outages() {
     let root = env!("CARGO_MANIFEST_DIR");
-    let out = std::process::Command::new("promtool")
-        .args([
-            "test",
-            "rules",
-            &format!("{root}/conf/prometheus-alerts.test.yaml"),
-        ])
-        .output()
-        .expect("promtool must be installed (.ci/test installs Debian's prometheus package)");
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    promtool(&[
+        "test",
+        "rules",
+        &format!("{root}/conf/prometheus-alerts.test.yaml"),
+    ]);
 }

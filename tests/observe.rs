@@ -380,15 +380,7 @@ async fn shipped_alert_rules_and_dashboard_load_and_use_real_metrics() {
 
     // Alert rules: promtool (Debian's prometheus package) accepts them.
     let rules = format!("{root}/conf/prometheus-alerts.yaml");
-    let out = std::process::Command::new("promtool")
-        .args(["check", "rules", &rules])
-        .output()
-        .expect("promtool must be installed (.ci/test installs Debian's prometheus package)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    promtool(&["check", "rules", &rules]);
     let yaml: serde_yaml::Value =
         serde_yaml::from_str(&std::fs::read_to_string(&rules).unwrap()).unwrap();
     let mut alert_exprs = 0;

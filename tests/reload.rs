@@ -427,11 +427,7 @@ async fn a_reload_with_a_broken_config_is_refused() {
     assert!(alive(pid));
     assert_eq!(pid_file(dir.path()), Some(pid));
     assert_eq!(fresh_request(ports.listen, KEY).await, Ok("a".to_string()));
-    signal("-TERM", pid);
-    wait_until("the process to stop", Duration::from_secs(30), || {
-        !alive(pid)
-    })
-    .await;
+    stop(pid).await;
 }
 
 /// A reload to a config with a listener on a port someone else holds: the
@@ -497,11 +493,7 @@ async fn a_reload_whose_new_listener_is_taken_fails_and_the_old_process_serves_o
         .unwrap()
         .contains("SIGQUIT"));
     drop(taken);
-    signal("-TERM", pid);
-    wait_until("the process to stop", Duration::from_secs(30), || {
-        !alive(pid)
-    })
-    .await;
+    stop(pid).await;
 }
 
 /// `kill -QUIT` with no new process waiting (the unit's old reload order, or
@@ -536,11 +528,7 @@ async fn sigquit_with_no_process_waiting_is_refused_and_the_process_serves_on() 
         "the process began to drain"
     );
     assert_eq!(health(&ports).await, (200, pid as i64));
-    signal("-TERM", pid);
-    wait_until("the process to stop", Duration::from_secs(30), || {
-        !alive(pid)
-    })
-    .await;
+    stop(pid).await;
 }
 
 /// A listener that cannot be bound ends the process with status 1 at once,
@@ -591,4 +579,13 @@ async fn a_process_that_cannot_bind_a_listener_exits_non_zero() {
         "{err}"
     );
     drop(taken);
+}
+
+/// SIGTERM `pid` and wait (bounded) until it has exited.
+async fn stop(pid: i32) {
+    signal("-TERM", pid);
+    wait_until("the process to stop", Duration::from_secs(30), || {
+        !alive(pid)
+    })
+    .await;
 }

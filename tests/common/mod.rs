@@ -572,3 +572,18 @@ pub fn import_keys(redis: &RedisServer, keys: &str) {
     let (code, out, err) = tollgate(&["keys", "import", "--init", file.to_str().unwrap()], &conf);
     assert_eq!(code, 0, "import failed: {out}{err}");
 }
+
+/// Run `promtool ARGS…` (Debian's prometheus package, which .ci/test
+/// installs) and fail the test with its output unless it succeeds.
+pub fn promtool(args: &[&str]) {
+    let out = Command::new("promtool")
+        .args(args)
+        .output()
+        .expect("promtool must be installed (.ci/test installs Debian's prometheus package)");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
