@@ -124,36 +124,13 @@ async fn run_redis(
     cmd: KeysCommand,
     out: &mut impl Write,
 ) -> Result<(), String> {
-    let e = |e: crate::store::StoreError| format!("redis: {e}");
+    let e = redis_error;
     match cmd {
         KeysCommand::Create {
             name,
             credits,
             rate,
-        } => {
-            let key = generate();
-            let record = KeyRecord {
-                hash: KeyHash::of(&key),
-                name,
-                credits,
-                rate_per_second: rate,
-                state: KeyState::Active,
-            };
-            if !store.insert(&record).await.map_err(e)? {
-                return Err("a key with this hash exists already; run create again".into());
-            }
-            if !store.is_set_up().await.map_err(e)? {
-                store.mark_set_up().await.map_err(e)?;
-            }
-            writeln!(out, "{key}").map_err(io)?;
-            writeln!(
-                out,
-                "id {} name {} credits {credits}",
-                record.hash.id(),
-                record.name
-            )
-            .map_err(io)?;
-        }
+        } => create_redis(store, name, credits, rate, out).await?,
         KeysCommand::List => {
             writeln!(out, "{HEADER}").map_err(io)?;
             for row in store.rows().await.map_err(e)? {
@@ -182,34 +159,81 @@ async fn run_redis(
             }
             writeln!(out, "id {} revoked", hash.id()).map_err(io)?;
         }
-        KeysCommand::Import { file, init } => {
-            let text = std::fs::read_to_string(&file)
-                .map_err(|err| format!("cannot read {file}: {err}"))?;
-            let records = parse_keys(&text).map_err(|errors| {
-                let lines: Vec<String> = errors.iter().map(|er| format!("{file}: {er}")).collect();
-                lines.join("\n")
-            })?;
-            let set_up = store.is_set_up().await.map_err(e)?;
-            if !set_up && !init && !store.has_keys().await.map_err(e)? {
-                return Err(NOT_SET_UP.into());
-            }
-            let (mut added, mut kept) = (0, 0);
-            for r in &records {
-                if store.insert(r).await.map_err(e)? {
-                    added += 1;
-                } else {
-                    kept += 1;
-                }
-            }
-            store.mark_set_up().await.map_err(e)?;
-            writeln!(
-                out,
-                "imported {added} key(s); {kept} already present, left unchanged"
-            )
-            .map_err(io)?;
-        }
+        KeysCommand::Import { file, init } => import_redis(store, &file, init, out).await?,
     }
     Ok(())
+}
+
+fn redis_error(e: crate::store::StoreError) -> String {
+    format!("redis: {e}")
+}
+
+/// `keys create` on Redis: a new key, printed once; the store counts as set up.
+async fn create_redis(
+    store: &RedisStore,
+    name: String,
+    credits: u64,
+    rate: Option<u32>,
+    out: &mut impl Write,
+) -> Result<(), String> {
+    let e = redis_error;
+    let key = generate();
+    let record = KeyRecord {
+        hash: KeyHash::of(&key),
+        name,
+        credits,
+        rate_per_second: rate,
+        state: KeyState::Active,
+    };
+    if !store.insert(&record).await.map_err(e)? {
+        return Err("a key with this hash exists already; run create again".into());
+    }
+    if !store.is_set_up().await.map_err(e)? {
+        store.mark_set_up().await.map_err(e)?;
+    }
+    writeln!(out, "{key}").map_err(io)?;
+    writeln!(
+        out,
+        "id {} name {} credits {credits}",
+        record.hash.id(),
+        record.name
+    )
+    .map_err(io)
+}
+
+/// `keys import` on Redis: adds the file's keys, never changes present ones.
+/// An empty, never set-up store needs `--init` (a wrong `redis_url` must not
+/// look like a fresh store).
+async fn import_redis(
+    store: &RedisStore,
+    file: &str,
+    init: bool,
+    out: &mut impl Write,
+) -> Result<(), String> {
+    let e = redis_error;
+    let text = std::fs::read_to_string(file).map_err(|err| format!("cannot read {file}: {err}"))?;
+    let records = parse_keys(&text).map_err(|errors| {
+        let lines: Vec<String> = errors.iter().map(|er| format!("{file}: {er}")).collect();
+        lines.join("\n")
+    })?;
+    let set_up = store.is_set_up().await.map_err(e)?;
+    if !set_up && !init && !store.has_keys().await.map_err(e)? {
+        return Err(NOT_SET_UP.into());
+    }
+    let (mut added, mut kept) = (0, 0);
+    for r in &records {
+        if store.insert(r).await.map_err(e)? {
+            added += 1;
+        } else {
+            kept += 1;
+        }
+    }
+    store.mark_set_up().await.map_err(e)?;
+    writeln!(
+        out,
+        "imported {added} key(s); {kept} already present, left unchanged"
+    )
+    .map_err(io)
 }
 
 fn run_embedded(config: &Config, cmd: KeysCommand, out: &mut impl Write) -> Result<(), String> {

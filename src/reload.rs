@@ -186,7 +186,33 @@ pub fn reload(config: &Config, conf: &Path, pid: Option<u32>) -> Result<String, 
         .map_err(|e| format!("cannot start the new process: {e}"))?;
 
     // 1. The new process waits on upgrade_sock (its own socket, not a stale one).
-    let sock = &config.server.upgrade_sock;
+    wait_for_upgrade_sock(&mut new, &config.server.upgrade_sock, old, deadline)?;
+    let waiting = started.elapsed();
+    // 2. Only now is the old process asked for its sockets.
+    send_quit(old)?;
+    // 3. `serve -u -d` returns once it holds them and has forked.
+    wait_for_hand_over(&mut new, old, deadline)?;
+    let handed = started.elapsed();
+    // 4. The PID file names the new daemon.
+    let daemon = wait_for_new_pid(pid_file, old, deadline)?;
+    // 5. The new process itself says every listener accepts.
+    wait_until_ready(loopback(config.admin_listen), daemon, deadline)?;
+    Ok(format!(
+        "reloaded: process {old} handed over to {daemon} (new process waiting \
+         {:.2} s, sockets held {:.2} s, serving {:.2} s after the start)",
+        waiting.as_secs_f64(),
+        handed.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    ))
+}
+
+/// Step 1: until the new process listens on `sock` itself.
+fn wait_for_upgrade_sock(
+    new: &mut Child,
+    sock: &str,
+    old: u32,
+    deadline: Instant,
+) -> Result<(), String> {
     loop {
         if let Some(status) = new.try_wait().map_err(|e| e.to_string())? {
             return Err(format!(
@@ -199,29 +225,26 @@ pub fn reload(config: &Config, conf: &Path, pid: Option<u32>) -> Result<String, 
             .iter()
             .any(|i| mine.contains(i))
         {
-            break;
+            return Ok(());
         }
         if Instant::now() > deadline {
-            stop(&mut new);
+            stop(new);
             return Err(format!(
                 "the new process did not listen on {sock}; process {old} keeps serving"
             ));
         }
         std::thread::sleep(POLL);
     }
+}
 
-    let waiting = started.elapsed();
-
-    // 2. Only now is the old process asked for its sockets.
-    send_quit(old)?;
-
-    // 3. `serve -u -d` returns once it holds them and has forked.
+/// Step 3: until `serve -u -d` has taken the sockets and forked.
+fn wait_for_hand_over(new: &mut Child, old: u32, deadline: Instant) -> Result<(), String> {
     let status = loop {
         if let Some(status) = new.try_wait().map_err(|e| e.to_string())? {
             break status;
         }
         if Instant::now() > deadline {
-            stop(&mut new);
+            stop(new);
             return Err(format!(
                 "the new process did not take the sockets over from {old}"
             ));
@@ -233,21 +256,24 @@ pub fn reload(config: &Config, conf: &Path, pid: Option<u32>) -> Result<String, 
             "the new process failed ({status}) while taking the sockets over from {old}"
         ));
     }
-    let handed = started.elapsed();
+    Ok(())
+}
 
-    // 4. The PID file names the new daemon.
-    let daemon = loop {
+/// Step 4: the running process the PID file names once it is not `old`.
+fn wait_for_new_pid(pid_file: &str, old: u32, deadline: Instant) -> Result<u32, String> {
+    loop {
         match running_pid(pid_file) {
-            Some(p) if p != old => break p,
+            Some(p) if p != old => return Ok(p),
             _ if Instant::now() > deadline => {
                 return Err(format!("{pid_file} does not name a new running process"))
             }
             _ => std::thread::sleep(POLL),
         }
-    };
+    }
+}
 
-    // 5. The new process itself says every listener accepts.
-    let admin = loopback(config.admin_listen);
+/// Step 5: until `daemon` answers its own `/healthz` with 200.
+fn wait_until_ready(admin: SocketAddr, daemon: u32, deadline: Instant) -> Result<(), String> {
     let mut last = String::from("no answer");
     loop {
         if !alive(daemon) {
@@ -256,15 +282,7 @@ pub fn reload(config: &Config, conf: &Path, pid: Option<u32>) -> Result<String, 
             ));
         }
         match health(admin) {
-            Some((200, Some(p))) if p == daemon => {
-                return Ok(format!(
-                    "reloaded: process {old} handed over to {daemon} (new process waiting \
-                     {:.2} s, sockets held {:.2} s, serving {:.2} s after the start)",
-                    waiting.as_secs_f64(),
-                    handed.as_secs_f64(),
-                    started.elapsed().as_secs_f64()
-                ))
-            }
+            Some((200, Some(p))) if p == daemon => return Ok(()),
             Some((status, Some(p))) if p == daemon => last = format!("/healthz {status}"),
             _ => {}
         }
