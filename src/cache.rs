@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use crate::config::CacheConfig;
 use crate::race::Answer;
-use crate::store::Store;
+use crate::store::SharedCache;
 
 /// A stored answer and its timeline (unix milliseconds).
 #[derive(Debug, Clone)]
@@ -275,7 +275,7 @@ impl Drop for LeaderGuard {
 
 pub struct Cache {
     memory: MemoryCache<String, Arc<Entry>>,
-    shared: Option<Arc<dyn Store>>,
+    shared: Option<Arc<dyn SharedCache>>,
     inflight: Inflight,
 }
 
@@ -286,9 +286,9 @@ pub struct Lookup {
 }
 
 impl Cache {
-    /// `memory_entries` bounds the in-process tier; `shared` is the store
-    /// whose cache tier (Redis) sits behind it, if it has one.
-    pub fn new(memory_entries: usize, shared: Option<Arc<dyn Store>>) -> Cache {
+    /// `memory_entries` bounds the in-process tier; `shared` is the tier
+    /// (Redis) behind it, if the store has one.
+    pub fn new(memory_entries: usize, shared: Option<Arc<dyn SharedCache>>) -> Cache {
         Cache {
             memory: MemoryCache::new(memory_entries),
             shared,

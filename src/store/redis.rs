@@ -37,7 +37,7 @@ mod upkeep;
 use upkeep::{InFlight, Unsettled, SETUP_UNKNOWN};
 pub use upkeep::{Maintenance, StoreCounters, OP_MEMORY, SETTLE_QUEUE_MAX, SETUP_CHECK_EVERY};
 
-use super::{Charge, KeyInfo, KeyRecord, KeyRow, KeyState, Store, StoreError};
+use super::{Charge, KeyInfo, KeyRecord, KeyRow, KeyState, SharedCache, Store, StoreError};
 use crate::auth::KeyHash;
 
 /// How long key metadata (state, rate) may be served from the process cache:
@@ -544,11 +544,10 @@ impl Store for RedisStore {
             }
         }
     }
+}
 
-    fn has_shared_cache(&self) -> bool {
-        true
-    }
-
+#[async_trait]
+impl SharedCache for RedisStore {
     async fn cache_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let mut c = self.conn().await?;
         self.bounded(c.get(format!("{}cache:{key}", self.prefix)))
