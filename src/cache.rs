@@ -428,7 +428,7 @@ pub async fn wait_for_leader(mut rx: watch::Receiver<()>, limit: Duration) -> bo
 
 /// The shared tier's name for a cache key: hashed, so any key fits.
 fn shared_key(key: &str) -> String {
-    crate::auth::hex(&Sha256::digest(key.as_bytes()))
+    hex::encode(Sha256::digest(key.as_bytes()))
 }
 
 #[cfg(test)]

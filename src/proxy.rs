@@ -464,7 +464,7 @@ fn request_id(req: &RequestHeader) -> String {
             return String::from_utf8_lossy(b).into_owned();
         }
     }
-    auth::hex(&rand::random::<[u8; 16]>())
+    logging::new_request_id()
 }
 
 #[async_trait]
