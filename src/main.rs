@@ -1,5 +1,7 @@
 //! The `tollgate` command: wiring only.
 
+mod demo;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -19,7 +21,7 @@ use tollgate::proxy::Gateway;
 use tollgate::store::memory::MemoryStore;
 use tollgate::store::redis::{Maintenance, RedisStore, StoreCounters};
 use tollgate::store::{SharedCache, Store};
-use tollgate::{admin, demo, logging, notify, reload};
+use tollgate::{admin, logging, notify, reload};
 
 /// glibc's malloc took about 12% of the CPU on the race path (profiled with
 /// perf, see bench/RESULTS.md); mimalloc's thread-local free lists cost less.
