@@ -22,29 +22,18 @@ impl KeyHash {
     /// Parse 64 hex digits (nothing else: no sign, no spaces).
     pub fn from_hex(digits: &str) -> Option<KeyHash> {
         let mut out = [0u8; 32];
-        ::hex::decode_to_slice(digits, &mut out).ok()?;
+        hex::decode_to_slice(digits, &mut out).ok()?;
         Some(KeyHash(out))
     }
 
     pub fn hex(&self) -> String {
-        hex(&self.0)
+        hex::encode(self.0)
     }
 
     /// The key's public id: the first 12 hex digits of its hash.
     pub fn id(&self) -> String {
-        hex(&self.0[..6])
+        hex::encode(&self.0[..6])
     }
-}
-
-/// Lower-case hex digits of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 15)]));
-    }
-    s
 }
 
 /// Never print a key hash in full by accident: Debug shows the id only.

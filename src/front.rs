@@ -192,7 +192,7 @@ impl Front {
     /// Answer with the JSON error, count and log it (no path: the target is
     /// not known to be safe to log), and close.
     async fn refuse(&self, l4: &mut L4Stream, reject: Reject, started: Instant) {
-        let request_id = crate::auth::hex(&rand::random::<[u8; 16]>());
+        let request_id = logging::new_request_id();
         let elapsed = started.elapsed();
         self.metrics.request(None, reject.status(), elapsed);
         self.metrics.rejection(reject);

@@ -56,7 +56,7 @@ pub enum KeysCommand {
 pub fn generate() -> String {
     let mut bytes = [0u8; 24];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
-    format!("tg_{}", crate::auth::hex(&bytes))
+    format!("tg_{}", hex::encode(bytes))
 }
 
 fn is_id(s: &str) -> bool {

@@ -12,7 +12,6 @@ pub mod cache;
 pub mod config;
 pub mod connections;
 pub mod credits;
-pub mod demo;
 pub mod drain;
 pub mod front;
 pub mod keys;

@@ -1,5 +1,7 @@
 //! The `tollgate` command: wiring only.
 
+mod demo;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -18,8 +20,8 @@ use tollgate::metrics::Metrics;
 use tollgate::proxy::Gateway;
 use tollgate::store::memory::MemoryStore;
 use tollgate::store::redis::{Maintenance, RedisStore, StoreCounters};
-use tollgate::store::Store;
-use tollgate::{admin, demo, logging, notify, reload};
+use tollgate::store::{SharedCache, Store};
+use tollgate::{admin, logging, notify, reload};
 
 /// glibc's malloc took about 12% of the CPU on the race path (profiled with
 /// perf, see bench/RESULTS.md); mimalloc's thread-local free lists cost less.
@@ -108,6 +110,7 @@ fn serve(mut config: Config, opt: Opt) -> ExitCode {
         }
     };
     let mut maintenance = None;
+    let mut shared_cache: Option<Arc<dyn SharedCache>> = None;
     let store: Arc<dyn Store> = match &config.store.redis_url {
         // Connects on first use, inside the service, after Pingora daemonized.
         Some(url) => match RedisStore::new(url, &config.store.key_prefix, config.store.timeout) {
@@ -118,6 +121,7 @@ fn serve(mut config: Config, opt: Opt) -> ExitCode {
                     unsettled: metrics.store_unsettled(),
                 }));
                 maintenance = Some(Maintenance(s.clone()));
+                shared_cache = Some(s.clone());
                 s
             }
             Err(e) => {
@@ -143,6 +147,7 @@ fn serve(mut config: Config, opt: Opt) -> ExitCode {
     let gateway = Gateway::new(
         &config,
         store,
+        shared_cache,
         metrics,
         notifier,
         access_log,

@@ -33,7 +33,7 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use pingora_prometheus::prometheus::IntCounter;
 use serde::Serialize;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::config::{NotifyConfig, Route};
@@ -466,14 +466,10 @@ pub fn channel(
         min_interval: config.min_interval,
         counters: counters.clone(),
     });
-    let webhook = config.webhook_url.clone().map(|url| {
-        Arc::new(webhook::Webhook {
-            url,
-            timeout: config.timeout,
-            in_flight: Arc::new(Semaphore::new(webhook::CONCURRENCY)),
-            counters,
-        })
-    });
+    let webhook = config
+        .webhook_url
+        .clone()
+        .map(|url| Arc::new(webhook::Webhook::new(url, config.timeout, counters)));
     let service = NotifierService {
         shared: shared.clone(),
         queues: Mutex::new(receivers),

@@ -26,7 +26,7 @@ use crate::notify::{BackendReport, Event, Notifier};
 use crate::race::{Answer, Failure, RaceReport, Racer, RouteUpstream, UpstreamRequest};
 use crate::respond::{self, Common, Reject};
 use crate::router::{self, RouteTable};
-use crate::store::{Charge, KeyState, Store, StoreError};
+use crate::store::{Charge, KeyState, SharedCache, Store, StoreError};
 
 /// The gateway service: routes, their upstreams, and shared parts.
 pub struct Gateway {
@@ -55,6 +55,7 @@ impl Gateway {
     pub fn new(
         config: &Config,
         store: Arc<dyn Store>,
+        shared_cache: Option<Arc<dyn SharedCache>>,
         metrics: Arc<Metrics>,
         notifier: Notifier,
         access_log: AccessLog,
@@ -88,10 +89,7 @@ impl Gateway {
             on_store_error: config.store.on_error,
             store_timeout: config.store.timeout,
             credits: config.credits.clone(),
-            cache: Cache::new(
-                config.cache.memory_entries,
-                store.has_shared_cache().then(|| store.clone()),
-            ),
+            cache: Cache::new(config.cache.memory_entries, shared_cache),
             lock_timeout: config.cache.lock_timeout,
         }
     }
@@ -466,7 +464,7 @@ fn request_id(req: &RequestHeader) -> String {
             return String::from_utf8_lossy(b).into_owned();
         }
     }
-    auth::hex(&rand::random::<[u8; 16]>())
+    logging::new_request_id()
 }
 
 #[async_trait]

@@ -2,6 +2,10 @@
 //! embedded in-process store (`memory`) and, next, by Redis. The proxy only
 //! sees the trait, so it does not change when the store does. Also the keys
 //! file format (`keys: [{key | sha256, name, credits, rate_per_second, state}]`).
+//!
+//! The response cache's tier shared between nodes is a trait of its own,
+//! [`SharedCache`]: only the Redis store has one, and the cache sees nothing
+//! of keys and balances.
 
 pub mod memory;
 pub mod redis;
@@ -100,26 +104,16 @@ pub trait Store: Send + Sync + 'static {
     /// and it is known now (`None` also for a refund queued until the store
     /// answers again, which then applies it once).
     async fn refund(&self, hash: &KeyHash, amount: u64) -> Result<Option<u64>, StoreError>;
+}
 
-    /// Whether the store has a cache tier shared between nodes.
-    fn has_shared_cache(&self) -> bool {
-        false
-    }
-
-    /// Read an entry of the shared cache tier.
-    async fn cache_get(&self, _key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(None)
-    }
-
-    /// Write an entry of the shared cache tier, expiring after `ttl`.
-    async fn cache_put(
-        &self,
-        _key: &str,
-        _value: Vec<u8>,
-        _ttl: Duration,
-    ) -> Result<(), StoreError> {
-        Ok(())
-    }
+/// The response cache's tier shared between nodes (Redis). The embedded
+/// store has none: its in-process cache tier is all there is.
+#[async_trait]
+pub trait SharedCache: Send + Sync + 'static {
+    /// Read an entry.
+    async fn cache_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Write an entry, expiring after `ttl`.
+    async fn cache_put(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<(), StoreError>;
 }
 
 /// One key as a keys file describes it, hashed.

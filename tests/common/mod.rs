@@ -14,8 +14,10 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 use tokio::net::TcpListener;
 
-use tollgate::demo::{serve, Handler};
-pub use tollgate::demo::{Reply, Request};
+mod origin;
+
+use origin::{serve, Handler};
+pub use origin::{Reply, Request};
 
 /// How long anything may take to become ready before a test fails.
 const READY_WITHIN: Duration = Duration::from_secs(20);
