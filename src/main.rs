@@ -93,6 +93,58 @@ fn load(conf: Option<&PathBuf>) -> Result<Config, ExitCode> {
     })
 }
 
+/// The configured store, and what comes with a Redis one.
+struct Stores {
+    keys: Arc<dyn Store>,
+    /// The Redis cache tier, when the store is Redis.
+    shared_cache: Option<Arc<dyn SharedCache>>,
+    /// The Redis store's settlement service.
+    maintenance: Option<Maintenance>,
+}
+
+fn open_store(config: &Config, metrics: &Metrics) -> Result<Stores, String> {
+    let Some(url) = &config.store.redis_url else {
+        if config.store.keys.is_empty() {
+            log::warn!(
+                "the embedded store has no keys (store.keys_file): every request will get 401"
+            );
+        }
+        return Ok(Stores {
+            keys: Arc::new(MemoryStore::new(&config.store.keys)),
+            shared_cache: None,
+            maintenance: None,
+        });
+    };
+    // Connects on first use, inside the service, after Pingora daemonized.
+    let redis = RedisStore::new(url, &config.store.key_prefix, config.store.timeout)
+        .map_err(|e| format!("store.redis_url: {e}"))?;
+    let redis = Arc::new(redis.with_counters(StoreCounters {
+        settle: metrics.store_error_counter("settle"),
+        setup: metrics.store_error_counter("setup"),
+        unsettled: metrics.store_unsettled(),
+    }));
+    Ok(Stores {
+        keys: redis.clone(),
+        shared_cache: Some(redis.clone()),
+        maintenance: Some(Maintenance(redis)),
+    })
+}
+
+/// The client-facing listeners.
+fn add_listeners<A: Send + Sync + 'static>(
+    proxy: &mut pingora::services::listening::Service<A>,
+    listen: &[std::net::SocketAddr],
+) {
+    for addr in listen {
+        // No L4 read buffer: Pingora's default is 64 KiB per client
+        // connection, while its HTTP/1 parser reads into its own buffer
+        // anyway (bench/RESULTS.md, idle connections).
+        proxy.add_listener(
+            ListenerConfig::tcp(addr.to_string()).l4_buffer(L4BufferSettings::default().read(0)),
+        );
+    }
+}
+
 fn serve(mut config: Config, opt: Opt) -> ExitCode {
     if opt.upgrade {
         // Before the running process is asked for its sockets.
@@ -109,33 +161,11 @@ fn serve(mut config: Config, opt: Opt) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let mut maintenance = None;
-    let mut shared_cache: Option<Arc<dyn SharedCache>> = None;
-    let store: Arc<dyn Store> = match &config.store.redis_url {
-        // Connects on first use, inside the service, after Pingora daemonized.
-        Some(url) => match RedisStore::new(url, &config.store.key_prefix, config.store.timeout) {
-            Ok(s) => {
-                let s = Arc::new(s.with_counters(StoreCounters {
-                    settle: metrics.store_error_counter("settle"),
-                    setup: metrics.store_error_counter("setup"),
-                    unsettled: metrics.store_unsettled(),
-                }));
-                maintenance = Some(Maintenance(s.clone()));
-                shared_cache = Some(s.clone());
-                s
-            }
-            Err(e) => {
-                eprintln!("tollgate: store.redis_url: {e}");
-                return ExitCode::FAILURE;
-            }
-        },
-        None => {
-            if config.store.keys.is_empty() {
-                log::warn!(
-                    "the embedded store has no keys (store.keys_file): every request will get 401"
-                );
-            }
-            Arc::new(MemoryStore::new(&config.store.keys))
+    let stores = match open_store(&config, &metrics) {
+        Ok(stores) => stores,
+        Err(e) => {
+            eprintln!("tollgate: {e}");
+            return ExitCode::FAILURE;
         }
     };
     let (notifier, notifier_service) =
@@ -146,8 +176,8 @@ fn serve(mut config: Config, opt: Opt) -> ExitCode {
     let draining = Draining::default();
     let gateway = Gateway::new(
         &config,
-        store,
-        shared_cache,
+        stores.keys,
+        stores.shared_cache,
         metrics,
         notifier,
         access_log,
@@ -165,14 +195,7 @@ fn serve(mut config: Config, opt: Opt) -> ExitCode {
         &config.limits,
         connections,
     );
-    for addr in &config.listen {
-        // No L4 read buffer: Pingora's default is 64 KiB per client
-        // connection, while its HTTP/1 parser reads into its own buffer
-        // anyway (bench/RESULTS.md, idle connections).
-        proxy.add_listener(
-            ListenerConfig::tcp(addr.to_string()).l4_buffer(L4BufferSettings::default().read(0)),
-        );
-    }
+    add_listeners(&mut proxy, &config.listen);
     let health = Health::default();
     server.add_service(Guarded::new(proxy, "proxy", &health));
     let admin = admin::service(&config.admin_listen.to_string(), health.clone());
@@ -184,7 +207,7 @@ fn serve(mut config: Config, opt: Opt) -> ExitCode {
         "allocator purge",
         tollgate::memory::Purger,
     ));
-    if let Some(m) = maintenance {
+    if let Some(m) = stores.maintenance {
         server.add_service(background_service("store", m));
     }
     let signals = reload::Signals::new(&server.configuration.upgrade_sock);
