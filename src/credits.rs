@@ -131,3 +131,33 @@ impl Drop for CreditHold {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryStore;
+
+    #[tokio::test]
+    async fn a_charge_decides_hold_or_refusal() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new(&[]));
+        let counters = CreditCounters {
+            charged: IntCounter::new("c", "c").unwrap(),
+            refunded: IntCounter::new("r", "r").unwrap(),
+        };
+        let hash = KeyHash::of("k");
+        let refused = |charge| hold(charge, &store, hash, 3, &counters).err();
+        assert_eq!(
+            refused(Charge::Insufficient { remaining: 2 }),
+            Some(Reject::InsufficientCredits)
+        );
+        assert_eq!(refused(Charge::Unknown), Some(Reject::InvalidKey));
+        assert_eq!(refused(Charge::Revoked), Some(Reject::RevokedKey));
+        assert_eq!(counters.charged.get(), 0);
+        let mut held = hold(Charge::Charged { remaining: 7 }, &store, hash, 3, &counters).unwrap();
+        assert_eq!(
+            (held.cost(), held.remaining(), counters.charged.get()),
+            (3, 7, 3)
+        );
+        held.keep();
+    }
+}

@@ -357,7 +357,6 @@ impl Metrics {
     pub fn store_unsettled(&self) -> IntGauge {
         self.store_unsettled.clone()
     }
-
 }
 
 impl RouteSeries {
@@ -380,7 +379,12 @@ impl RouteSeries {
     }
 
     /// Count a race's attempts, its winner, or its failure.
-    pub fn race(&self, attempts: &[AttemptRecord], winner: Option<usize>, failure: Option<Failure>) {
+    pub fn race(
+        &self,
+        attempts: &[AttemptRecord],
+        winner: Option<usize>,
+        failure: Option<Failure>,
+    ) {
         for a in attempts {
             if let Some(b) = self.backends.get(a.backend) {
                 let i = Outcome::ALL

@@ -105,7 +105,12 @@ impl Gateway {
     /// The reply to a request, in the contract's order of checks: request
     /// and route → auth → rate limit → credits → cache → race. `client`: the
     /// address the backends get as `X-Forwarded-For`.
-    pub async fn decide(&self, req: &RequestHeader, client: Option<IpAddr>, ctx: &mut Ctx) -> Reply {
+    pub async fn decide(
+        &self,
+        req: &RequestHeader,
+        client: Option<IpAddr>,
+        ctx: &mut Ctx,
+    ) -> Reply {
         ctx.request_id = request_id(req);
         ctx.head = req.method == Method::HEAD;
         let target = match router::check_request(req, &self.auth_param) {
@@ -115,7 +120,7 @@ impl Gateway {
         let Some(&route) = self.table.find(target.path()) else {
             return Reply::reject(Reject::NoRoute);
         };
-        let Routed { route, target } = ctx.routed.insert(Routed { route, target });
+        let target = &ctx.routed.insert(Routed { route, target }).target;
         let key = match auth::extract(req, target) {
             Ok(key) => key,
             Err(reject) => return Reply::reject(reject),
@@ -123,7 +128,7 @@ impl Gateway {
         if let Err(reject) = self.admit(route, target, key, &mut ctx.admit).await {
             return Reply::reject(reject);
         }
-        if let Some(cached) = self.from_cache(route, target, &mut ctx.cache).await {
+        if let Some(cached) = self.answer_from_cache(route, target, &mut ctx.cache).await {
             return cached;
         }
         let (report, answer) = self.race(route, target, client, &ctx.request_id).await;
@@ -183,7 +188,11 @@ impl ProxyHttp for Gateway {
         let mut code = reject.map_or(0, Reject::status);
         if let Some(reject) = reject.filter(|_| session.response_written().is_none()) {
             session.set_keepalive(None);
-            if self.send(session, ctx, Reply::reject(reject)).await.is_err() {
+            if self
+                .send(session, ctx, Reply::reject(reject))
+                .await
+                .is_err()
+            {
                 code = 0;
             }
         }

@@ -248,7 +248,12 @@ mod tests {
     fn longest_prefix_wins() {
         let yaml = "routes:\n  - {name: a, prefix: /api/, backends: [\"http://127.0.0.1:1\"]}\n  - {name: b, prefix: /api/v1/, backends: [\"http://127.0.0.1:1\"]}\n";
         let c = Config::from_yaml(yaml).unwrap();
-        let t = RouteTable::new(c.routes.iter().enumerate().map(|(i, r)| (r.prefix.clone(), i)));
+        let t = RouteTable::new(
+            c.routes
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (r.prefix.clone(), i)),
+        );
         assert_eq!(t.find("/api/v1/eod"), Some(&1));
         assert_eq!(t.find("/api/v2/eod"), Some(&0));
         assert_eq!(t.find("/other"), None);

@@ -141,9 +141,7 @@ impl Target {
 
     /// The raw values of the auth parameter, in order.
     pub fn auth_values(&self) -> impl Iterator<Item = &str> {
-        self.pairs()
-            .filter(|p| p.auth)
-            .map(|p| Pair::raw_value(&p))
+        self.pairs().filter(|p| p.auth).map(|p| Pair::raw_value(&p))
     }
 
     /// The query without the auth parameter (`None` when nothing is left).

@@ -74,8 +74,12 @@ impl Ctx {
 
     /// Rate-limit and credit headers for the answer.
     pub(super) fn headers(&self) -> Vec<(&'static str, String)> {
-        let mut h: Vec<(&'static str, String)> =
-            self.admit.limit.iter().flat_map(Decision::headers).collect();
+        let mut h: Vec<(&'static str, String)> = self
+            .admit
+            .limit
+            .iter()
+            .flat_map(Decision::headers)
+            .collect();
         match &self.admit.hold {
             Some(hold) => {
                 h.push(("X-Credits-Cost", hold.cost().to_string()));

@@ -64,7 +64,7 @@ impl Gateway {
 
     /// A cached answer when there is one; otherwise `None`, with what the
     /// race needs noted (cache key, stale entry, leadership of the key).
-    pub(super) async fn from_cache(
+    pub(super) async fn answer_from_cache(
         &self,
         route: &RouteRuntime,
         target: &Target,

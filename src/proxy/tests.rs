@@ -169,7 +169,10 @@ async fn through_session(gateway: &Gateway, request: &str) -> String {
     let mut session = Session::new_h1(Box::new(server));
     assert!(session.read_request().await.unwrap());
     let mut ctx = gateway.new_ctx();
-    assert!(gateway.request_filter(&mut session, &mut ctx).await.unwrap());
+    assert!(gateway
+        .request_filter(&mut session, &mut ctx)
+        .await
+        .unwrap());
     gateway.logging(&mut session, None, &mut ctx).await;
     drop(session);
     let mut out = String::new();
@@ -192,7 +195,10 @@ async fn request_filter_writes_the_one_reply_over_a_session() {
     assert!(second.contains("Age: 0\r\n"), "{second}");
     let refused = through_session(&w.gateway, "GET /api/s HTTP/1.1\r\nHost: t\r\n\r\n").await;
     assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
-    assert!(refused.contains("\"error\":\"missing_api_key\""), "{refused}");
+    assert!(
+        refused.contains("\"error\":\"missing_api_key\""),
+        "{refused}"
+    );
     let failed = format!("GET /api/fail?api_key={KEY} HTTP/1.1\r\nHost: t\r\n\r\n");
     let failed = through_session(&w.gateway, &failed).await;
     assert!(failed.starts_with("HTTP/1.1 502"), "{failed}");
