@@ -10,32 +10,21 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use tollgate::auth::KeyHash;
-use tollgate::cache;
 use tollgate::config::Config;
 use tollgate::race::{classify, SuccessRule};
 
 fn cache_key(c: &mut Criterion) {
+    let target = |raw: &str| tollgate::router::parse_target(raw.as_bytes(), "api_key").unwrap();
     let mut g = c.benchmark_group("cache_key");
-    g.bench_function("path only", |b| {
-        b.iter(|| cache::key("v1", black_box("/api/v1/eod/AAPL"), None))
-    });
+    let t = target("/api/v1/eod/AAPL");
+    g.bench_function("path only", |b| b.iter(|| black_box(&t).cache_key("v1")));
+    let t = target("/api/v1/eod/AAPL.US?to=2024-12-31&from=2024-01-01&period=d");
     g.bench_function("3 query params", |b| {
-        b.iter(|| {
-            cache::key(
-                "v1",
-                black_box("/api/v1/eod/AAPL.US"),
-                Some(black_box("to=2024-12-31&from=2024-01-01&period=d")),
-            )
-        })
+        b.iter(|| black_box(&t).cache_key("v1"))
     });
+    let t = target("/api/v1/news/%41APL%2fx?s=%41APL&t=a%20b&limit=10");
     g.bench_function("percent-encoded path and query", |b| {
-        b.iter(|| {
-            cache::key(
-                "v1",
-                black_box("/api/v1/news/%41APL%2fx"),
-                Some(black_box("s=%41APL&t=a%20b&limit=10")),
-            )
-        })
+        b.iter(|| black_box(&t).cache_key("v1"))
     });
     g.finish();
 }

@@ -1,5 +1,6 @@
 //! API keys: where a request carries one (query parameter, `X-API-Key`,
-//! `Authorization: Bearer`), and its SHA-256, the only form anything keeps.
+//! `Authorization: Bearer`), its SHA-256, the only form anything keeps, and
+//! what the key store's answer about it means for the request.
 
 use std::fmt;
 
@@ -8,7 +9,8 @@ use pingora::http::RequestHeader;
 use sha2::{Digest, Sha256};
 
 use crate::respond::Reject;
-use crate::router::Target;
+use crate::store::{KeyInfo, KeyState};
+use crate::target::Target;
 
 /// The SHA-256 of an API key.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -49,7 +51,7 @@ const CONFLICT: Reject = Reject::BadRequest("the request carries two different A
 /// auth parameter (as the router marked it), `X-API-Key`, `Authorization:
 /// Bearer`. `Ok(None)`: none given; two sources with different keys is a bad
 /// request.
-pub fn extract(req: &RequestHeader, target: &Target<'_>) -> Result<Option<String>, Reject> {
+pub fn extract(req: &RequestHeader, target: &Target) -> Result<Option<String>, Reject> {
     let mut found: Option<String> = None;
     let mut offer = |candidate: String| -> Result<(), Reject> {
         match &found {
@@ -89,6 +91,16 @@ pub fn extract(req: &RequestHeader, target: &Target<'_>) -> Result<Option<String
         }
     }
     Ok(found)
+}
+
+/// What the store's lookup of a key means: admitted, at the key's own rate
+/// limit (`None`: the configured default), or refused.
+pub fn admit(found: Option<&KeyInfo>) -> Result<Option<u32>, Reject> {
+    match found {
+        None => Err(Reject::InvalidKey),
+        Some(info) if info.state == KeyState::Revoked => Err(Reject::RevokedKey),
+        Some(info) => Ok(info.rate_per_second),
+    }
 }
 
 #[cfg(test)]
@@ -194,5 +206,22 @@ mod tests {
         assert_eq!(KeyHash::from_hex(&"+f".repeat(32)), None);
         assert_eq!(KeyHash::from_hex(&format!("+{}", &h.hex()[1..])), None);
         assert!(!format!("{h:?}").contains(&h.hex()));
+    }
+
+    #[test]
+    fn a_lookup_decides_admission() {
+        let info = |state, rate| KeyInfo {
+            id: "9f86d081884c".into(),
+            name: "n".into(),
+            rate_per_second: rate,
+            state,
+        };
+        assert_eq!(admit(None), Err(Reject::InvalidKey));
+        assert_eq!(
+            admit(Some(&info(KeyState::Revoked, Some(5)))),
+            Err(Reject::RevokedKey)
+        );
+        assert_eq!(admit(Some(&info(KeyState::Active, Some(5)))), Ok(Some(5)));
+        assert_eq!(admit(Some(&info(KeyState::Active, None))), Ok(None));
     }
 }

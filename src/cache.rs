@@ -1,8 +1,9 @@
-//! The response cache: the cache key, what may be stored and for how long
+//! The response cache: what may be stored and for how long
 //! (the backend's Cache-Control), the in-process tier (pingora-memory-cache,
 //! TinyUFO) in front of the shared Redis tier (the entry and its encoding
 //! for Redis: `entry.rs`), and coalescing of concurrent misses for one key
-//! into one race.
+//! into one race. The key itself is the request target's
+//! ([`Target::cache_key`](crate::target::Target::cache_key)).
 //!
 //! An entry lives `ttl + stale_if_error` in both tiers; within `ttl` it is
 //! served (HIT), after it only when every backend fails (STALE). A Redis
@@ -35,79 +36,6 @@ pub fn now_ms() -> u64 {
 /// Whole milliseconds of `d`, saturating at `u64::MAX`.
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// Bytes that need no percent-encoding (RFC 3986 unreserved).
-fn unreserved(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"-._~".contains(&b)
-}
-
-/// One canonical spelling: escapes of unreserved bytes decoded, every other
-/// escape in upper-case hex, literal bytes kept, and in a query `+` as `%20`.
-/// (The router has already rejected malformed escapes.)
-fn normalize(raw: &str, plus_is_space: bool, out: &mut String) {
-    let b = raw.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' => {
-                let decoded = std::str::from_utf8(&b[i + 1..(i + 3).min(b.len())])
-                    .ok()
-                    .filter(|h| h.len() == 2)
-                    .and_then(|h| u8::from_str_radix(h, 16).ok());
-                match decoded {
-                    Some(d) if unreserved(d) => out.push(char::from(d)),
-                    Some(d) => out.push_str(&format!("%{d:02X}")),
-                    None => {
-                        out.push('%');
-                        i += 1;
-                        continue;
-                    }
-                }
-                i += 3;
-            }
-            b'+' if plus_is_space => {
-                out.push_str("%20");
-                i += 1;
-            }
-            byte => {
-                out.push(char::from(byte));
-                i += 1;
-            }
-        }
-    }
-}
-
-/// The cache key: route name, normalized path, and the query parameters
-/// sorted by name (repeated names keep their order). `query` is the router's
-/// [`Target::public_query`](crate::router::Target::public_query): the auth
-/// parameter is already gone. Two customers asking the same thing share one
-/// entry.
-pub fn key(route: &str, path: &str, query: Option<&str>) -> String {
-    let mut out = String::with_capacity(route.len() + path.len() + query.map_or(0, str::len) + 2);
-    out.push_str(route);
-    out.push('\n');
-    normalize(path, false, &mut out);
-    let Some(query) = query else { return out };
-    let mut pairs: Vec<(String, String)> = query
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (n, v) = p.split_once('=').unwrap_or((p, ""));
-            let (mut name, mut value) = (String::new(), String::new());
-            normalize(n, true, &mut name);
-            normalize(v, true, &mut value);
-            (name, value)
-        })
-        .collect();
-    pairs.sort_by(|a, b| a.0.cmp(&b.0));
-    for (i, (n, v)) in pairs.iter().enumerate() {
-        out.push(if i == 0 { '?' } else { '&' });
-        out.push_str(n);
-        out.push('=');
-        out.push_str(v);
-    }
-    out
 }
 
 /// How long a backend answer may be served from cache, or `None` if it must
@@ -353,32 +281,6 @@ mod tests {
             stale_if_error: Duration::from_secs(60),
             max_body_bytes: 16,
         }
-    }
-
-    #[test]
-    fn key_sorts_query_parameters() {
-        let a = key("v1", "/api/eod/AAPL", Some("to=2&from=1"));
-        let b = key("v1", "/api/eod/AAPL", Some("from=1&to=2"));
-        assert_eq!(a, b);
-        assert_eq!(a, "v1\n/api/eod/AAPL?from=1&to=2");
-        assert_ne!(a, key("v2", "/api/eod/AAPL", Some("from=1&to=2")));
-        assert_ne!(a, key("v1", "/api/eod/AAPL", Some("from=1&to=3")));
-        // Repeated names keep their order.
-        assert_ne!(
-            key("v1", "/a", Some("x=1&x=2")),
-            key("v1", "/a", Some("x=2&x=1"))
-        );
-    }
-
-    #[test]
-    fn equivalent_percent_encodings_share_a_key() {
-        assert_eq!(
-            key("v1", "/api/%65od/%41APL", Some("q=a%20b")),
-            key("v1", "/api/eod/AAPL", Some("q=a+b"))
-        );
-        assert_eq!(key("v1", "/api/x%2fy", None), key("v1", "/api/x%2Fy", None));
-        assert_ne!(key("v1", "/api/x%2Fy", None), key("v1", "/api/x/y", None));
-        assert_eq!(key("v1", "/a", Some("q=%7e")), key("v1", "/a", Some("q=~")));
     }
 
     #[test]

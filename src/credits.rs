@@ -1,14 +1,49 @@
-//! A request's charge, held in its context until the request's fate is
-//! known: kept when the answer was delivered, returned when the gateway
-//! answered with a failure (and `refund_on_failure` is on), and returned
-//! anyway if the request is dropped before either happened.
+//! A request's charge: what the store's answer to it means (a hold, or a
+//! refusal), and the hold itself, kept in the request's context until the
+//! request's fate is known: kept when the answer was delivered, returned when
+//! the gateway answered with a failure (and `refund_on_failure` is on), and
+//! returned anyway if the request is dropped before either happened.
 
 use std::sync::Arc;
 
 use pingora_prometheus::prometheus::IntCounter;
 
 use crate::auth::KeyHash;
-use crate::store::{Store, StoreError};
+use crate::respond::Reject;
+use crate::store::{Charge, Store, StoreError};
+
+/// A route's credit series: what its charges take and its refunds give back.
+#[derive(Clone)]
+pub struct CreditCounters {
+    pub charged: IntCounter,
+    pub refunded: IntCounter,
+}
+
+/// What the store's answer to a charge of `cost` means: a hold on the
+/// credits taken (counted as charged), or a refusal that costs nothing.
+pub fn hold(
+    charge: Charge,
+    store: &Arc<dyn Store>,
+    hash: KeyHash,
+    cost: u64,
+    counters: &CreditCounters,
+) -> Result<CreditHold, Reject> {
+    match charge {
+        Charge::Charged { remaining } => {
+            counters.charged.inc_by(cost);
+            Ok(CreditHold::new(
+                store.clone(),
+                hash,
+                cost,
+                remaining,
+                counters.refunded.clone(),
+            ))
+        }
+        Charge::Insufficient { .. } => Err(Reject::InsufficientCredits),
+        Charge::Unknown => Err(Reject::InvalidKey),
+        Charge::Revoked => Err(Reject::RevokedKey),
+    }
+}
 
 pub struct CreditHold {
     store: Arc<dyn Store>,
@@ -94,5 +129,35 @@ impl Drop for CreditHold {
                 Err(e) => log::warn!("credits: refund of {cost} to key {} failed: {e}", hash.id()),
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryStore;
+
+    #[tokio::test]
+    async fn a_charge_decides_hold_or_refusal() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new(&[]));
+        let counters = CreditCounters {
+            charged: IntCounter::new("c", "c").unwrap(),
+            refunded: IntCounter::new("r", "r").unwrap(),
+        };
+        let hash = KeyHash::of("k");
+        let refused = |charge| hold(charge, &store, hash, 3, &counters).err();
+        assert_eq!(
+            refused(Charge::Insufficient { remaining: 2 }),
+            Some(Reject::InsufficientCredits)
+        );
+        assert_eq!(refused(Charge::Unknown), Some(Reject::InvalidKey));
+        assert_eq!(refused(Charge::Revoked), Some(Reject::RevokedKey));
+        assert_eq!(counters.charged.get(), 0);
+        let mut held = hold(Charge::Charged { remaining: 7 }, &store, hash, 3, &counters).unwrap();
+        assert_eq!(
+            (held.cost(), held.remaining(), counters.charged.get()),
+            (3, 7, 3)
+        );
+        held.keep();
     }
 }

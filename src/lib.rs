@@ -27,3 +27,4 @@ pub mod reload;
 pub mod respond;
 pub mod router;
 pub mod store;
+pub mod target;

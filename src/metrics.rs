@@ -11,6 +11,7 @@ use pingora_prometheus::prometheus::{
 };
 
 use crate::config::Route;
+use crate::credits::CreditCounters;
 use crate::race::{AttemptRecord, Failure, Outcome};
 use crate::respond::Reject;
 
@@ -52,16 +53,15 @@ pub struct Metrics {
     access_log_dropped: IntCounter,
     backend_healthy: IntGaugeVec,
     connections: crate::connections::ConnectionCounters,
-    /// Per route (config order), the series a race touches, resolved once.
-    routes: Vec<RouteSeries>,
 }
 
 /// A route's series, created at start so that they exist (at 0) before
-/// traffic and need no label lookup per request.
-struct RouteSeries {
+/// traffic and need no label lookup per request; its runtime object holds them.
+pub struct RouteSeries {
+    name: String,
+    requests: IntCounterVec,
     duration: Histogram,
-    charged: IntCounter,
-    refunded: IntCounter,
+    credits: CreditCounters,
     backends: Vec<BackendSeries>,
     failed: [IntCounter; 3],
 }
@@ -117,7 +117,7 @@ impl Metrics {
     }
 
     pub fn register_in(r: &Registry, routes: &[Route]) -> prometheus::Result<Metrics> {
-        let mut m = Metrics {
+        let m = Metrics {
             requests: counter(
                 r,
                 "tollgate_requests_total",
@@ -234,7 +234,6 @@ impl Metrics {
                     "Client connections closed because a request header took longer than limits.request_header_timeout_ms.",
                 )?,
             },
-            routes: Vec::new(),
         };
         for result in CACHE_RESULTS {
             m.cache.with_label_values(&[result]);
@@ -248,18 +247,25 @@ impl Metrics {
         for op in STORE_OPS {
             m.store_errors.with_label_values(&[op]);
         }
-        m.routes = routes.iter().map(|route| m.route_series(route)).collect();
+        for route in routes {
+            m.route_series(route);
+        }
         Ok(m)
     }
 
-    fn route_series(&self, route: &Route) -> RouteSeries {
+    /// A route's series (created at 0 if they are not yet).
+    pub fn route_series(&self, route: &Route) -> RouteSeries {
         let name = route.name.as_str();
         // A zero series, so the family exists before the first request.
         self.requests.with_label_values(&[name, "200"]);
         RouteSeries {
+            name: route.name.clone(),
+            requests: self.requests.clone(),
             duration: self.request_duration.with_label_values(&[name]),
-            charged: self.credits_charged.with_label_values(&[name]),
-            refunded: self.credits_refunded.with_label_values(&[name]),
+            credits: CreditCounters {
+                charged: self.credits_charged.with_label_values(&[name]),
+                refunded: self.credits_refunded.with_label_values(&[name]),
+            },
             backends: route
                 .backends
                 .iter()
@@ -285,35 +291,20 @@ impl Metrics {
         }
     }
 
-    /// Count one answered request; `route` is its index, `None` when unmatched.
-    pub fn request(&self, route: Option<(usize, &str)>, status: u16, elapsed: Duration) {
-        let code = http::StatusCode::from_u16(status).ok();
-        let status = code.as_ref().map_or("0", |c| c.as_str());
-        let name = route.map_or(UNMATCHED, |(_, name)| name);
-        self.requests.with_label_values(&[name, status]).inc();
-        match route.and_then(|(i, _)| self.routes.get(i)) {
-            Some(series) => series.duration.observe(elapsed.as_secs_f64()),
-            None => self
-                .request_duration
-                .with_label_values(&[name])
-                .observe(elapsed.as_secs_f64()),
+    /// Count one answered request; `route`: its route's series, `None` when
+    /// unmatched.
+    pub fn request(&self, route: Option<&RouteSeries>, status: u16, elapsed: Duration) {
+        match route {
+            Some(series) => series.request(status, elapsed),
+            None => {
+                let code = http::StatusCode::from_u16(status).ok();
+                let status = code.as_ref().map_or("0", |c| c.as_str());
+                self.requests.with_label_values(&[UNMATCHED, status]).inc();
+                self.request_duration
+                    .with_label_values(&[UNMATCHED])
+                    .observe(elapsed.as_secs_f64());
+            }
         }
-    }
-
-    /// Count credits charged on a route.
-    pub fn charged(&self, route: usize, credits: u64) {
-        if let Some(series) = self.routes.get(route) {
-            series.charged.inc_by(credits);
-        }
-    }
-
-    /// The counter of credits refunded on a route (a refund may happen late,
-    /// from a dropped request's hold).
-    pub fn refunded(&self, route: usize) -> IntCounter {
-        self.routes
-            .get(route)
-            .map(|s| s.refunded.clone())
-            .unwrap_or_else(|| self.credits_refunded.with_label_values(&[UNMATCHED]))
     }
 
     /// Count a request refused before the race.
@@ -366,20 +357,36 @@ impl Metrics {
     pub fn store_unsettled(&self) -> IntGauge {
         self.store_unsettled.clone()
     }
+}
+
+impl RouteSeries {
+    /// The route's name, its label.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its credit series, for the charges and refunds of its requests.
+    pub fn credits(&self) -> &CreditCounters {
+        &self.credits
+    }
+
+    /// Count one answered request on this route.
+    pub fn request(&self, status: u16, elapsed: Duration) {
+        let code = http::StatusCode::from_u16(status).ok();
+        let status = code.as_ref().map_or("0", |c| c.as_str());
+        self.requests.with_label_values(&[&self.name, status]).inc();
+        self.duration.observe(elapsed.as_secs_f64());
+    }
 
     /// Count a race's attempts, its winner, or its failure.
     pub fn race(
         &self,
-        route: usize,
         attempts: &[AttemptRecord],
         winner: Option<usize>,
         failure: Option<Failure>,
     ) {
-        let Some(series) = self.routes.get(route) else {
-            return;
-        };
         for a in attempts {
-            if let Some(b) = series.backends.get(a.backend) {
+            if let Some(b) = self.backends.get(a.backend) {
                 let i = Outcome::ALL
                     .iter()
                     .position(|o| *o == a.outcome)
@@ -388,12 +395,12 @@ impl Metrics {
                 b.duration.observe(a.latency.as_secs_f64());
             }
         }
-        if let Some(b) = winner.and_then(|w| series.backends.get(w)) {
+        if let Some(b) = winner.and_then(|w| self.backends.get(w)) {
             b.wins.inc();
         }
         if let Some(f) = failure {
             let i = FAILURES.iter().position(|x| *x == f).unwrap_or(0);
-            series.failed[i].inc();
+            self.failed[i].inc();
         }
     }
 }

@@ -1,11 +1,24 @@
 //! The `ProxyHttp` implementation. Every request is answered from
-//! `request_filter`, whose steps follow the contract's order of checks:
-//! method and path → route → auth → rate limit → credits → [cache] → race.
-//! `logging` counts and logs it. Each step is a call into its own module.
+//! `request_filter`: [`Gateway::decide`] runs the contract's order of checks
+//! (method and path → route → auth → rate limit → credits → [cache] → race),
+//! each step a call into the module that decides, and returns one [`Reply`];
+//! [`Gateway::send`](reply) is the one place that writes it and settles the
+//! charge. `logging` counts and logs the request.
+//!
+//! Here: the gateway and its phases. `route.rs`: the runtime object of a
+//! route; `ctx.rs`: the per-request context; `steps.rs`: admission, cache
+//! and race; `reply.rs`: the reply and its writer.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+mod ctx;
+mod reply;
+mod route;
+mod steps;
+#[cfg(test)]
+mod tests;
+
+use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use http::Method;
@@ -14,25 +27,28 @@ use pingora::modules::http::HttpModules;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 
+pub use ctx::Ctx;
+use ctx::Routed;
+pub use reply::Reply;
+pub use route::RouteRuntime;
+
 use crate::auth::{self, KeyHash};
-use crate::cache::{self, Cache, Entry, Found, LeaderGuard, Turn};
-use crate::config::{Config, CreditsConfig, OnStoreError, Route};
+use crate::cache::Cache;
+use crate::config::{Config, CreditsConfig, OnStoreError};
 use crate::credits::CreditHold;
 use crate::drain::Draining;
-use crate::limits::{Decision, Limiter};
+use crate::limits::Limiter;
 use crate::logging::{self, AccessLine, AccessLog};
 use crate::metrics::{Metrics, UNMATCHED};
-use crate::notify::{BackendReport, Event, Notifier};
-use crate::race::{Answer, Failure, RaceReport, Racer, RouteUpstream, UpstreamRequest};
-use crate::respond::{self, Common, Reject};
+use crate::notify::Notifier;
+use crate::race::Racer;
+use crate::respond::Reject;
 use crate::router::{self, RouteTable};
-use crate::store::{Charge, KeyState, SharedCache, Store, StoreError};
+use crate::store::{SharedCache, Store};
 
-/// The gateway service: routes, their upstreams, and shared parts.
+/// The gateway service: its routes and the parts they share.
 pub struct Gateway {
-    routes: Vec<Route>,
-    table: RouteTable,
-    upstreams: Vec<RouteUpstream>,
+    table: RouteTable<&'static RouteRuntime>,
     racer: Racer,
     store: Arc<dyn Store>,
     limiter: Limiter,
@@ -46,8 +62,6 @@ pub struct Gateway {
     lock_timeout: Duration,
     notifier: Notifier,
     access_log: AccessLog,
-    /// Per route: its last race had no winner (for the recovery notice).
-    failing: Vec<AtomicBool>,
     draining: Draining,
 }
 
@@ -61,26 +75,13 @@ impl Gateway {
         access_log: AccessLog,
         draining: Draining,
     ) -> Self {
+        let pool_size = config.server.upstream_keepalive_pool_size;
+        let routes = RouteRuntime::leak_all(&config.routes, pool_size, &metrics);
         Gateway {
             draining,
             notifier,
             access_log,
-            failing: config
-                .routes
-                .iter()
-                .map(|_| AtomicBool::new(false))
-                .collect(),
-            table: RouteTable::new(&config.routes),
-            upstreams: config
-                .routes
-                .iter()
-                .map(|r| {
-                    RouteUpstream::new(r, config.server.upstream_keepalive_pool_size, |b| {
-                        metrics.backend_healthy(&r.name, b)
-                    })
-                })
-                .collect(),
-            routes: config.routes.clone(),
+            table: RouteTable::new(routes.iter().map(|r| (r.config.prefix.clone(), r))),
             racer: Racer::new(&config.server),
             store: store.clone(),
             limiter: Limiter::new(config.rate_limit.per_second),
@@ -93,363 +94,46 @@ impl Gateway {
             lock_timeout: config.cache.lock_timeout,
         }
     }
-}
 
-impl Gateway {
     /// The metrics and access log, for the HTTP/1 front door's own answers.
     pub fn observers(&self) -> (Arc<Metrics>, AccessLog) {
         (self.metrics.clone(), self.access_log.clone())
     }
-}
 
-/// Per-request state, in groups.
-pub struct Ctx {
-    started: Instant,
-    request_id: String,
-    head: bool,
-    route: Option<usize>,
-    /// Path and query as sent upstream (auth parameter removed): safe to log.
-    upstream_path: Option<String>,
-    /// The caller's key hash, once known (its id goes to the access log).
-    key: Option<KeyHash>,
-    limit: Option<Decision>,
-    /// The charge, once taken; dropping it unsettled refunds it.
-    credits: Option<CreditHold>,
-    race: Option<RaceReport>,
-    /// `X-Cache` of a proxied answer.
-    cache: Option<&'static str>,
-    /// The cache key, when the route caches and this request races for it.
-    cache_key: Option<String>,
-    /// An expired entry still within its stale-if-error window.
-    stale: Option<Arc<Entry>>,
-    /// Held while this request races for its cache key; dropping it lets
-    /// the requests waiting for the same key go on.
-    cache_lock: Option<LeaderGuard>,
-    reject: Option<Reject>,
-}
-
-impl Ctx {
-    /// Rate-limit and credit headers for the answer.
-    fn headers(&self) -> Vec<(&'static str, String)> {
-        let mut h: Vec<(&'static str, String)> =
-            self.limit.iter().flat_map(Decision::headers).collect();
-        match &self.credits {
-            Some(hold) => {
-                h.push(("X-Credits-Cost", hold.cost().to_string()));
-                h.push(("X-Credits-Remaining", hold.remaining().to_string()));
-            }
-            // Admitted, but the store could not charge (on_error: allow).
-            None if self.limit.is_some_and(|l| l.allowed) && self.reject.is_none() => {
-                h.push(("X-Credits-Cost", "0".to_string()));
-            }
-            None => {}
-        }
-        h
-    }
-}
-
-impl Gateway {
-    /// Size, method and path checks, then the route; notes the upstream path
-    /// and returns the route with the request's API key, if any.
-    fn route(&self, req: &RequestHeader, ctx: &mut Ctx) -> Result<(usize, Option<String>), Reject> {
-        let target = router::check_request(req, &self.auth_param)?;
-        let route = self.table.find(target.path).ok_or(Reject::NoRoute)?;
-        ctx.route = Some(route);
-        ctx.upstream_path = Some(target.upstream_path_and_query());
-        let key = auth::extract(req, &target)?;
-        Ok((route, key))
-    }
-
-    /// auth → rate limit → credits. A refused request costs nothing.
-    async fn admit(&self, ctx: &mut Ctx, route: usize, key: Option<String>) -> Result<(), Reject> {
-        let hash = KeyHash::of(&key.ok_or(Reject::MissingKey)?);
-        ctx.key = Some(hash);
-        // One budget for the lookup and the charge: with `on_error: allow` a
-        // stalled store must not hold the request for two timeouts.
-        let deadline = tokio::time::Instant::now() + self.store_timeout;
-        let own_rate = match within(deadline, self.store.key(&hash)).await {
-            Ok(None) => return Err(Reject::InvalidKey),
-            Ok(Some(info)) if info.state == KeyState::Revoked => return Err(Reject::RevokedKey),
-            Ok(Some(info)) => info.rate_per_second,
-            Err(e) => self.store_failed("lookup", e).map(|()| None)?,
-        };
-
-        let decision = self.limiter.check(&hash, own_rate);
-        ctx.limit = Some(decision);
-        if !decision.allowed {
-            return Err(Reject::RateLimited);
-        }
-
-        let path = ctx.upstream_path.as_deref().unwrap_or("");
-        let cost = self.routes[route].cost_for(path);
-        match within(deadline, self.store.charge(&hash, cost)).await {
-            Ok(Charge::Charged { remaining }) => {
-                self.metrics.charged(route, cost);
-                let refunded = self.metrics.refunded(route);
-                ctx.credits = Some(CreditHold::new(
-                    self.store.clone(),
-                    hash,
-                    cost,
-                    remaining,
-                    refunded,
-                ));
-                Ok(())
-            }
-            Ok(Charge::Insufficient { .. }) => Err(Reject::InsufficientCredits),
-            Ok(Charge::Unknown) => Err(Reject::InvalidKey),
-            Ok(Charge::Revoked) => Err(Reject::RevokedKey),
-            Err(e) => self.store_failed("charge", e),
-        }
-    }
-
-    /// A store call failed: refuse (`deny`) or go on uncharged (`allow`).
-    fn store_failed(&self, op: &'static str, e: StoreError) -> Result<(), Reject> {
-        self.metrics.store_error(op);
-        log::warn!("store {op} failed: {e}");
-        match self.on_store_error {
-            OnStoreError::Deny => Err(Reject::StoreUnavailable),
-            OnStoreError::Allow => Ok(()),
-        }
-    }
-
-    /// Answer from the cache when it can; otherwise note what the race needs
-    /// (cache key, stale entry, leadership of the key). `Ok(true)`: answered.
-    async fn answer_from_cache(
+    /// The reply to a request, in the contract's order of checks: request
+    /// and route → auth → rate limit → credits → cache → race. `client`: the
+    /// address the backends get as `X-Forwarded-For`.
+    pub async fn decide(
         &self,
-        session: &mut Session,
+        req: &RequestHeader,
+        client: Option<IpAddr>,
         ctx: &mut Ctx,
-        route: usize,
-    ) -> Result<bool> {
-        if self.routes[route].cache.is_none() {
-            return Ok(false);
-        }
-        let upstream = ctx.upstream_path.as_deref().unwrap_or("/");
-        let (path, query) = match upstream.split_once('?') {
-            Some((p, q)) => (p, Some(q)),
-            None => (upstream, None),
+    ) -> Reply {
+        ctx.request_id = request_id(req);
+        ctx.head = req.method == Method::HEAD;
+        let target = match router::check_request(req, &self.auth_param) {
+            Ok(target) => target,
+            Err(reject) => return Reply::reject(reject),
         };
-        let key = cache::key(&self.routes[route].name, path, query);
-        if let Some(entry) = self.lookup(ctx, &key).await {
-            return self.serve_entry(session, ctx, &entry, "HIT").await;
-        }
-        match self.cache.turn(&key) {
-            Turn::Leader(guard) => ctx.cache_lock = Some(guard),
-            Turn::Follower(rx) => {
-                // Another request is racing for this key: wait for its answer.
-                if cache::wait_for_leader(rx, self.lock_timeout).await {
-                    if let Some(entry) = self.lookup(ctx, &key).await {
-                        return self.serve_entry(session, ctx, &entry, "HIT").await;
-                    }
-                }
-            }
-        }
-        self.metrics.cache("miss");
-        ctx.cache_key = Some(key);
-        Ok(false)
-    }
-
-    /// A fresh entry, if any; a stale one is kept in `ctx` for stale-if-error.
-    async fn lookup(&self, ctx: &mut Ctx, key: &str) -> Option<Arc<Entry>> {
-        let lookup = self.cache.lookup(key).await;
-        if lookup.error {
-            self.metrics.cache("error");
-        }
-        match lookup.found {
-            Found::Fresh(entry) => Some(entry),
-            Found::Stale(entry) => {
-                ctx.stale = Some(entry);
-                None
-            }
-            Found::Miss => None,
-        }
-    }
-
-    /// Serve a cached answer (`HIT` or `STALE`); with `charge_cache_hits: false`
-    /// the charge is returned.
-    async fn serve_entry(
-        &self,
-        session: &mut Session,
-        ctx: &mut Ctx,
-        entry: &Entry,
-        label: &'static str,
-    ) -> Result<bool> {
-        self.metrics
-            .cache(if label == "HIT" { "hit" } else { "stale" });
-        ctx.cache = Some(label);
-        if !self.credits.charge_cache_hits {
-            self.refund(ctx).await;
-        }
-        let age = entry.age_secs(cache::now_ms());
-        self.deliver(session, ctx, &entry.answer, label, Some(age))
-            .await
-    }
-
-    /// Send an answer (from a race or the cache); once delivered, the charge
-    /// stands.
-    async fn deliver(
-        &self,
-        session: &mut Session,
-        ctx: &mut Ctx,
-        answer: &Answer,
-        x_cache: &'static str,
-        age: Option<u64>,
-    ) -> Result<bool> {
-        let extra = ctx.headers();
-        let common = Common {
-            request_id: &ctx.request_id,
-            head: ctx.head,
-            extra: &extra,
+        let Some(&route) = self.table.find(target.path()) else {
+            return Reply::reject(Reject::NoRoute);
         };
-        respond::proxied(session, &common, answer, x_cache, age).await?;
-        if let Some(hold) = ctx.credits.as_mut() {
-            hold.keep();
+        let target = &ctx.routed.insert(Routed { route, target }).target;
+        let key = match auth::extract(req, target) {
+            Ok(key) => key,
+            Err(reject) => return Reply::reject(reject),
+        };
+        if let Err(reject) = self.admit(route, target, key, &mut ctx.admit).await {
+            return Reply::reject(reject);
         }
-        Ok(true)
-    }
-
-    async fn reject(&self, session: &mut Session, ctx: &mut Ctx, reject: Reject) -> Result<bool> {
-        ctx.reject = Some(reject);
-        let extra = ctx.headers();
-        let common = Common {
-            request_id: &ctx.request_id,
-            head: ctx.head,
-            extra: &extra,
-        };
-        respond::reject(session, &common, reject).await?;
-        Ok(true)
-    }
-
-    async fn race(&self, session: &mut Session, ctx: &mut Ctx, route: usize) -> Result<bool> {
-        let forwarded_for = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip().to_string());
-        let report = {
-            let req = UpstreamRequest {
-                path_and_query: ctx.upstream_path.as_deref().unwrap_or("/"),
-                request_id: &ctx.request_id,
-                forwarded_for: forwarded_for.as_deref(),
-            };
-            self.racer.run(&self.upstreams[route], &req).await
-        };
-        let Some((_, answer)) = &report.winner else {
-            let reject = Reject::from(report.failure());
-            ctx.race = Some(report);
-            ctx.cache_lock = None;
-            if let Some(stale) = ctx.stale.take() {
-                return self.serve_entry(session, ctx, &stale, "STALE").await;
-            }
-            if self.credits.refund_on_failure {
-                self.refund(ctx).await;
-            } else if let Some(hold) = ctx.credits.as_mut() {
-                // The failure answer costs the route's price: settle the
-                // hold, or dropping it would refund.
-                hold.keep();
-            }
-            return self.reject(session, ctx, reject).await;
-        };
-        let x_cache = match (&ctx.cache_key, &self.routes[route].cache) {
-            (Some(key), Some(cfg)) => {
-                if let Some(fresh) = cache::freshness(answer, cfg) {
-                    self.cache.store(key, answer, fresh, cfg.stale_if_error);
-                }
-                "MISS"
-            }
-            _ => "BYPASS",
-        };
-        // Waiters for this key may look again now.
-        ctx.cache_lock = None;
-        ctx.cache = Some(x_cache);
-        let sent = self.deliver(session, ctx, answer, x_cache, None).await;
-        // Kept for the logging phase whether or not the answer went out.
+        if let Some(cached) = self.answer_from_cache(route, target, &mut ctx.cache).await {
+            return cached;
+        }
+        let (report, answer) = self.race(route, target, client, &ctx.request_id).await;
+        let reply = self.after_race(route, &report, answer, &mut ctx.cache);
         ctx.race = Some(report);
-        sent
+        reply
     }
-
-    async fn refund(&self, ctx: &mut Ctx) {
-        if let Some(hold) = ctx.credits.as_mut() {
-            if let Err(e) = hold.refund().await {
-                self.metrics.store_error("refund");
-                log::warn!("store refund failed: {e}");
-            }
-        }
-    }
-
-    fn log_race(&self, ctx: &Ctx, route: usize) {
-        self.notifier.answered(route);
-        let Some(report) = &ctx.race else { return };
-        let winner = report.winner.as_ref().map(|(i, _)| *i);
-        let failure = winner.is_none().then(|| report.failure());
-        self.metrics.race(route, &report.attempts, winner, failure);
-        let name = &self.routes[route].name;
-        let Some(f) = failure else {
-            self.recovered(ctx, route);
-            return;
-        };
-        let labels: Vec<&str> = self.upstreams[route]
-            .replicas
-            .iter()
-            .map(|r| r.label.as_str())
-            .collect();
-        logging::all_backends_failed(
-            name,
-            f.as_str(),
-            ctx.upstream_path.as_deref().unwrap_or(""),
-            &ctx.request_id,
-            &labels,
-            &report.attempts,
-        );
-        // "No such data" is the data API working: it only counts toward the
-        // route's no_data share, and ends an outage like a success.
-        if f == Failure::NoData {
-            self.notifier.no_data(route);
-            self.recovered(ctx, route);
-            return;
-        }
-        self.notifier.notify(Event::Failed {
-            route,
-            reason: f.as_str(),
-            request_id: ctx.request_id.clone(),
-            backends: report
-                .attempts
-                .iter()
-                .map(|a| BackendReport {
-                    backend: labels.get(a.backend).copied().unwrap_or("?").to_string(),
-                    outcome: a.outcome.as_str(),
-                    latency_ms: logging::ms(a.latency),
-                })
-                .collect(),
-        });
-        // Only after the notifier has the failure, so that the recovery a
-        // concurrent success reports for it can never reach the notifier first.
-        self.failing[route].store(true, Ordering::Release);
-    }
-}
-
-impl Gateway {
-    /// Tell the notifier once when a route that had failed answers again.
-    fn recovered(&self, ctx: &Ctx, route: usize) {
-        if self.failing[route].swap(false, Ordering::AcqRel) {
-            self.notifier.notify(Event::Recovered {
-                route,
-                request_id: ctx.request_id.clone(),
-            });
-        }
-    }
-}
-
-/// A store call, given what is left of the request's store budget; none
-/// left: a store error without making the call.
-async fn within<T>(
-    deadline: tokio::time::Instant,
-    call: impl std::future::Future<Output = Result<T, StoreError>>,
-) -> Result<T, StoreError> {
-    if deadline <= tokio::time::Instant::now() {
-        return Err(StoreError("store.timeout_ms spent before this call".into()));
-    }
-    tokio::time::timeout_at(deadline, call)
-        .await
-        .unwrap_or_else(|_| Err(StoreError("store.timeout_ms spent".into())))
 }
 
 /// Keep a sane client-supplied `X-Request-Id`, otherwise make one.
@@ -472,22 +156,7 @@ impl ProxyHttp for Gateway {
     type CTX = Ctx;
 
     fn new_ctx(&self) -> Ctx {
-        Ctx {
-            started: Instant::now(),
-            request_id: String::new(),
-            head: false,
-            route: None,
-            upstream_path: None,
-            key: None,
-            limit: None,
-            credits: None,
-            race: None,
-            cache: None,
-            cache_key: None,
-            stale: None,
-            cache_lock: None,
-            reject: None,
-        }
+        Ctx::new()
     }
 
     /// What Pingora's own log lines (`Fail to filter request: …`, `Fail to
@@ -495,8 +164,8 @@ impl ProxyHttp for Gateway {
     /// log shows it, never the auth parameter.
     fn request_summary(&self, session: &Session, ctx: &Ctx) -> String {
         let req = session.req_header();
-        let target = match &ctx.upstream_path {
-            Some(path) => path.clone(),
+        let target = match &ctx.routed {
+            Some(routed) => routed.target.upstream().to_string(),
             None => router::loggable_target(req.raw_path(), &self.auth_param),
         };
         format!("{} {target}, request_id: {}", req.method, ctx.request_id)
@@ -517,7 +186,11 @@ impl ProxyHttp for Gateway {
         let mut code = reject.map_or(0, Reject::status);
         if let Some(reject) = reject.filter(|_| session.response_written().is_none()) {
             session.set_keepalive(None);
-            if self.reject(session, ctx, reject).await.is_err() {
+            if self
+                .send(session, ctx, Reply::reject(reject))
+                .await
+                .is_err()
+            {
                 code = 0;
             }
         }
@@ -535,21 +208,12 @@ impl ProxyHttp for Gateway {
             // Handing over: let the client reconnect to the new process.
             session.set_keepalive(None);
         }
-        let req = session.req_header();
-        ctx.request_id = request_id(req);
-        ctx.head = req.method == Method::HEAD;
-        let admitted = match self.route(req, ctx) {
-            Ok((route, key)) => self.admit(ctx, route, key).await.map(|()| route),
-            Err(reject) => Err(reject),
-        };
-        let route = match admitted {
-            Ok(route) => route,
-            Err(reject) => return self.reject(session, ctx, reject).await,
-        };
-        if self.answer_from_cache(session, ctx, route).await? {
-            return Ok(true);
-        }
-        self.race(session, ctx, route).await
+        let client = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let reply = self.decide(session.req_header(), client, ctx).await;
+        self.send(session, ctx, reply).await
     }
 
     async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
@@ -563,37 +227,35 @@ impl ProxyHttp for Gateway {
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
         let elapsed = ctx.started.elapsed();
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let route_name = ctx
-            .route
-            .map_or(UNMATCHED, |i| self.routes[i].name.as_str());
+        let route = ctx.routed.as_ref().map(|r| r.route);
+        let route_name = route.map_or(UNMATCHED, |r| r.config.name.as_str());
         self.metrics
-            .request(ctx.route.map(|i| (i, route_name)), status, elapsed);
+            .request(route.map(|r| &r.series), status, elapsed);
         if let Some(reject) = ctx.reject.filter(|r| r.is_rejection()) {
             self.metrics.rejection(reject);
         }
-        if let Some(route) = ctx.route {
-            self.log_race(ctx, route);
+        if let Some(Routed { route, target }) = &ctx.routed {
+            route.observe(&self.notifier, &ctx.request_id, target, ctx.race.as_ref());
         }
         if !self.access_log.enabled() {
             return;
         }
-        let key_id = ctx.key.as_ref().map(KeyHash::id);
-        let winner = ctx
-            .route
-            .zip(ctx.race.as_ref().and_then(|r| r.winner.as_ref()))
-            .map(|(route, (i, _))| self.upstreams[route].replicas[*i].label.as_str());
+        let key_id = ctx.admit.key.as_ref().map(KeyHash::id);
+        let winner = route
+            .zip(ctx.race.as_ref().and_then(|r| r.winner))
+            .and_then(|(route, i)| route.backend_label(i));
         let line = AccessLine {
             time: logging::now_rfc3339(),
             request_id: &ctx.request_id,
             method: session.req_header().method.as_str(),
             route: route_name,
-            path: ctx.upstream_path.as_deref(),
+            path: ctx.routed.as_ref().map(|r| r.target.upstream()),
             status,
             latency_ms: logging::ms(elapsed),
-            cache: ctx.cache,
+            cache: ctx.cache.status,
             winner,
             key_id: key_id.as_deref(),
-            credits: ctx.credits.as_ref().map(CreditHold::cost),
+            credits: ctx.admit.hold.as_ref().map(CreditHold::cost),
             error: ctx.reject.map(Reject::code),
         };
         self.access_log.write(&line);

@@ -248,13 +248,14 @@ pub struct AttemptRecord {
     pub detail: Option<String>,
 }
 
-/// The result of a race.
+/// How a race went, for the log and the metrics (the winner's answer is
+/// returned beside it, to be served).
 pub struct RaceReport {
     /// In start order; backends never started (a hedge or failover that was
     /// not needed) are absent.
     pub attempts: Vec<AttemptRecord>,
-    /// The winning backend's index and answer.
-    pub winner: Option<(usize, Answer)>,
+    /// The winning backend's index.
+    pub winner: Option<usize>,
 }
 
 impl RaceReport {
@@ -279,8 +280,13 @@ impl Racer {
         }
     }
 
-    /// Race `req` over the route's backends as its strategy says.
-    pub async fn run(&self, route: &RouteUpstream, req: &UpstreamRequest<'_>) -> RaceReport {
+    /// Race `req` over the route's backends as its strategy says: how it
+    /// went, and the winner's answer.
+    pub async fn run(
+        &self,
+        route: &RouteUpstream,
+        req: &UpstreamRequest<'_>,
+    ) -> (RaceReport, Option<Answer>) {
         let n = route.replicas.len();
         let Plan {
             order,
@@ -375,7 +381,8 @@ impl Racer {
         {
             rec.latency = now.saturating_duration_since(start + rec.started);
         }
-        RaceReport { attempts, winner }
+        let (winner, answer) = winner.unzip();
+        (RaceReport { attempts, winner }, answer)
     }
 }
 

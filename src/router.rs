@@ -3,6 +3,7 @@
 //! parsed here once, into a [`Target`] whose query pairs have the auth
 //! parameter marked: auth takes the key from it, the backends, the cache key
 //! and the logs get the rest. Nothing else splits the query.
+//! The route table maps a path to whatever the caller keeps per route.
 //!
 //! The auth parameter rule (README, "Requests"): a query parameter whose name,
 //! percent-decoded once (`+` as space), equals `auth.query_param` ignoring
@@ -15,73 +16,19 @@ use http::Method;
 use percent_encoding::percent_decode;
 use pingora::http::RequestHeader;
 
-use crate::config::Route;
 use crate::respond::Reject;
+use crate::target::{decode_component, Target};
 
 /// Longest request target accepted (nginx's large_client_header_buffers is 8k).
 pub const MAX_TARGET_BYTES: usize = 8 * 1024;
 /// Largest total of request header names and values accepted.
 pub const MAX_HEADER_BYTES: usize = 32 * 1024;
 
-/// A request target that passed the checks: its path, and its query split at
-/// `&` with the auth parameter marked.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Target<'a> {
-    pub path: &'a str,
-    pub query: Option<&'a str>,
-    pub pairs: Vec<Pair<'a>>,
-}
-
-/// One non-empty `&`-separated query parameter, as sent.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Pair<'a> {
-    /// `name=value` or `name`, still percent-encoded.
-    pub raw: &'a str,
-    /// This is the auth parameter: its value is the key; nothing passes it on.
-    pub auth: bool,
-}
-
-impl<'a> Pair<'a> {
-    /// The raw (percent-encoded) value; empty when there is no `=`.
-    pub fn raw_value(&self) -> &'a str {
-        self.raw.split_once('=').map_or("", |(_, v)| v)
-    }
-}
-
-impl Target<'_> {
-    /// The raw values of the auth parameter, in order.
-    pub fn auth_values(&self) -> impl Iterator<Item = &str> {
-        self.pairs.iter().filter(|p| p.auth).map(Pair::raw_value)
-    }
-
-    /// The query without the auth parameter (`None` when nothing is left).
-    pub fn public_query(&self) -> Option<String> {
-        let mut out = String::new();
-        for pair in self.pairs.iter().filter(|p| !p.auth) {
-            if !out.is_empty() {
-                out.push('&');
-            }
-            out.push_str(pair.raw);
-        }
-        (!out.is_empty()).then_some(out)
-    }
-
-    /// The path and query the backends receive: the client's, unchanged,
-    /// except that the auth parameter is removed (and empty pairs dropped).
-    /// Safe to log.
-    pub fn upstream_path_and_query(&self) -> String {
-        match self.public_query() {
-            Some(q) => format!("{}?{q}", self.path),
-            None => self.path.to_string(),
-        }
-    }
-}
-
 /// A request target as logs may show it: without the auth parameter, or,
 /// when the target does not parse, its path alone (`?…` marks a query left out).
 pub fn loggable_target(raw: &[u8], auth_param: &str) -> String {
     if let Ok(target) = parse_target(raw, auth_param) {
-        return target.upstream_path_and_query();
+        return target.upstream().to_string();
     }
     let (path, query) = match raw.iter().position(|&b| b == b'?') {
         Some(i) => (&raw[..i], true),
@@ -95,7 +42,7 @@ pub fn loggable_target(raw: &[u8], auth_param: &str) -> String {
 }
 
 /// Size, method and target checks, in that order. HEAD counts as GET.
-pub fn check_request<'r>(req: &'r RequestHeader, auth_param: &str) -> Result<Target<'r>, Reject> {
+pub fn check_request(req: &RequestHeader, auth_param: &str) -> Result<Target, Reject> {
     let raw = req.raw_path();
     if raw.len() > MAX_TARGET_BYTES {
         return Err(Reject::UriTooLong);
@@ -116,7 +63,7 @@ pub fn check_request<'r>(req: &'r RequestHeader, auth_param: &str) -> Result<Tar
 
 /// Split and check an origin-form target (`/path?query`), marking the auth
 /// parameter `auth_param`.
-pub fn parse_target<'a>(raw: &'a [u8], auth_param: &str) -> Result<Target<'a>, Reject> {
+pub fn parse_target(raw: &[u8], auth_param: &str) -> Result<Target, Reject> {
     let Ok(text) = std::str::from_utf8(raw) else {
         return Err(Reject::BadRequest("the request target is not ASCII"));
     };
@@ -150,57 +97,42 @@ pub fn parse_target<'a>(raw: &'a [u8], auth_param: &str) -> Result<Target<'a>, R
     {
         return Err(Reject::BadRequest("the path may not contain .. segments"));
     }
-    let pairs = match query {
-        Some(q) => query_pairs(q, auth_param)?,
-        None => Vec::new(),
-    };
-    Ok(Target { path, query, pairs })
+    Target::new(path, query, |pair| check_pair(pair, auth_param))
 }
 
 const NEAR_MISS: Reject = Reject::BadRequest(
     "a query parameter name resembles the API key parameter without being it; send the key as exactly one parameter, header X-API-Key or Authorization: Bearer",
 );
 
-fn query_pairs<'a>(query: &'a str, auth_param: &str) -> Result<Vec<Pair<'a>>, Reject> {
-    let mut pairs = Vec::new();
-    for raw in query.split('&').filter(|p| !p.is_empty()) {
-        let name = raw.split_once('=').map_or(raw, |(n, _)| n);
-        let auth = is_auth_name(name, auth_param);
-        if !auth && looks_like_auth(name, auth_param) {
+/// Whether a non-empty query pair is the auth parameter; a near miss of it
+/// refuses the request.
+fn check_pair(raw: &str, auth_param: &str) -> Result<bool, Reject> {
+    let name = raw.split_once('=').map_or(raw, |(n, _)| n);
+    let auth = is_auth_name(name, auth_param);
+    if !auth && looks_like_auth(name, auth_param) {
+        return Err(NEAR_MISS);
+    }
+    // `x=1;api_key=…`: some servers split at `;` too.
+    for segment in raw.split(';').skip(1) {
+        let name = segment.split_once('=').map_or(segment, |(n, _)| n);
+        if is_auth_name(name, auth_param) || looks_like_auth(name, auth_param) {
             return Err(NEAR_MISS);
         }
-        // `x=1;api_key=…`: some servers split at `;` too.
-        for segment in raw.split(';').skip(1) {
-            let name = segment.split_once('=').map_or(segment, |(n, _)| n);
-            if is_auth_name(name, auth_param) || looks_like_auth(name, auth_param) {
-                return Err(NEAR_MISS);
-            }
-        }
-        pairs.push(Pair { raw, auth });
     }
-    Ok(pairs)
-}
-
-/// `+` as space, then percent-decoded once.
-fn decode_name(raw: &str) -> Vec<u8> {
-    if raw.contains('%') || raw.contains('+') {
-        percent_decode(raw.replace('+', " ").as_bytes()).collect()
-    } else {
-        raw.as_bytes().to_vec()
-    }
+    Ok(auth)
 }
 
 /// Whether a raw (percent-encoded) query parameter name is the auth
 /// parameter: decoded once, equal to it ignoring ASCII case.
 pub fn is_auth_name(raw_name: &str, auth_param: &str) -> bool {
-    decode_name(raw_name).eq_ignore_ascii_case(auth_param.as_bytes())
+    decode_component(raw_name).eq_ignore_ascii_case(auth_param.as_bytes())
 }
 
 /// Whether a name that is not the auth parameter could be read as it by a
 /// more lenient parser: decoded again (up to three times), with a `[…]`
 /// suffix cut, control characters and spaces dropped, ignoring case.
 fn looks_like_auth(raw_name: &str, auth_param: &str) -> bool {
-    let mut name = decode_name(raw_name);
+    let mut name = decode_component(raw_name).into_owned();
     for _ in 0..3 {
         if !name.contains(&b'%') {
             break;
@@ -234,28 +166,25 @@ fn check_percent_encoding(s: &str) -> Result<(), Reject> {
     Ok(())
 }
 
-/// Routes by longest matching prefix.
-pub struct RouteTable {
-    /// `(prefix, route index)`, longest prefix first.
-    by_prefix: Vec<(String, usize)>,
+/// Routes by longest matching prefix, to what the caller keeps per route.
+pub struct RouteTable<T> {
+    /// Longest prefix first.
+    by_prefix: Vec<(String, T)>,
 }
 
-impl RouteTable {
-    pub fn new(routes: &[Route]) -> Self {
-        let mut by_prefix: Vec<(String, usize)> = routes
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (r.prefix.clone(), i))
-            .collect();
+impl<T> RouteTable<T> {
+    /// `(prefix, route)` pairs, in any order.
+    pub fn new(routes: impl IntoIterator<Item = (String, T)>) -> Self {
+        let mut by_prefix: Vec<(String, T)> = routes.into_iter().collect();
         by_prefix.sort_by_key(|(prefix, _)| std::cmp::Reverse(prefix.len()));
         RouteTable { by_prefix }
     }
 
-    pub fn find(&self, path: &str) -> Option<usize> {
+    pub fn find(&self, path: &str) -> Option<&T> {
         self.by_prefix
             .iter()
             .find(|(prefix, _)| path.starts_with(prefix.as_str()))
-            .map(|(_, i)| *i)
+            .map(|(_, route)| route)
     }
 }
 
@@ -304,8 +233,8 @@ mod tests {
             );
         }
         let t = parse_target(b"/api/v1/a%20b?x=%41&y", "api_key").unwrap();
-        assert_eq!(t.path, "/api/v1/a%20b");
-        assert_eq!(t.query, Some("x=%41&y"));
+        assert_eq!(t.path(), "/api/v1/a%20b");
+        assert_eq!(t.public_query(), Some("x=%41&y"));
     }
 
     #[test]
@@ -319,9 +248,14 @@ mod tests {
     fn longest_prefix_wins() {
         let yaml = "routes:\n  - {name: a, prefix: /api/, backends: [\"http://127.0.0.1:1\"]}\n  - {name: b, prefix: /api/v1/, backends: [\"http://127.0.0.1:1\"]}\n";
         let c = Config::from_yaml(yaml).unwrap();
-        let t = RouteTable::new(&c.routes);
-        assert_eq!(t.find("/api/v1/eod"), Some(1));
-        assert_eq!(t.find("/api/v2/eod"), Some(0));
+        let t = RouteTable::new(
+            c.routes
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (r.prefix.clone(), i)),
+        );
+        assert_eq!(t.find("/api/v1/eod"), Some(&1));
+        assert_eq!(t.find("/api/v2/eod"), Some(&0));
         assert_eq!(t.find("/other"), None);
     }
 
@@ -330,7 +264,8 @@ mod tests {
         let q = |raw: &str| {
             parse_target(raw.as_bytes(), "api_key")
                 .unwrap()
-                .upstream_path_and_query()
+                .upstream()
+                .to_string()
         };
         assert_eq!(q("/a/b"), "/a/b");
         assert_eq!(q("/a?api_key=s3cret"), "/a");
@@ -348,7 +283,7 @@ mod tests {
         let t = parse_target(b"/a?x=1&API_KEY=k1&api%5Fkey=k2&Api_Key", "api_key").unwrap();
         let values: Vec<&str> = t.auth_values().collect();
         assert_eq!(values, ["k1", "k2", ""]);
-        assert_eq!(t.public_query().as_deref(), Some("x=1"));
+        assert_eq!(t.public_query(), Some("x=1"));
         let t = parse_target(b"/a?token=k", "TOKEN").unwrap();
         assert_eq!(t.auth_values().collect::<Vec<_>>(), ["k"]);
     }
