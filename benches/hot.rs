@@ -9,8 +9,8 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use tollgate::auth::KeyHash;
 use tollgate::config::Config;
+use tollgate::key::KeyHash;
 use tollgate::race::{classify, SuccessRule};
 
 fn cache_key(c: &mut Criterion) {

@@ -15,7 +15,8 @@ use pingora::services::listening::Service;
 use pingora_prometheus::PrometheusHttpApp;
 
 use crate::listeners::Health;
-use crate::respond::{error_body, Reject};
+use crate::reject::Reject;
+use crate::respond::error_body;
 
 pub struct AdminApp {
     metrics: PrometheusHttpApp,

@@ -2,48 +2,12 @@
 //! `Authorization: Bearer`), its SHA-256, the only form anything keeps, and
 //! what the key store's answer about it means for the request.
 
-use std::fmt;
-
 use percent_encoding::percent_decode_str;
 use pingora::http::RequestHeader;
-use sha2::{Digest, Sha256};
 
-use crate::respond::Reject;
+use crate::reject::Reject;
 use crate::store::{KeyInfo, KeyState};
 use crate::target::Target;
-
-/// The SHA-256 of an API key.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct KeyHash(pub [u8; 32]);
-
-impl KeyHash {
-    pub fn of(key: &str) -> KeyHash {
-        KeyHash(Sha256::digest(key.as_bytes()).into())
-    }
-
-    /// Parse 64 hex digits (nothing else: no sign, no spaces).
-    pub fn from_hex(digits: &str) -> Option<KeyHash> {
-        let mut out = [0u8; 32];
-        hex::decode_to_slice(digits, &mut out).ok()?;
-        Some(KeyHash(out))
-    }
-
-    pub fn hex(&self) -> String {
-        hex::encode(self.0)
-    }
-
-    /// The key's public id: the first 12 hex digits of its hash.
-    pub fn id(&self) -> String {
-        hex::encode(&self.0[..6])
-    }
-}
-
-/// Never print a key hash in full by accident: Debug shows the id only.
-impl fmt::Debug for KeyHash {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "KeyHash({}…)", self.id())
-    }
-}
 
 const CONFLICT: Reject = Reject::BadRequest("the request carries two different API keys");
 
@@ -189,23 +153,6 @@ mod tests {
             extract(&req(&[("X-API-Key", "a")]), Some("api_key=a"), "api_key"),
             Ok(Some("a".into()))
         );
-    }
-
-    #[test]
-    fn hash_hex_and_id() {
-        let h = KeyHash::of("test");
-        assert_eq!(
-            h.hex(),
-            "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
-        );
-        assert_eq!(h.id(), "9f86d081884c");
-        assert_eq!(KeyHash::from_hex(&h.hex()), Some(h));
-        assert_eq!(KeyHash::from_hex("9f86"), None);
-        assert_eq!(KeyHash::from_hex(&"g".repeat(64)), None);
-        // u8::from_str_radix took "+f" as 15: a sign is not a hex digit.
-        assert_eq!(KeyHash::from_hex(&"+f".repeat(32)), None);
-        assert_eq!(KeyHash::from_hex(&format!("+{}", &h.hex()[1..])), None);
-        assert!(!format!("{h:?}").contains(&h.hex()));
     }
 
     #[test]

@@ -19,8 +19,8 @@ use pingora_memory_cache::MemoryCache;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
+use crate::answer::Answer;
 use crate::config::CacheConfig;
-use crate::race::Answer;
 use crate::store::SharedCache;
 
 mod entry;

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use pingora_prometheus::prometheus::IntCounter;
 
-use crate::auth::KeyHash;
-use crate::respond::Reject;
+use crate::key::KeyHash;
+use crate::reject::Reject;
 use crate::store::{Charge, Store, StoreError};
 
 /// A route's credit series: what its charges take and its refunds give back.

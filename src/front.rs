@@ -46,7 +46,8 @@ use crate::connections::{Cap, ConnectionCounters};
 use crate::logging::{self, AccessLine, AccessLog};
 use crate::metrics::{Metrics, UNMATCHED};
 use crate::proxy::Gateway;
-use crate::respond::{self, Reject};
+use crate::reject::Reject;
+use crate::respond;
 use crate::router::{MAX_HEADER_BYTES, MAX_TARGET_BYTES};
 
 /// Pingora's keep-alive timeout: how long a connection may sit without a

@@ -12,8 +12,8 @@ use std::io::Write;
 use clap::Subcommand;
 use rand::RngCore;
 
-use crate::auth::KeyHash;
 use crate::config::Config;
+use crate::key::KeyHash;
 use crate::store::redis::RedisStore;
 use crate::store::{parse_keys, KeyRecord, KeyRow, KeyState};
 

@@ -7,6 +7,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod admin;
+pub mod answer;
 pub mod auth;
 pub mod cache;
 pub mod config;
@@ -14,6 +15,7 @@ pub mod connections;
 pub mod credits;
 pub mod drain;
 pub mod front;
+pub mod key;
 pub mod keys;
 pub mod limits;
 pub mod listeners;
@@ -23,6 +25,7 @@ pub mod metrics;
 pub mod notify;
 pub mod proxy;
 pub mod race;
+pub mod reject;
 pub mod reload;
 pub mod respond;
 pub mod router;

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use pingora_limits::rate::Rate;
 
-use crate::auth::KeyHash;
+use crate::key::KeyHash;
 
 /// The decision for one request, and the `X-RateLimit-*` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,10 +10,11 @@ use pingora_prometheus::prometheus::{
     Opts, Registry,
 };
 
+use crate::answer::Failure;
 use crate::config::Route;
 use crate::credits::CreditCounters;
-use crate::race::{AttemptRecord, Failure, Outcome};
-use crate::respond::Reject;
+use crate::race::{AttemptRecord, Outcome};
+use crate::reject::Reject;
 
 /// Seconds, from 100 µs to 300 s.
 const LATENCY_BUCKETS: &[f64] = &[

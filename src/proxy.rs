@@ -32,17 +32,18 @@ use ctx::Routed;
 pub use reply::Reply;
 pub use route::RouteRuntime;
 
-use crate::auth::{self, KeyHash};
+use crate::auth;
 use crate::cache::Cache;
 use crate::config::{Config, CreditsConfig, OnStoreError};
 use crate::credits::CreditHold;
 use crate::drain::Draining;
+use crate::key::KeyHash;
 use crate::limits::Limiter;
 use crate::logging::{self, AccessLine, AccessLog};
 use crate::metrics::{Metrics, UNMATCHED};
 use crate::notify::Notifier;
 use crate::race::Racer;
-use crate::respond::Reject;
+use crate::reject::Reject;
 use crate::router::{self, RouteTable};
 use crate::store::{SharedCache, Store};
 

@@ -28,7 +28,8 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora_prometheus::prometheus::IntGauge;
 use tokio::time::Instant;
 
-pub use attempt::{classify, Answer, UpstreamRequest};
+use crate::answer::{Answer, Failure};
+pub use attempt::{classify, UpstreamRequest};
 use health::{Admit, Health, Verdict};
 use pool::Pool;
 
@@ -89,37 +90,17 @@ impl Outcome {
     ];
 }
 
-/// Why a race had no winner; decides the gateway's answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Failure {
-    /// Every backend answered, none with success → 404 `no_data`.
-    NoData,
-    /// At least one backend failed → 502 `upstream_failed`.
-    UpstreamFailed,
-    /// Every backend timed out → 504 `upstream_timeout`.
-    Timeout,
-}
-
-impl Failure {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Failure::NoData => "no_data",
-            Failure::UpstreamFailed => "upstream_failed",
-            Failure::Timeout => "upstream_timeout",
-        }
-    }
-
-    fn of(attempts: &[AttemptRecord]) -> Failure {
-        if !attempts.is_empty() && attempts.iter().all(|a| a.outcome == Outcome::Timeout) {
-            Failure::Timeout
-        } else if attempts
-            .iter()
-            .any(|a| matches!(a.outcome, Outcome::Error | Outcome::Timeout))
-        {
-            Failure::UpstreamFailed
-        } else {
-            Failure::NoData
-        }
+/// Why a race with these attempts had no winner.
+fn failure_of(attempts: &[AttemptRecord]) -> Failure {
+    if !attempts.is_empty() && attempts.iter().all(|a| a.outcome == Outcome::Timeout) {
+        Failure::Timeout
+    } else if attempts
+        .iter()
+        .any(|a| matches!(a.outcome, Outcome::Error | Outcome::Timeout))
+    {
+        Failure::UpstreamFailed
+    } else {
+        Failure::NoData
     }
 }
 
@@ -261,7 +242,7 @@ pub struct RaceReport {
 impl RaceReport {
     /// Why there was no winner (meaningless when there is one).
     pub fn failure(&self) -> Failure {
-        Failure::of(&self.attempts)
+        failure_of(&self.attempts)
     }
 }
 
@@ -425,7 +406,7 @@ mod tests {
     #[test]
     fn failure_kind_follows_outcomes() {
         use Outcome::*;
-        let f = |o: &[Outcome]| Failure::of(&o.iter().map(|&o| rec(o)).collect::<Vec<_>>());
+        let f = |o: &[Outcome]| failure_of(&o.iter().map(|&o| rec(o)).collect::<Vec<_>>());
         assert_eq!(f(&[NoData, NoData]), Failure::NoData);
         assert_eq!(f(&[NoData, Error]), Failure::UpstreamFailed);
         assert_eq!(f(&[NoData, Timeout]), Failure::UpstreamFailed);

@@ -16,7 +16,7 @@ use http::Method;
 use percent_encoding::percent_decode;
 use pingora::http::RequestHeader;
 
-use crate::respond::Reject;
+use crate::reject::Reject;
 use crate::target::{decode_component, Target};
 
 /// Longest request target accepted (nginx's large_client_header_buffers is 8k).

@@ -225,7 +225,7 @@ async fn key_is_accepted_from_each_source_and_never_forwarded_or_logged(kind: Ki
     }
     let logs = gw.wait_log("/api/c").await;
     // The log names the key by id (hash prefix) only.
-    assert!(logs.contains(&tollgate::auth::KeyHash::of(secret).id()));
+    assert!(logs.contains(&tollgate::key::KeyHash::of(secret).id()));
     for line in logs.lines() {
         assert!(
             !line.contains("\"rich\"") && !line.contains("=rich"),

@@ -80,7 +80,7 @@ async fn balance(redis: &RedisServer) -> i64 {
     let mut c = client.get_multiplexed_async_connection().await.unwrap();
     let key = format!(
         "tollgate:key:{}",
-        tollgate::auth::KeyHash::of("payer").hex()
+        tollgate::key::KeyHash::of("payer").hex()
     );
     redis::cmd("HGET")
         .arg(key)

@@ -317,7 +317,7 @@ async fn access_log_is_json_lines_without_keys() {
         assert!(Instant::now() < deadline, "access log has:\n{text}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let id = tollgate::auth::KeyHash::of("sk-very-secret").id();
+    let id = tollgate::key::KeyHash::of("sk-very-secret").id();
     for (i, line) in text.lines().enumerate() {
         assert!(!line.contains("secret"), "a key in the access log: {line}");
         let v: Value = serde_json::from_str(line).unwrap();

@@ -120,7 +120,7 @@ async fn keys_command_end_to_end_on_redis() {
     assert_eq!(code, 0, "{err}");
     let key = out.lines().next().unwrap().to_string();
     assert!(key.starts_with("tg_") && key.len() >= 3 + 32, "{out}");
-    let id = tollgate::auth::KeyHash::of(&key).id();
+    let id = tollgate::key::KeyHash::of(&key).id();
     // `-c` before the subcommand works too.
     let out = std::process::Command::new(tollgate_bin())
         .arg("-c")
@@ -237,7 +237,7 @@ async fn keys_command_on_the_embedded_store() {
         "the keys file holds the plaintext key"
     );
     assert!(
-        text.contains(&tollgate::auth::KeyHash::of(&key).hex()),
+        text.contains(&tollgate::key::KeyHash::of(&key).hex()),
         "{text}"
     );
     let (code, list, _) = tollgate(&["keys", "list"], &conf);

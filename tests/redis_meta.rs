@@ -46,7 +46,7 @@ async fn a_rate_changed_in_redis_shows_within_the_metadata_ttl() {
     let mut c = client.get_multiplexed_async_connection().await.unwrap();
     let name = format!(
         "tollgate:key:{}",
-        tollgate::auth::KeyHash::of("meta-key").hex()
+        tollgate::key::KeyHash::of("meta-key").hex()
     );
     let () = redis::cmd("HSET")
         .arg(&name)

@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use http::HeaderValue;
 
-use crate::race::Answer;
+use crate::answer::Answer;
 
 /// A stored answer and its timeline (unix milliseconds).
 #[derive(Debug, Clone)]

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::RouteRuntime;
-use crate::auth::KeyHash;
 use crate::cache::{Entry, LeaderGuard};
 use crate::credits::CreditHold;
+use crate::key::KeyHash;
 use crate::limits::Decision;
 use crate::race::RaceReport;
-use crate::respond::Reject;
+use crate::reject::Reject;
 use crate::target::Target;
 
 pub struct Ctx {

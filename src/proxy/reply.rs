@@ -9,9 +9,10 @@ use pingora::prelude::*;
 use pingora::proxy::Session;
 
 use super::{Ctx, Gateway};
+use crate::answer::Answer;
 use crate::cache::{self, Entry};
-use crate::race::Answer;
-use crate::respond::{self, Common, Reject};
+use crate::reject::Reject;
+use crate::respond::{self, Common};
 
 /// What the gateway answers, and what becomes of the charge.
 pub struct Reply {

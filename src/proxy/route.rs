@@ -6,11 +6,12 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::answer::Failure;
 use crate::config::Route;
 use crate::logging;
 use crate::metrics::{Metrics, RouteSeries};
 use crate::notify::{BackendReport, Event, Notifier};
-use crate::race::{Failure, RaceReport, RouteUpstream};
+use crate::race::{RaceReport, RouteUpstream};
 use crate::target::Target;
 
 pub struct RouteRuntime {

@@ -7,12 +7,14 @@ use std::sync::Arc;
 
 use super::ctx::{Admit, CacheStep};
 use super::{Gateway, Reply, RouteRuntime};
-use crate::auth::{self, KeyHash};
+use crate::answer::Answer;
+use crate::auth;
 use crate::cache::{self, Entry, Found, Turn};
 use crate::config::OnStoreError;
 use crate::credits;
-use crate::race::{Answer, RaceReport, UpstreamRequest};
-use crate::respond::Reject;
+use crate::key::KeyHash;
+use crate::race::{RaceReport, UpstreamRequest};
+use crate::reject::Reject;
 use crate::store::StoreError;
 use crate::target::Target;
 

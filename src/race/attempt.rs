@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use http::header::{CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, SET_COOKIE};
 use http::HeaderValue;
 use pingora::connectors::TransportConnector;
@@ -20,27 +20,11 @@ use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 
 use super::health::{Verdict, Watch};
 use super::{AttemptRules, Outcome, Replica, SuccessRule};
+use crate::answer::Answer;
 
 /// A pooled connection that fails before any answer byte was probably closed
 /// by the backend while idle: try again on another connection this many times.
 const STALE_CONNECTION_RETRIES: usize = 2;
-
-/// A backend's answer, kept whole: it is judged, then returned or cached.
-#[derive(Debug, Clone)]
-pub struct Answer {
-    pub status: u16,
-    pub content_type: Option<HeaderValue>,
-    pub cache_control: Option<HeaderValue>,
-    /// Passed on with the body it describes (gzip bytes stay readable) and
-    /// kept in the cache entry.
-    pub content_encoding: Option<HeaderValue>,
-    /// The backend set a cookie: the answer may be meant for one client, so
-    /// it is never stored (see `cache::freshness`). The cookie itself is
-    /// not passed on: tollgate sends backends no `Cookie` header, so it
-    /// could never come back to them.
-    pub sets_cookie: bool,
-    pub body: Bytes,
-}
 
 /// What one attempt produced.
 pub struct AttemptResult {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::{Charge, KeyInfo, KeyRecord, KeyState, Store, StoreError};
-use crate::auth::KeyHash;
+use crate::key::KeyHash;
 
 struct Entry {
     info: Arc<KeyInfo>,

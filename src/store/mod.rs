@@ -17,8 +17,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::Deserialize;
 
-use crate::auth::KeyHash;
 use crate::config::ConfigError;
+use crate::key::KeyHash;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyState {

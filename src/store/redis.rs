@@ -39,7 +39,7 @@ use upkeep::{InFlight, Unsettled, SETUP_UNKNOWN};
 pub use upkeep::{Maintenance, StoreCounters, OP_MEMORY, SETTLE_QUEUE_MAX, SETUP_CHECK_EVERY};
 
 use super::{Charge, KeyInfo, KeyRecord, KeyRow, KeyState, SharedCache, Store, StoreError};
-use crate::auth::KeyHash;
+use crate::key::KeyHash;
 
 /// How long key metadata (state, rate) may be served from the process cache:
 /// a revocation or a rate change shows on every node within this time.

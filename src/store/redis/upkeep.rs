@@ -14,7 +14,7 @@ use pingora_prometheus::prometheus::{IntCounter, IntGauge};
 use redis::AsyncCommands;
 
 use super::{err, is_key_name, RedisStore};
-use crate::auth::KeyHash;
+use crate::key::KeyHash;
 use crate::store::StoreError;
 
 /// How long Redis remembers a charge or refund by its id. A call whose answer
