@@ -10,8 +10,9 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use tollgate::config::Config;
+use tollgate::config::SuccessRule;
 use tollgate::key::KeyHash;
-use tollgate::race::{classify, SuccessRule};
+use tollgate::race::classify;
 
 fn cache_key(c: &mut Criterion) {
     let target = |raw: &str| tollgate::router::parse_target(raw.as_bytes(), "api_key").unwrap();

@@ -5,8 +5,9 @@
 use percent_encoding::percent_decode_str;
 use pingora::http::RequestHeader;
 
+use crate::config::keys::KeyState;
 use crate::reject::Reject;
-use crate::store::{KeyInfo, KeyState};
+use crate::store::KeyInfo;
 use crate::target::Target;
 
 const CONFLICT: Reject = Reject::BadRequest("the request carries two different API keys");

@@ -5,7 +5,9 @@
 //! and reject the same files.
 
 mod file;
+pub mod keys;
 pub mod limits;
+mod types;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -17,10 +19,9 @@ use http::Uri;
 use pingora::server::configuration::ServerConf;
 use serde_yaml::Value;
 
-use crate::logging::AccessTarget;
-use crate::race::{Strategy, SuccessRule};
-use crate::store::{parse_keys, KeyRecord};
 use file::*;
+use keys::{parse_keys, KeyRecord};
+pub use types::{AccessTarget, Strategy, SuccessRule};
 
 /// One problem in a configuration file, with the field path it concerns.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -12,10 +12,11 @@ use std::io::Write;
 use clap::Subcommand;
 use rand::RngCore;
 
+use crate::config::keys::{parse_keys, KeyRecord, KeyState};
 use crate::config::Config;
 use crate::key::KeyHash;
 use crate::store::redis::RedisStore;
-use crate::store::{parse_keys, KeyRecord, KeyRow, KeyState};
+use crate::store::KeyRow;
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {

@@ -5,7 +5,6 @@
 //! already removed, and a key's id, never a key.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,6 +16,7 @@ use pingora_prometheus::prometheus::IntCounter;
 use serde::Serialize;
 use tokio::sync::Notify;
 
+use crate::config::AccessTarget;
 use crate::race::AttemptRecord;
 
 /// Log to stderr (Pingora points stderr at `server.error_log` when it
@@ -112,14 +112,6 @@ mod tests {
             .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
         assert_ne!(a, b);
     }
-}
-
-/// Where access lines go.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AccessTarget {
-    Stderr,
-    File(PathBuf),
-    Off,
 }
 
 /// Bytes of access lines that may wait for the writer; more are dropped

@@ -33,28 +33,7 @@ pub use attempt::{classify, UpstreamRequest};
 use health::{Admit, Health, Verdict};
 use pool::Pool;
 
-use crate::config::Route;
-
-/// How a route's backends are tried.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Strategy {
-    /// Every backend at once.
-    Race,
-    /// Backend i starts `i × hedge_after` after the first (or at once when
-    /// every started attempt has already failed).
-    Hedge,
-    /// One at a time, in order; the next starts when the previous failed.
-    Failover,
-}
-
-/// What makes a backend answer a winner.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SuccessRule {
-    /// 2xx and a JSON body whose top-level `status` is `true`.
-    JsonStatus,
-    /// Any 2xx.
-    Http2xx,
-}
+use crate::config::{Route, Strategy, SuccessRule};
 
 /// How one backend attempt ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

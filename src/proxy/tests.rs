@@ -12,11 +12,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use super::*;
+use crate::config::keys::parse_keys;
+use crate::config::AccessTarget;
 use crate::config::Config;
-use crate::logging::AccessTarget;
 use crate::metrics::Metrics;
 use crate::store::memory::MemoryStore;
-use crate::store::{parse_keys, Charge};
+use crate::store::Charge;
 
 const KEY: &str = "tg_pipeline_key";
 

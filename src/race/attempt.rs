@@ -19,8 +19,9 @@ use pingora::protocols::http::v1::client::HttpSession;
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 
 use super::health::{Verdict, Watch};
-use super::{AttemptRules, Outcome, Replica, SuccessRule};
+use super::{AttemptRules, Outcome, Replica};
 use crate::answer::Answer;
+use crate::config::SuccessRule;
 
 /// A pooled connection that fails before any answer byte was probably closed
 /// by the backend while idle: try again on another connection this many times.
