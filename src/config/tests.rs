@@ -1,6 +1,7 @@
 //! Unit tests of configuration parsing and validation.
 
 use super::*;
+use serde_yaml::Value;
 
 const MINIMAL: &str =
     "routes:\n  - name: v1\n    prefix: /api/v1/\n    backends: [\"http://127.0.0.1:9001\"]\n";

@@ -1,0 +1,160 @@
+//! The process's own sections: `server` (Pingora's `ServerConf`, checked
+//! field by field), `listen` and `admin_listen`, and `limits` (client
+//! connections).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use pingora::server::configuration::ServerConf;
+use serde_yaml::Value;
+
+use super::file::FileLimits;
+use super::{err, limits, ConfigError, LimitsConfig};
+
+/// `listen` and `admin_listen`: every address parsed (the overlap check is
+/// [`check_listeners`], once the rest is known).
+pub(super) fn convert_listeners(
+    listen: &[String],
+    admin_listen: &str,
+    errors: &mut Vec<ConfigError>,
+) -> (Vec<SocketAddr>, Option<SocketAddr>) {
+    if listen.is_empty() {
+        errors.push(err("listen", "must list at least one address"));
+    }
+    let addrs = listen
+        .iter()
+        .enumerate()
+        .filter_map(|(i, a)| socket_addr(&format!("listen[{i}]"), a, errors))
+        .collect();
+    (addrs, socket_addr("admin_listen", admin_listen, errors))
+}
+
+/// Two listeners on one address would share its connections (Pingora binds
+/// with SO_REUSEPORT), so client requests could reach the admin service.
+/// An unspecified address (`0.0.0.0`, `[::]`) overlaps every address of its port.
+pub(super) fn check_listeners(listen: &[String], admin: SocketAddr, errors: &mut Vec<ConfigError>) {
+    let overlaps = |a: &SocketAddr, b: &SocketAddr| {
+        a.port() == b.port()
+            && a.port() != 0
+            && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+    };
+    let parsed: Vec<(usize, SocketAddr)> = listen
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| Some((i, t.parse().ok()?)))
+        .collect();
+    for (k, (i, a)) in parsed.iter().enumerate() {
+        if overlaps(a, &admin) {
+            errors.push(err(
+                format!("listen[{i}]"),
+                format!("{a} overlaps admin_listen {admin}: they must be different ports"),
+            ));
+        }
+        if let Some((j, b)) = parsed[..k].iter().find(|(_, b)| overlaps(a, b)) {
+            errors.push(err(
+                format!("listen[{i}]"),
+                format!("{a} overlaps listen[{j}] {b}"),
+            ));
+        }
+    }
+}
+
+pub(super) fn convert_limits(l: &FileLimits, errors: &mut Vec<ConfigError>) -> LimitsConfig {
+    let (at, timeout_ms) = (
+        "limits.request_header_timeout_ms",
+        l.request_header_timeout_ms,
+    );
+    limits::REQUEST_HEADER_TIMEOUT_MS.check(at, timeout_ms, errors);
+    let (at, max) = ("limits.max_client_connections", l.max_client_connections);
+    limits::MAX_CLIENT_CONNECTIONS.check(at, max, errors);
+    LimitsConfig {
+        request_header_timeout: Duration::from_millis(timeout_ms),
+        max_client_connections: usize::try_from(max).unwrap_or(usize::MAX),
+    }
+}
+
+/// The `server` section is Pingora's `ServerConf`, which ignores unknown keys;
+/// tollgate rejects them, so a misspelt `grace_period_second` is not silently lost.
+pub(super) fn convert_server(
+    value: Option<Value>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<ServerConf> {
+    let value = match value {
+        None | Some(Value::Null) => return Some(with_shutdown_defaults(ServerConf::default())),
+        Some(v) => v,
+    };
+    let Value::Mapping(map) = &value else {
+        errors.push(err(
+            "server",
+            "expected a mapping of Pingora server settings",
+        ));
+        return None;
+    };
+    // The fields ServerConf knows are the ones it serializes.
+    let known = match serde_yaml::to_value(ServerConf::default()) {
+        Ok(Value::Mapping(m)) => m,
+        _ => serde_yaml::Mapping::new(),
+    };
+    let mut ok = true;
+    for key in map.keys() {
+        if !known.contains_key(key) {
+            ok = false;
+            let name = key.as_str().unwrap_or("?");
+            let mut expected: Vec<&str> = known.keys().filter_map(Value::as_str).collect();
+            expected.sort_unstable();
+            errors.push(err(
+                format!("server.{name}"),
+                format!("unknown field, expected one of: {}", expected.join(", ")),
+            ));
+        }
+    }
+    if !ok || !limits::check_server(map, errors) {
+        return None;
+    }
+    let conf: ServerConf = match serde_yaml::from_value(value) {
+        Ok(c) => c,
+        Err(e) => {
+            errors.push(err("server", e.to_string()));
+            return None;
+        }
+    };
+    if conf.daemon_wait_for_ready {
+        errors.push(err(
+            "server.daemon_wait_for_ready",
+            "not supported: tollgate takes over the sockets before it daemonizes, \
+             so `serve -u -d` already returns only once the new process holds them",
+        ));
+        return None;
+    }
+    match conf.validate() {
+        Ok(c) => Some(with_shutdown_defaults(c)),
+        Err(e) => {
+            errors.push(err("server", e.to_string()));
+            None
+        }
+    }
+}
+
+/// Pingora waits 300 s (`grace_period_seconds`) after a SIGTERM or SIGQUIT
+/// before it stops, far past systemd's `TimeoutStopSec=30` in our unit; when
+/// the file leaves them out, tollgate's defaults keep a stop within ~15 s.
+fn with_shutdown_defaults(mut conf: ServerConf) -> ServerConf {
+    conf.grace_period_seconds
+        .get_or_insert(limits::DEFAULT_GRACE_PERIOD_SECONDS);
+    conf.graceful_shutdown_timeout_seconds
+        .get_or_insert(limits::DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_SECONDS);
+    conf
+}
+
+fn socket_addr(path: &str, text: &str, errors: &mut Vec<ConfigError>) -> Option<SocketAddr> {
+    match text.parse::<SocketAddr>() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            errors.push(err(
+                path,
+                format!("expected an IP address and port such as 127.0.0.1:8080, got \"{text}\""),
+            ));
+            None
+        }
+    }
+}
