@@ -179,14 +179,11 @@ impl Metrics {
                 "Key store calls that failed, by operation.",
                 &["op"],
             )?,
-            store_unsettled: {
-                let g = IntGauge::new(
-                    "tollgate_store_unsettled",
-                    "Charges and refunds whose outcome Redis has not confirmed, waiting to be settled.",
-                )?;
-                r.register(Box::new(g.clone()))?;
-                g
-            },
+            store_unsettled: gauge(
+                r,
+                "tollgate_store_unsettled",
+                "Charges and refunds whose outcome Redis has not confirmed, waiting to be settled.",
+            )?,
             cache: counter(
                 r,
                 "tollgate_cache_total",
@@ -199,14 +196,11 @@ impl Metrics {
                 "Failure notifications by outcome: sent (webhook answered 2xx), failed (never delivered after 3 attempts), timeout (delivered, no answer within timeout_ms; not retried), suppressed (an event held back by min_interval), dropped (a post found its route's queue full).",
                 &["outcome"],
             )?,
-            access_log_dropped: {
-                let c = IntCounter::new(
-                    "tollgate_access_log_dropped_total",
-                    "Access log lines dropped because the writer's buffer was full.",
-                )?;
-                r.register(Box::new(c.clone()))?;
-                c
-            },
+            access_log_dropped: plain_counter(
+                r,
+                "tollgate_access_log_dropped_total",
+                "Access log lines dropped because the writer's buffer was full.",
+            )?,
             backend_healthy: {
                 let g = IntGaugeVec::new(
                     Opts::new(
@@ -236,6 +230,14 @@ impl Metrics {
                 )?,
             },
         };
+        m.zero_series(routes);
+        Ok(m)
+    }
+
+    /// Every series with fixed labels at 0, so that each family exists
+    /// before its first event.
+    fn zero_series(&self, routes: &[Route]) {
+        let m = self;
         for result in CACHE_RESULTS {
             m.cache.with_label_values(&[result]);
         }
@@ -251,7 +253,6 @@ impl Metrics {
         for route in routes {
             m.route_series(route);
         }
-        Ok(m)
     }
 
     /// A route's series (created at 0 if they are not yet).

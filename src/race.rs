@@ -29,6 +29,7 @@ use pingora_prometheus::prometheus::IntGauge;
 use tokio::time::Instant;
 
 use crate::answer::{Answer, Failure};
+use attempt::AttemptResult;
 pub use attempt::{classify, UpstreamRequest};
 use health::{Admit, Health, Verdict};
 use pool::Pool;
@@ -208,6 +209,19 @@ pub struct AttemptRecord {
     pub detail: Option<String>,
 }
 
+impl AttemptRecord {
+    /// An attempt just started: cancelled unless it ends before the race.
+    fn started(backend: usize, started: Duration) -> Self {
+        AttemptRecord {
+            backend,
+            outcome: Outcome::Cancelled,
+            started,
+            latency: Duration::ZERO,
+            detail: None,
+        }
+    }
+}
+
 /// How a race went, for the log and the metrics (the winner's answer is
 /// returned beside it, to be served).
 pub struct RaceReport {
@@ -268,17 +282,13 @@ impl Racer {
             // no scheduled one is in flight (nothing left to wait for).
             while next < n {
                 let now = Instant::now();
-                let ready = if next < probes {
-                    true
-                } else if next < admitted {
-                    let due = route.due(next - probes).map(|d| start + d);
-                    running == 0 || due.is_some_and(|d| d <= now)
-                } else {
-                    next > admitted
-                        || (in_flight.is_empty()
-                            && attempts
-                                .iter()
-                                .all(|a| matches!(a.outcome, Outcome::Error | Outcome::Timeout)))
+                let ready = match next {
+                    k if k < probes => true,
+                    k if k < admitted => {
+                        running == 0 || route.due(k - probes).is_some_and(|d| start + d <= now)
+                    }
+                    // Skipped backends: only once every other one failed.
+                    k => k > admitted || (in_flight.is_empty() && all_failed(&attempts)),
                 };
                 if !ready {
                     break;
@@ -295,13 +305,10 @@ impl Racer {
                     verdict.clone(),
                 );
                 in_flight.push(async move { (i, attempt.await) });
-                attempts.push(AttemptRecord {
-                    backend: i,
-                    outcome: Outcome::Cancelled,
-                    started: now.saturating_duration_since(start),
-                    latency: Duration::ZERO,
-                    detail: None,
-                });
+                attempts.push(AttemptRecord::started(
+                    i,
+                    now.saturating_duration_since(start),
+                ));
                 next += 1;
             }
             if in_flight.is_empty() {
@@ -317,14 +324,10 @@ impl Racer {
                     if scheduled(i) {
                         running -= 1;
                     }
-                    if let Some(rec) = attempts.iter_mut().find(|a| a.backend == i) {
-                        rec.outcome = result.outcome;
-                        rec.latency = result.latency;
-                        rec.detail = result.detail;
-                    }
-                    if result.outcome == Outcome::Success {
-                        verdict.won(result.latency);
-                        winner = result.answer.map(|a| (i, a));
+                    let answer = record(&mut attempts, i, result);
+                    if let Some((latency, answer)) = answer {
+                        verdict.won(latency);
+                        winner = answer.map(|a| (i, a));
                         break;
                     }
                 }
@@ -334,15 +337,42 @@ impl Racer {
         if !in_flight.is_empty() {
             drain(in_flight, route.drain_losers);
         }
-        let now = Instant::now();
-        for rec in attempts
-            .iter_mut()
-            .filter(|a| a.outcome == Outcome::Cancelled)
-        {
-            rec.latency = now.saturating_duration_since(start + rec.started);
-        }
+        settle_cancelled(&mut attempts, start);
         let (winner, answer) = winner.unzip();
         (RaceReport { attempts, winner }, answer)
+    }
+}
+
+/// Note how backend `i`'s attempt ended; a success returns its latency and
+/// answer.
+fn record(
+    attempts: &mut [AttemptRecord],
+    i: usize,
+    result: AttemptResult,
+) -> Option<(Duration, Option<Answer>)> {
+    if let Some(rec) = attempts.iter_mut().find(|a| a.backend == i) {
+        rec.outcome = result.outcome;
+        rec.latency = result.latency;
+        rec.detail = result.detail;
+    }
+    (result.outcome == Outcome::Success).then_some((result.latency, result.answer))
+}
+
+/// Every attempt so far failed (an error or a timeout).
+fn all_failed(attempts: &[AttemptRecord]) -> bool {
+    attempts
+        .iter()
+        .all(|a| matches!(a.outcome, Outcome::Error | Outcome::Timeout))
+}
+
+/// Attempts still running when the race ended were cancelled now.
+fn settle_cancelled(attempts: &mut [AttemptRecord], start: Instant) {
+    let now = Instant::now();
+    for rec in attempts
+        .iter_mut()
+        .filter(|a| a.outcome == Outcome::Cancelled)
+    {
+        rec.latency = now.saturating_duration_since(start + rec.started);
     }
 }
 
