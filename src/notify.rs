@@ -60,18 +60,17 @@ pub struct BackendReport {
     pub latency_ms: f64,
 }
 
-/// What the notifier is told; `route` is the route's index in the config.
+/// What a route's notifier is told.
 #[derive(Debug, Clone)]
 pub enum Event {
     /// No backend succeeded (`upstream_failed` or `upstream_timeout`).
     Failed {
-        route: usize,
         reason: &'static str,
         request_id: String,
         backends: Vec<BackendReport>,
     },
     /// A route that had failed answered again.
-    Recovered { route: usize, request_id: String },
+    Recovered { request_id: String },
 }
 
 /// The webhook's JSON body.
@@ -190,66 +189,77 @@ impl RouteSlot {
 
 /// What the request side and the service share.
 struct Shared {
-    routes: Vec<RouteSlot>,
+    routes: Vec<Arc<RouteSlot>>,
     min_interval: Duration,
     counters: Counters,
 }
 
-/// The request side: report events without waiting.
+/// The request side, from which each route takes its own [`RouteNotifier`].
 #[derive(Clone)]
 pub struct Notifier {
     shared: Arc<Shared>,
 }
 
 impl Notifier {
-    /// Count an answer on `route` (the `no_data` share's denominator; the
-    /// same requests as `tollgate_requests_total{route}`).
-    pub fn answered(&self, route: usize) {
-        if let Some(slot) = self.shared.routes.get(route) {
-            slot.answered.fetch_add(1, Ordering::Relaxed);
-        }
+    /// One notifier per route, in the config's order.
+    pub fn routes(&self) -> Vec<RouteNotifier> {
+        self.shared
+            .routes
+            .iter()
+            .map(|slot| RouteNotifier {
+                shared: self.shared.clone(),
+                slot: slot.clone(),
+            })
+            .collect()
+    }
+}
+
+/// One route's side of the notifier: report its events without waiting.
+pub struct RouteNotifier {
+    shared: Arc<Shared>,
+    slot: Arc<RouteSlot>,
+}
+
+impl RouteNotifier {
+    /// Count an answer (the `no_data` share's denominator; the same
+    /// requests as `tollgate_requests_total{route}`).
+    pub fn answered(&self) {
+        self.slot.answered.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Count a `no_data` answer on `route`.
-    pub fn no_data(&self, route: usize) {
-        if let Some(slot) = self.shared.routes.get(route) {
-            slot.no_data.fetch_add(1, Ordering::Relaxed);
-        }
+    /// Count a `no_data` answer.
+    pub fn no_data(&self) {
+        self.slot.no_data.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Post the event now, or hold it back and count it.
     pub fn notify(&self, event: Event) {
-        self.shared.on_event(event, Instant::now(), unix_secs());
+        self.shared
+            .on_event(&self.slot, event, Instant::now(), unix_secs());
     }
 }
 
 impl Shared {
-    fn on_event(&self, event: Event, now: Instant, seen: u64) {
-        let (route, reason, example) = match event {
+    fn on_event(&self, slot: &RouteSlot, event: Event, now: Instant, seen: u64) {
+        let (reason, example) = match event {
             Event::Failed {
-                route,
                 reason,
                 request_id,
                 backends,
             } => (
-                route,
                 reason,
                 Example {
                     request_id,
                     backends,
                 },
             ),
-            Event::Recovered { route, request_id } => (
-                route,
+            Event::Recovered { request_id } => (
                 RECOVERED,
                 Example {
                     request_id,
                     backends: Vec::new(),
                 },
             ),
-        };
-        let Some(slot) = self.routes.get(route) else {
-            return;
         };
         let mut state = slot.state();
         let mut folded = BTreeMap::new();
@@ -298,10 +308,7 @@ impl Shared {
     }
 
     /// Post a `no_data` warning for a route whose share reached the threshold.
-    fn no_data_warning(&self, route: usize, share: NoDataShare, now: Instant) {
-        let Some(slot) = self.routes.get(route) else {
-            return;
-        };
+    fn no_data_warning(&self, slot: &RouteSlot, share: NoDataShare, now: Instant) {
         let mut state = slot.state();
         let w = state.window(NO_DATA);
         if !w.open(now, self.min_interval) {
@@ -452,13 +459,13 @@ pub fn channel(
                 receivers.push(rx);
                 tx
             });
-            RouteSlot {
+            Arc::new(RouteSlot {
                 name: r.name.clone(),
                 answered: AtomicU64::new(0),
                 no_data: AtomicU64::new(0),
                 state: Mutex::new(RouteState::default()),
                 queue,
-            }
+            })
         })
         .collect();
     let shared = Arc::new(Shared {
@@ -512,12 +519,12 @@ impl BackgroundService for NotifierService {
                 _ = tick.tick() => {
                     let now = Instant::now();
                     self.shared.flush(now, false);
-                    for (i, (slot, window)) in self.shared.routes.iter().zip(&mut shares).enumerate() {
+                    for (slot, window) in self.shared.routes.iter().zip(&mut shares) {
                         // no_data first: an answer is counted before its no_data.
                         let no_data = slot.no_data.load(Ordering::Relaxed);
                         let counts = window.observe(now, slot.answered.load(Ordering::Relaxed), no_data);
                         if let Some(share) = self.no_data.judge(counts) {
-                            self.shared.no_data_warning(i, share, now);
+                            self.shared.no_data_warning(slot, share, now);
                         }
                     }
                 }

@@ -61,7 +61,6 @@ pub struct Gateway {
     credits: CreditsConfig,
     cache: Cache,
     lock_timeout: Duration,
-    notifier: Notifier,
     access_log: AccessLog,
     draining: Draining,
 }
@@ -77,10 +76,9 @@ impl Gateway {
         draining: Draining,
     ) -> Self {
         let pool_size = config.server.upstream_keepalive_pool_size;
-        let routes = RouteRuntime::leak_all(&config.routes, pool_size, &metrics);
+        let routes = RouteRuntime::leak_all(&config.routes, pool_size, &metrics, &notifier);
         Gateway {
             draining,
-            notifier,
             access_log,
             table: RouteTable::new(routes.iter().map(|r| (r.config.prefix.clone(), r))),
             racer: Racer::new(&config.server),
@@ -236,7 +234,7 @@ impl ProxyHttp for Gateway {
             self.metrics.rejection(reject);
         }
         if let Some(Routed { route, target }) = &ctx.routed {
-            route.observe(&self.notifier, &ctx.request_id, target, ctx.race.as_ref());
+            route.observe(&ctx.request_id, target, ctx.race.as_ref());
         }
         if !self.access_log.enabled() {
             return;

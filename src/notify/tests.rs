@@ -20,13 +20,13 @@ fn counters() -> Counters {
 fn one_route(min_interval: Duration) -> (Shared, mpsc::Receiver<Vec<u8>>) {
     let (tx, rx) = mpsc::channel(QUEUE);
     let shared = Shared {
-        routes: vec![RouteSlot {
+        routes: vec![Arc::new(RouteSlot {
             name: "t".into(),
             answered: AtomicU64::new(0),
             no_data: AtomicU64::new(0),
             state: Mutex::new(RouteState::default()),
             queue: Some(tx),
-        }],
+        })],
         min_interval,
         counters: counters(),
     };
@@ -35,7 +35,6 @@ fn one_route(min_interval: Duration) -> (Shared, mpsc::Receiver<Vec<u8>>) {
 
 fn failed(id: &str) -> Event {
     Event::Failed {
-        route: 0,
         reason: "upstream_failed",
         request_id: id.into(),
         backends: Vec::new(),
@@ -44,7 +43,6 @@ fn failed(id: &str) -> Event {
 
 fn recovered(id: &str) -> Event {
     Event::Recovered {
-        route: 0,
         request_id: id.into(),
     }
 }
@@ -67,7 +65,7 @@ fn a_recovery_folds_the_held_failures_and_no_summary_follows_it() {
     let (n, mut rx) = one_route(secs(10));
     let t0 = Instant::now();
     for s in 0..25 {
-        n.on_event(failed(&format!("f{s}")), t0 + secs(s), s);
+        n.on_event(&n.routes[0], failed(&format!("f{s}")), t0 + secs(s), s);
         n.flush(t0 + secs(s), false);
     }
     let p = drain(&mut rx);
@@ -84,7 +82,7 @@ fn a_recovery_folds_the_held_failures_and_no_summary_follows_it() {
         ],
         "{p:?}"
     );
-    n.on_event(recovered("r"), t0 + secs(25), 25);
+    n.on_event(&n.routes[0], recovered("r"), t0 + secs(25), 25);
     let p = drain(&mut rx);
     assert_eq!(p.len(), 1, "{p:?}");
     assert_eq!(p[0]["reason"], "recovered");
@@ -103,11 +101,11 @@ fn a_recovery_folds_the_held_failures_and_no_summary_follows_it() {
 fn a_flapping_route_posts_only_summaries_of_the_state_it_is_in() {
     let (n, mut rx) = one_route(secs(10));
     let t0 = Instant::now();
-    n.on_event(failed("f0"), t0, 0);
-    n.on_event(recovered("r1"), t0 + secs(1), 1);
-    n.on_event(failed("f2"), t0 + secs(2), 2); // held
-    n.on_event(recovered("r3"), t0 + secs(3), 3); // held, folds f2
-    n.on_event(failed("f4"), t0 + secs(4), 4); // held; failing now
+    n.on_event(&n.routes[0], failed("f0"), t0, 0);
+    n.on_event(&n.routes[0], recovered("r1"), t0 + secs(1), 1);
+    n.on_event(&n.routes[0], failed("f2"), t0 + secs(2), 2); // held
+    n.on_event(&n.routes[0], recovered("r3"), t0 + secs(3), 3); // held, folds f2
+    n.on_event(&n.routes[0], failed("f4"), t0 + secs(4), 4); // held; failing now
     assert_eq!(drain(&mut rx).len(), 2);
     n.flush(t0 + secs(12), false);
     let p = drain(&mut rx);
@@ -117,7 +115,7 @@ fn a_flapping_route_posts_only_summaries_of_the_state_it_is_in() {
         (&"upstream_failed".into(), &1.into(), &"f4".into())
     );
     // It recovers: the held recovery r3 and its folded f2 go with this one.
-    n.on_event(recovered("r13"), t0 + secs(13), 13);
+    n.on_event(&n.routes[0], recovered("r13"), t0 + secs(13), 13);
     let p = drain(&mut rx);
     assert_eq!(p.len(), 1, "{p:?}");
     assert_eq!(p[0]["reason"], "recovered");
@@ -131,11 +129,11 @@ fn a_flapping_route_posts_only_summaries_of_the_state_it_is_in() {
 fn held_recovery_is_posted_when_due_with_what_it_folded() {
     let (n, mut rx) = one_route(secs(10));
     let t0 = Instant::now();
-    n.on_event(failed("f0"), t0, 0);
-    n.on_event(recovered("r1"), t0 + secs(1), 1);
-    n.on_event(failed("f2"), t0 + secs(2), 2);
-    n.on_event(failed("f3"), t0 + secs(3), 3);
-    n.on_event(recovered("r4"), t0 + secs(4), 4);
+    n.on_event(&n.routes[0], failed("f0"), t0, 0);
+    n.on_event(&n.routes[0], recovered("r1"), t0 + secs(1), 1);
+    n.on_event(&n.routes[0], failed("f2"), t0 + secs(2), 2);
+    n.on_event(&n.routes[0], failed("f3"), t0 + secs(3), 3);
+    n.on_event(&n.routes[0], recovered("r4"), t0 + secs(4), 4);
     drain(&mut rx);
     n.flush(t0 + secs(10), false);
     assert!(
@@ -155,7 +153,7 @@ fn a_post_that_finds_the_queue_full_is_dropped_and_counted() {
     let (n, _rx) = one_route(Duration::ZERO);
     let t0 = Instant::now();
     for i in 0..(QUEUE as u64 + 3) {
-        n.on_event(failed("f"), t0 + Duration::from_millis(i), 0);
+        n.on_event(&n.routes[0], failed("f"), t0 + Duration::from_millis(i), 0);
     }
     assert_eq!(n.counters.dropped.get(), 3);
     assert_eq!(n.counters.suppressed.get(), 0);
@@ -208,9 +206,9 @@ fn no_data_warning_posts_once_per_interval() {
         requests: 40,
         window: secs(60),
     };
-    n.no_data_warning(0, share, t0);
-    n.no_data_warning(0, share, t0 + secs(5));
-    n.no_data_warning(0, share, t0 + secs(10));
+    n.no_data_warning(&n.routes[0], share, t0);
+    n.no_data_warning(&n.routes[0], share, t0 + secs(5));
+    n.no_data_warning(&n.routes[0], share, t0 + secs(10));
     let p = drain(&mut rx);
     assert_eq!(p.len(), 2, "{p:?}");
     assert_eq!(p[0]["reason"], "no_data");

@@ -10,7 +10,7 @@ use crate::answer::Failure;
 use crate::config::Route;
 use crate::logging;
 use crate::metrics::{Metrics, RouteSeries};
-use crate::notify::{BackendReport, Event, Notifier};
+use crate::notify::{BackendReport, Event, Notifier, RouteNotifier};
 use crate::race::{RaceReport, RouteUpstream};
 use crate::target::Target;
 
@@ -18,8 +18,7 @@ pub struct RouteRuntime {
     pub config: Route,
     pub upstream: RouteUpstream,
     pub series: RouteSeries,
-    /// Its place in the config, the notifier's name for it.
-    slot: usize,
+    notifier: RouteNotifier,
     /// Its last race had no winner (for the recovery notice).
     failing: AtomicBool,
 }
@@ -30,15 +29,16 @@ impl RouteRuntime {
         routes: &[Route],
         pool_size: usize,
         metrics: &Metrics,
+        notifier: &Notifier,
     ) -> &'static [RouteRuntime] {
         let all: Vec<RouteRuntime> = routes
             .iter()
-            .enumerate()
-            .map(|(slot, r)| RouteRuntime {
+            .zip(notifier.routes())
+            .map(|(r, notifier)| RouteRuntime {
                 config: r.clone(),
                 upstream: RouteUpstream::new(r, pool_size, |b| metrics.backend_healthy(&r.name, b)),
                 series: metrics.route_series(r),
-                slot,
+                notifier,
                 failing: AtomicBool::new(false),
             })
             .collect();
@@ -53,19 +53,13 @@ impl RouteRuntime {
     /// After a request on this route: count its race, log a race that no
     /// backend won, and tell the notifier of answers, outages and the
     /// recovery that ends one.
-    pub fn observe(
-        &self,
-        notifier: &Notifier,
-        request_id: &str,
-        target: &Target,
-        race: Option<&RaceReport>,
-    ) {
-        notifier.answered(self.slot);
+    pub fn observe(&self, request_id: &str, target: &Target, race: Option<&RaceReport>) {
+        self.notifier.answered();
         let Some(report) = race else { return };
         let failure = report.winner.is_none().then(|| report.failure());
         self.series.race(&report.attempts, report.winner, failure);
         let Some(f) = failure else {
-            self.recovered(notifier, request_id);
+            self.recovered(request_id);
             return;
         };
         let labels: Vec<&str> = self
@@ -85,12 +79,11 @@ impl RouteRuntime {
         // "No such data" is the data API working: it only counts toward the
         // route's no_data share, and ends an outage like a success.
         if f == Failure::NoData {
-            notifier.no_data(self.slot);
-            self.recovered(notifier, request_id);
+            self.notifier.no_data();
+            self.recovered(request_id);
             return;
         }
-        notifier.notify(Event::Failed {
-            route: self.slot,
+        self.notifier.notify(Event::Failed {
             reason: f.as_str(),
             request_id: request_id.to_string(),
             backends: report
@@ -109,10 +102,9 @@ impl RouteRuntime {
     }
 
     /// Tell the notifier once when a route that had failed answers again.
-    fn recovered(&self, notifier: &Notifier, request_id: &str) {
+    fn recovered(&self, request_id: &str) {
         if self.failing.swap(false, Ordering::AcqRel) {
-            notifier.notify(Event::Recovered {
-                route: self.slot,
+            self.notifier.notify(Event::Recovered {
                 request_id: request_id.to_string(),
             });
         }
