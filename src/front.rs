@@ -26,6 +26,9 @@
 //! Only plain TCP streams go through it; any other stream (TLS, none
 //! configured today) goes straight to Pingora.
 
+use std::future::Future;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -130,6 +133,7 @@ impl ServerApp for Front {
             return ServerApp::process_new(&self.proxy, stream, shutdown).await;
         }
         let mut l4 = stream.into_any().downcast::<L4Stream>().ok()?;
+        let mut waits = Waits::new(shutdown, IDLE);
         // Bytes read from the client and not yet handed to Pingora.
         let mut pending = BytesMut::new();
         let mut settings: Option<HttpPersistentSettings> = None;
@@ -143,7 +147,7 @@ impl ServerApp for Front {
                 &mut pending,
                 &mut started,
                 (deadline.take(), self.header_timeout),
-                shutdown,
+                &mut waits,
             )
             .await;
             let head = match read {
@@ -228,6 +232,49 @@ impl Front {
     }
 }
 
+/// What a connection's reads wait on besides bytes: the keep-alive clock and
+/// the server's shutdown, each armed once per connection. Armed per read, as
+/// `tokio::time::timeout` and `watch::Receiver::wait_for` do, they registered
+/// and dropped a tokio timer and a watch waiter on every request (perf, hit
+/// path: about 2% of the worker's time, and the timer wheel touched twice
+/// per request; bench/RESULTS.md, "The hit path's tail").
+struct Waits {
+    /// Fires at or after `since + limit`; pushed on when `since` moved.
+    idle: Pin<Box<tokio::time::Sleep>>,
+    /// How long one wait for bytes may last (`IDLE`).
+    limit: Duration,
+    /// When the current wait for bytes began.
+    since: Instant,
+    /// Ends when the server shuts down (or its watch is gone).
+    shutdown: Pin<Box<dyn Future<Output = ()> + Send>>,
+}
+
+impl Waits {
+    fn new(shutdown: &ShutdownWatch, limit: Duration) -> Waits {
+        let mut shutdown = shutdown.clone();
+        let since = Instant::now();
+        Waits {
+            idle: Box::pin(tokio::time::sleep_until((since + limit).into())),
+            limit,
+            since,
+            shutdown: Box::pin(async move {
+                let _ = shutdown.wait_for(|down| *down).await;
+            }),
+        }
+    }
+
+    /// The keep-alive clock fired: whether this wait has really lasted
+    /// `limit`; if not, the clock is set to when it will have.
+    fn idle_over(&mut self) -> bool {
+        let due = self.since + self.limit;
+        if Instant::now() >= due {
+            return true;
+        }
+        self.idle.as_mut().reset(due.into());
+        false
+    }
+}
+
 /// Read until `pending` holds a complete head (and check it), the client
 /// leaves, or the server shuts down. `started` becomes the first byte's time.
 async fn read_head(
@@ -235,9 +282,8 @@ async fn read_head(
     pending: &mut BytesMut,
     started: &mut Instant,
     (mut deadline, header_timeout): (Option<Instant>, Duration),
-    shutdown: &ShutdownWatch,
+    waits: &mut Waits,
 ) -> Read {
-    let mut shutdown = shutdown.clone();
     loop {
         // Bytes of this head already waiting (pipelined) start its clock now.
         if deadline.is_none() && !pending.is_empty() {
@@ -257,17 +303,27 @@ async fn read_head(
         // read 64 bytes at a time); 1 KiB is what an idle connection holds.
         pending.reserve(1024);
         let idle = pending.is_empty();
-        let read = tokio::select! {
-            // Read first: bytes already waiting (a fresh connection's request,
-            // with TCP_DEFER_ACCEPT) are served even when shutdown is set.
-            biased;
-            read = tokio::time::timeout(IDLE, l4.read_buf(pending)) => read,
-            // Pingora drops idle keep-alive connections at shutdown; so do we.
-            _ = shutdown.wait_for(|down| *down), if idle => return Read::Gone,
-            _ = sleep_until_some(deadline) => return Read::TimedOut,
+        // Each read may wait `IDLE` for bytes.
+        waits.since = Instant::now();
+        let read = loop {
+            tokio::select! {
+                // Read first: bytes already waiting (a fresh connection's
+                // request, with TCP_DEFER_ACCEPT) are served even when
+                // shutdown is set.
+                biased;
+                read = l4.read_buf(pending) => break read,
+                // Pingora drops idle keep-alive connections at shutdown; so do we.
+                () = waits.shutdown.as_mut(), if idle => return Read::Gone,
+                () = sleep_until_some(deadline) => return Read::TimedOut,
+                () = waits.idle.as_mut() => {
+                    if waits.idle_over() {
+                        return Read::Gone;
+                    }
+                }
+            }
         };
         match read {
-            Ok(Ok(n)) if n > 0 => {
+            Ok(n) if n > 0 => {
                 if idle {
                     *started = Instant::now();
                     deadline.get_or_insert(*started + header_timeout);
@@ -295,10 +351,11 @@ fn too_large(pending: &[u8]) -> Reject {
 
 /// Check a request head the way nginx would. `Ok(None)`: not complete yet.
 pub fn check_head(buf: &[u8]) -> Result<Option<Head>, Reject> {
-    // On the stack: a heap array here was an 8 KiB allocation per request.
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    let len = match req.parse(buf) {
+    // On the stack and left uninitialised: a heap array here was an 8 KiB
+    // allocation per request, an initialised one an 8 KiB memset.
+    let mut headers = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(Reject::HeadersTooLarge),
@@ -457,6 +514,23 @@ mod tests {
                 .unwrap()
                 .has_body
         );
+    }
+
+    #[tokio::test]
+    async fn the_keepalive_clock_counts_from_the_start_of_the_current_wait() {
+        let (_tx, shutdown) = tokio::sync::watch::channel(false);
+        let limit = Duration::from_millis(200);
+        let mut waits = Waits::new(&shutdown, limit);
+        tokio::time::sleep(limit / 2).await;
+        // A new wait for bytes begins (the previous answer went out).
+        waits.since = Instant::now();
+        // The clock armed at the connection's start fires, but this wait
+        // is younger than the limit: the connection stays.
+        waits.idle.as_mut().await;
+        assert!(!waits.idle_over());
+        waits.idle.as_mut().await;
+        assert!(waits.idle_over());
+        assert!(waits.since.elapsed() >= limit);
     }
 
     #[test]
