@@ -80,7 +80,9 @@ pub(super) fn convert_server(
     errors: &mut Vec<ConfigError>,
 ) -> Option<ServerConf> {
     let value = match value {
-        None | Some(Value::Null) => return Some(with_shutdown_defaults(ServerConf::default())),
+        None | Some(Value::Null) => {
+            return Some(with_tollgate_defaults(ServerConf::default(), false))
+        }
         Some(v) => v,
     };
     let Value::Mapping(map) = &value else {
@@ -108,6 +110,7 @@ pub(super) fn convert_server(
             ));
         }
     }
+    let work_stealing_set = map.contains_key("work_stealing");
     if !ok || !limits::check_server(map, errors) {
         return None;
     }
@@ -127,7 +130,7 @@ pub(super) fn convert_server(
         return None;
     }
     match conf.validate() {
-        Ok(c) => Some(with_shutdown_defaults(c)),
+        Ok(c) => Some(with_tollgate_defaults(c, work_stealing_set)),
         Err(e) => {
             errors.push(err("server", e.to_string()));
             None
@@ -135,14 +138,24 @@ pub(super) fn convert_server(
     }
 }
 
-/// Pingora waits 300 s (`grace_period_seconds`) after a SIGTERM or SIGQUIT
-/// before it stops, far past systemd's `TimeoutStopSec=30` in our unit; when
-/// the file leaves them out, tollgate's defaults keep a stop within ~15 s.
-fn with_shutdown_defaults(mut conf: ServerConf) -> ServerConf {
+/// Where the file leaves them out, tollgate's defaults differ from Pingora's:
+///
+/// - Pingora waits 300 s (`grace_period_seconds`) after a SIGTERM or SIGQUIT
+///   before it stops, far past systemd's `TimeoutStopSec=30` in our unit;
+///   tollgate's defaults keep a stop within ~15 s.
+/// - `work_stealing: false`: each proxy thread runs its own connections, as
+///   nginx's workers do. With stealing, even one thread runs a multi-thread
+///   scheduler whose LIFO slot lets the last woken connection jump ~60
+///   waiting ones; without it the hit path at 64 connections used 15-20%
+///   less CPU per request with a p99 at nginx's (bench/RESULTS.md, issue 14).
+fn with_tollgate_defaults(mut conf: ServerConf, work_stealing_set: bool) -> ServerConf {
     conf.grace_period_seconds
         .get_or_insert(limits::DEFAULT_GRACE_PERIOD_SECONDS);
     conf.graceful_shutdown_timeout_seconds
         .get_or_insert(limits::DEFAULT_GRACEFUL_SHUTDOWN_TIMEOUT_SECONDS);
+    if !work_stealing_set {
+        conf.work_stealing = false;
+    }
     conf
 }
 

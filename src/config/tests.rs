@@ -357,6 +357,20 @@ fn shutdown_timers_default_to_fit_the_unit() {
     assert_eq!(c.server.graceful_shutdown_timeout_seconds, Some(1));
 }
 
+#[test]
+fn work_stealing_defaults_to_off_and_takes_both_values() {
+    for yaml in [
+        MINIMAL.to_string(),
+        format!("server:\n  threads: 2\n{MINIMAL}"),
+    ] {
+        assert!(!Config::from_yaml(&yaml).unwrap().server.work_stealing);
+    }
+    for value in [true, false] {
+        let yaml = format!("server:\n  work_stealing: {value}\n{MINIMAL}");
+        assert_eq!(Config::from_yaml(&yaml).unwrap().server.work_stealing, value);
+    }
+}
+
 /// A Pingora upgrade that adds a numeric `server` field must add its bound.
 #[test]
 fn every_numeric_server_field_has_a_bound() {

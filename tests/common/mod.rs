@@ -211,6 +211,17 @@ impl Gateway {
     /// Start with this keys file. `{keys}` in `top` is replaced by its path;
     /// without a `store:` section in `top`, the embedded store reads it.
     pub async fn start_with_keys(routes: &[String], top: &str, keys: &str) -> Gateway {
+        Gateway::start_with_server(routes, top, keys, "").await
+    }
+
+    /// As [`Gateway::start_with_keys`], with extra `server:` lines (each
+    /// `  name: value\n`).
+    pub async fn start_with_server(
+        routes: &[String],
+        top: &str,
+        keys: &str,
+        server: &str,
+    ) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let keys_path = dir.path().join("keys.yaml");
         std::fs::write(&keys_path, keys).unwrap();
@@ -223,7 +234,7 @@ impl Gateway {
         let port = free_port();
         let admin_port = free_port();
         let conf = format!(
-            "server:\n  threads: 2\n  pid_file: {d}/tollgate.pid\n  upgrade_sock: {d}/upgrade.sock\n\
+            "server:\n  threads: 2\n{server}  pid_file: {d}/tollgate.pid\n  upgrade_sock: {d}/upgrade.sock\n\
              listen: [\"127.0.0.1:{port}\"]\nadmin_listen: \"127.0.0.1:{admin_port}\"\n{top}\nroutes:\n{}",
             routes.concat(),
             d = dir.path().display(),
