@@ -13,16 +13,26 @@ async fn concurrent_requests_are_answered_and_charged_once_with_or_without_work_
         let origin = Origin::json("o", true, 0).await;
         let keys = "keys:\n  - {key: \"k\", name: t, credits: 1000, rate_per_second: 1000000}\n";
         let gw = Gateway::start_with_server(
-            &[route("t", "/api/", &[&origin], "    cache: {ttl_seconds: 60}\n")],
+            &[route(
+                "t",
+                "/api/",
+                &[&origin],
+                "    cache: {ttl_seconds: 60}\n",
+            )],
             "",
             keys,
             server,
         )
         .await;
         // 64 requests at once over 8 paths: 8 misses, 56 hits or waits.
-        let urls = (0..64).map(|i| gw.url(&format!("/api/p{}", i % 8))).collect();
+        let urls = (0..64)
+            .map(|i| gw.url(&format!("/api/p{}", i % 8)))
+            .collect();
         let statuses = statuses_at_once(urls, "k").await;
-        assert!(statuses.iter().all(|s| *s == 200), "{server:?}: {statuses:?}");
+        assert!(
+            statuses.iter().all(|s| *s == 200),
+            "{server:?}: {statuses:?}"
+        );
         let last = reqwest::Client::new()
             .get(gw.url("/api/p0"))
             .header("X-API-Key", "k")

@@ -367,7 +367,10 @@ fn work_stealing_defaults_to_off_and_takes_both_values() {
     }
     for value in [true, false] {
         let yaml = format!("server:\n  work_stealing: {value}\n{MINIMAL}");
-        assert_eq!(Config::from_yaml(&yaml).unwrap().server.work_stealing, value);
+        assert_eq!(
+            Config::from_yaml(&yaml).unwrap().server.work_stealing,
+            value
+        );
     }
 }
 
