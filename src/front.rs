@@ -400,6 +400,14 @@ pub fn check_head(buf: &[u8]) -> Result<Option<Head>, Reject> {
             "an HTTP/1.1 request needs a Host header",
         ));
     }
+    let has_body = body_framing(&lengths, &encodings, http11)?;
+    Ok(Some(Head { len, has_body }))
+}
+
+/// The body's framing from the `Content-Length` and `Transfer-Encoding`
+/// values (each list split at commas): whether the request has a body, or
+/// why its framing is refused (RFC 9112 §6).
+fn body_framing(lengths: &[&[u8]], encodings: &[&[u8]], http11: bool) -> Result<bool, Reject> {
     if !lengths.is_empty() && !encodings.is_empty() {
         // RFC 9112 §6.1: a request smuggling attempt, or a broken client.
         return Err(Reject::BadRequest(
@@ -407,7 +415,7 @@ pub fn check_head(buf: &[u8]) -> Result<Option<Head>, Reject> {
         ));
     }
     let mut length: Option<u64> = None;
-    for value in lengths {
+    for value in lengths.iter().copied() {
         let parsed = std::str::from_utf8(value)
             .ok()
             .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
@@ -433,10 +441,7 @@ pub fn check_head(buf: &[u8]) -> Result<Option<Head>, Reject> {
             return Err(Reject::BadRequest("unsupported Transfer-Encoding"));
         }
     }
-    Ok(Some(Head {
-        len,
-        has_body: length.unwrap_or(0) > 0 || !encodings.is_empty(),
-    }))
+    Ok(length.unwrap_or(0) > 0 || !encodings.is_empty())
 }
 
 #[cfg(test)]
