@@ -5,7 +5,7 @@
 
 use serde::Deserialize;
 
-use super::{limits, ConfigError};
+use super::{choice, limits, ConfigError};
 use crate::key::KeyHash;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,6 +22,9 @@ impl KeyState {
         }
     }
 }
+
+const KEY_STATES: &[(&str, KeyState)] =
+    &[("active", KeyState::Active), ("revoked", KeyState::Revoked)];
 
 /// One key as a keys file describes it, hashed.
 #[derive(Debug, Clone)]
@@ -63,9 +66,17 @@ pub fn parse_keys(text: &str) -> Result<Vec<KeyRecord>, Vec<ConfigError>> {
     let mut errors = Vec::new();
     let mut records: Vec<KeyRecord> = Vec::new();
     for (i, k) in file.keys.into_iter().enumerate() {
-        if let Some(record) = convert_key(i, k, &records, &mut errors) {
-            records.push(record);
+        let Some(record) = convert_key(i, k, &mut errors) else {
+            continue;
+        };
+        if records.iter().any(|r| r.hash == record.hash) {
+            errors.push(ConfigError {
+                path: format!("keys[{i}].key"),
+                message: "the same key appears twice".into(),
+            });
+            continue;
         }
+        records.push(record);
     }
     if errors.is_empty() {
         Ok(records)
@@ -74,13 +85,8 @@ pub fn parse_keys(text: &str) -> Result<Vec<KeyRecord>, Vec<ConfigError>> {
     }
 }
 
-/// One entry of the keys file (`keys[i]`), checked against the ones before it.
-fn convert_key(
-    i: usize,
-    k: FileKey,
-    seen: &[KeyRecord],
-    errors: &mut Vec<ConfigError>,
-) -> Option<KeyRecord> {
+/// One entry of the keys file (`keys[i]`); duplicates are the caller's to find.
+fn convert_key(i: usize, k: FileKey, errors: &mut Vec<ConfigError>) -> Option<KeyRecord> {
     let mut fail = |field: &str, message: String| {
         errors.push(ConfigError {
             path: format!("keys[{i}].{field}"),
@@ -120,24 +126,10 @@ fn convert_key(
     {
         fail("rate_per_second", e.message);
     }
-    let state = match k.state.as_deref() {
-        None | Some("active") => KeyState::Active,
-        Some("revoked") => KeyState::Revoked,
-        Some(other) => {
-            fail(
-                "state",
-                format!("unknown value \"{other}\", expected active | revoked"),
-            );
-            KeyState::Active
-        }
-    };
-    let hash = hash?;
-    if seen.iter().any(|r| r.hash == hash) {
-        fail("key", "the same key appears twice".into());
-        return None;
-    }
+    let state = k.state.as_deref().unwrap_or("active");
+    let state = choice(&format!("keys[{i}].state"), state, KEY_STATES, errors);
     Some(KeyRecord {
-        hash,
+        hash: hash?,
         name: k.name,
         credits: k.credits,
         rate_per_second: k.rate_per_second,
