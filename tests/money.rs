@@ -254,12 +254,7 @@ async fn a_stalled_redis_holds_a_request_for_one_timeout() {
 
 /// `payer`'s answer: status, error code, X-Credits-Cost.
 async fn pay(gw: &Gateway) -> (u16, String, Option<String>) {
-    let resp = reqwest::Client::new()
-        .get(gw.url("/api/x"))
-        .header("X-API-Key", "payer")
-        .send()
-        .await
-        .unwrap();
+    let resp = get_with_key(gw.url("/api/x"), "payer").await;
     let status = resp.status().as_u16();
     let cost = resp
         .headers()
@@ -288,12 +283,7 @@ async fn a_redis_that_lost_its_data_is_unavailable_not_401() {
         let gw = Gateway::start_with_keys(&[route("t", "/api/", &[&ok], "")], &top, "").await;
         assert_eq!(pay(&gw).await.0, 200);
         // An unknown key in a store that is set up is still 401.
-        let resp = reqwest::Client::new()
-            .get(gw.url("/api/x"))
-            .header("X-API-Key", "nobody")
-            .send()
-            .await
-            .unwrap();
+        let resp = get_with_key(gw.url("/api/x"), "nobody").await;
         assert_eq!(resp.status(), 401);
 
         let port = redis.port;
@@ -463,12 +453,7 @@ async fn a_refund_that_timed_out_is_applied_once() {
 }
 
 async fn pay_owned(url: String) -> (u16, Option<String>) {
-    let resp = reqwest::Client::new()
-        .get(url)
-        .header("X-API-Key", "payer")
-        .send()
-        .await
-        .unwrap();
+    let resp = get_with_key(url, "payer").await;
     let cost = resp
         .headers()
         .get("x-credits-cost")

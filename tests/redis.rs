@@ -32,12 +32,7 @@ async fn redis_gateway(redis: &RedisServer, origin: &Origin, extra: &str) -> Gat
 }
 
 async fn status_of(gw: &Gateway, key: &str) -> (u16, reqwest::header::HeaderMap, String) {
-    let resp = reqwest::Client::new()
-        .get(gw.url("/api/x"))
-        .header("X-API-Key", key)
-        .send()
-        .await
-        .unwrap();
+    let resp = get_with_key(gw.url("/api/x"), key).await;
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
     (status, headers, resp.text().await.unwrap())

@@ -11,12 +11,7 @@ use common::*;
 use tollgate::store::redis::META_TTL;
 
 async fn rate_limit_of(gw: &Gateway) -> String {
-    let resp = reqwest::Client::new()
-        .get(gw.url("/api/x"))
-        .header("X-API-Key", "meta-key")
-        .send()
-        .await
-        .unwrap();
+    let resp = get_with_key(gw.url("/api/x"), "meta-key").await;
     // 429 answers carry the limit too.
     assert!([200, 429].contains(&resp.status().as_u16()), "{resp:?}");
     resp.headers()["x-ratelimit-limit"]

@@ -26,6 +26,31 @@ struct Ports {
     admin: u16,
 }
 
+impl Ports {
+    fn free() -> Ports {
+        Ports {
+            listen: free_port(),
+            admin: free_port(),
+        }
+    }
+}
+
+/// A request to the listener is answered without `Connection: close`, which
+/// the process adds once a hand-over or shutdown begins: it has not begun to
+/// drain.
+async fn serves_without_draining(ports: &Ports) {
+    let r = client()
+        .get(format!("http://127.0.0.1:{}/api/x", ports.listen))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers().get("connection").is_none_or(|v| v != "close"),
+        "the process began to drain"
+    );
+}
+
 fn conf(dir: &Path, ports: &Ports, backend: &Origin, store: &str) -> String {
     let d = dir.display();
     format!(
@@ -275,10 +300,7 @@ async fn ten_reloads_a_second_apart_under_load_lose_nothing() {
     let a = Origin::json("a", true, 20).await;
     let b = Origin::json("b", true, 20).await;
     let dir = tempfile::tempdir().unwrap();
-    let ports = Ports {
-        listen: free_port(),
-        admin: free_port(),
-    };
+    let ports = Ports::free();
     // A loaded CI machine can stall Redis past the 250 ms default: a 503 then
     // would be the store, not the reload, that this test is about.
     let store = format!("store:\n  redis_url: {}\n  timeout_ms: 5000", redis.url());
@@ -407,10 +429,7 @@ async fn health(ports: &Ports) -> (u16, i64) {
 async fn a_reload_with_a_broken_config_is_refused() {
     let a = Origin::json("a", true, 0).await;
     let dir = tempfile::tempdir().unwrap();
-    let ports = Ports {
-        listen: free_port(),
-        admin: free_port(),
-    };
+    let ports = Ports::free();
     let (good, pid) = embedded_daemon(dir.path(), &ports, &a).await;
     let _daemons = Daemons(vec![pid]);
     let broken = write(
@@ -438,10 +457,7 @@ async fn a_reload_with_a_broken_config_is_refused() {
 async fn a_reload_whose_new_listener_is_taken_fails_and_the_old_process_serves_on() {
     let a = Origin::json("a", true, 0).await;
     let dir = tempfile::tempdir().unwrap();
-    let ports = Ports {
-        listen: free_port(),
-        admin: free_port(),
-    };
+    let ports = Ports::free();
     let (good, pid) = embedded_daemon(dir.path(), &ports, &a).await;
     let _daemons = Daemons(vec![pid]);
     assert_eq!(health(&ports).await, (200, pid as i64));
@@ -475,17 +491,9 @@ async fn a_reload_whose_new_listener_is_taken_fails_and_the_old_process_serves_o
         "{err}"
     );
     assert!(err.contains(&format!("{pid} keeps serving")), "{err}");
-    // The old process was not asked to go: it answers without
-    // `Connection: close` (which it adds once a hand-over or shutdown begins).
-    let client = client();
+    // The old process was not asked to go.
     for _ in 0..20 {
-        let r = client
-            .get(format!("http://127.0.0.1:{}/api/x", ports.listen))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        assert!(r.headers().get("connection").is_none_or(|v| v != "close"));
+        serves_without_draining(&ports).await;
     }
     assert_eq!(pid_file(dir.path()), Some(pid));
     assert_eq!(health(&ports).await, (200, pid as i64));
@@ -503,10 +511,7 @@ async fn a_reload_whose_new_listener_is_taken_fails_and_the_old_process_serves_o
 async fn sigquit_with_no_process_waiting_is_refused_and_the_process_serves_on() {
     let a = Origin::json("a", true, 0).await;
     let dir = tempfile::tempdir().unwrap();
-    let ports = Ports {
-        listen: free_port(),
-        admin: free_port(),
-    };
+    let ports = Ports::free();
     let (_, pid) = embedded_daemon(dir.path(), &ports, &a).await;
     let _daemons = Daemons(vec![pid]);
     signal("-QUIT", pid);
@@ -517,16 +522,7 @@ async fn sigquit_with_no_process_waiting_is_refused_and_the_process_serves_on() 
             .contains("SIGQUIT, but no new process waits on")
     })
     .await;
-    let r = client()
-        .get(format!("http://127.0.0.1:{}/api/x", ports.listen))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert!(
-        r.headers().get("connection").is_none_or(|v| v != "close"),
-        "the process began to drain"
-    );
+    serves_without_draining(&ports).await;
     assert_eq!(health(&ports).await, (200, pid as i64));
     stop(pid).await;
 }

@@ -33,12 +33,7 @@ async fn concurrent_requests_are_answered_and_charged_once_with_or_without_work_
             statuses.iter().all(|s| *s == 200),
             "{server:?}: {statuses:?}"
         );
-        let last = reqwest::Client::new()
-            .get(gw.url("/api/p0"))
-            .header("X-API-Key", "k")
-            .send()
-            .await
-            .unwrap();
+        let last = get_with_key(gw.url("/api/p0"), "k").await;
         assert_eq!(last.headers()["x-cache"], "HIT", "{server:?}");
         assert_eq!(last.headers()["x-credits-remaining"], "935", "{server:?}");
         assert_eq!(origin.hits(), 8, "{server:?}: one race per path");

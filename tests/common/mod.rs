@@ -375,6 +375,16 @@ pub async fn status(gw: &Gateway, path: &str) -> u16 {
         .as_u16()
 }
 
+/// GET `url` with `key` in `X-API-Key`.
+pub async fn get_with_key(url: impl reqwest::IntoUrl, key: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .get(url)
+        .header("X-API-Key", key)
+        .send()
+        .await
+        .unwrap()
+}
+
 /// GET every URL at once with `key` in `X-API-Key`; the statuses, in order.
 pub async fn statuses_at_once(urls: Vec<String>, key: &str) -> Vec<u16> {
     let client = reqwest::Client::new();
