@@ -9,6 +9,7 @@ pub mod keys;
 pub mod limits;
 mod route;
 mod server;
+pub mod tls;
 mod types;
 
 use std::fmt;
@@ -77,7 +78,7 @@ fn err(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
 pub struct Config {
     /// Passed to Pingora's `Server` as is.
     pub server: ServerConf,
-    pub listen: Vec<SocketAddr>,
+    pub listen: Vec<Listener>,
     pub admin_listen: SocketAddr,
     pub store: StoreConfig,
     pub auth: AuthConfig,
@@ -88,6 +89,18 @@ pub struct Config {
     pub cache: GlobalCacheConfig,
     pub access_log: AccessTarget,
     pub limits: LimitsConfig,
+    /// What `check` reports without failing (a certificate that expires soon).
+    pub warnings: Vec<ConfigError>,
+}
+
+/// One client listener (`listen[i]`).
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub addr: SocketAddr,
+    /// Terminate TLS with these files; `None`: plain HTTP/1.1.
+    pub tls: Option<tls::TlsFiles>,
+    /// Offer HTTP/2 by ALPN (TLS listeners only).
+    pub h2: bool,
 }
 
 /// Bounds on client connections (`limits:`), applied by `connections.rs`.
@@ -170,7 +183,31 @@ impl Config {
             .map_err(|e| ConfigErrors(vec![e]))?;
         let mut config = Config::from_yaml(text)?;
         config.load_keys()?;
+        config.load_tls()?;
         Ok(config)
+    }
+
+    /// Read and check each TLS listener's certificate and key, and each
+    /// route's `backend_ca`. Relative paths are taken from the working
+    /// directory.
+    pub fn load_tls(&mut self) -> Result<(), ConfigErrors> {
+        let mut found = tls::Findings::default();
+        for (i, l) in self.listen.iter().enumerate() {
+            if let Some(files) = &l.tls {
+                tls::check_listener(&format!("listen[{i}].tls"), files, &mut found);
+            }
+        }
+        for (i, route) in self.routes.iter_mut().enumerate() {
+            if let Some(file) = &route.backend_ca {
+                let at = format!("routes[{i}].backend_ca");
+                route.backend_roots = tls::load_ca(&at, file, &mut found.errors);
+            }
+        }
+        if !found.errors.is_empty() {
+            return Err(ConfigErrors(found.errors));
+        }
+        self.warnings.extend(found.warnings);
+        Ok(())
     }
 
     /// Read `store.keys_file` for the embedded store. Relative paths are
@@ -224,7 +261,7 @@ impl TryFrom<FileConfig> for Config {
         let cache = convert_cache(&file.cache, e);
         let access_log = access_target(file.access_log, e);
         if let Some(admin) = admin_listen {
-            server::check_listeners(&file.listen, admin, e);
+            server::check_listeners(&listen, admin, e);
         }
         let limits = server::convert_limits(&file.limits, e);
         match (errors.is_empty(), server, admin_listen) {
@@ -244,6 +281,7 @@ impl TryFrom<FileConfig> for Config {
                 cache,
                 access_log,
                 limits,
+                warnings: Vec::new(),
             }),
             _ => Err(ConfigErrors(errors)),
         }

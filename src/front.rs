@@ -23,8 +23,11 @@
 //! gateway serves only GET and HEAD) closes the connection after its answer,
 //! so no body bytes are ever taken for a request head.
 //!
-//! Only plain TCP streams go through it; any other stream (TLS, none
-//! configured today) goes straight to Pingora.
+//! Only plain HTTP/1.1 goes through it. On a TLS listener it shakes hands
+//! ([`crate::tls`]) and hands the TLS stream to Pingora, which speaks HTTP/2
+//! or HTTP/1.1 on it as ALPN chose: the gateway's own checks (method, target,
+//! header sizes) still run in the proxy's hooks, but a head that Pingora's
+//! parser refuses gets Pingora's bare 400 there, not the JSON one.
 
 use std::future::Future;
 use std::mem::MaybeUninit;
@@ -52,6 +55,7 @@ use crate::proxy::Gateway;
 use crate::reject::Reject;
 use crate::respond;
 use crate::router::{MAX_HEADER_BYTES, MAX_TARGET_BYTES};
+use crate::tls::TlsListeners;
 
 /// Pingora's keep-alive timeout: how long a connection may sit without a
 /// byte of its next request (and how long any one read of a head may wait).
@@ -74,6 +78,7 @@ pub fn service(
     name: &str,
     limits: &LimitsConfig,
     counters: ConnectionCounters,
+    tls: TlsListeners,
 ) -> Service<Front> {
     let (metrics, access_log) = gateway.observers();
     let proxy = Arc::new(http_proxy(conf, gateway));
@@ -85,6 +90,7 @@ pub fn service(
             access_log,
             cap: Cap::new(limits.max_client_connections, counters),
             header_timeout: limits.request_header_timeout,
+            tls,
         },
     )
 }
@@ -99,6 +105,8 @@ pub struct Front {
     /// may take, from the connection's accept (first request) or from the
     /// first byte of the head (later requests on a keep-alive connection).
     header_timeout: Duration,
+    /// The TLS listeners, whose connections shake hands first.
+    tls: TlsListeners,
 }
 
 /// What a checked head says about the request's framing.
@@ -133,6 +141,13 @@ impl ServerApp for Front {
             return ServerApp::process_new(&self.proxy, stream, shutdown).await;
         }
         let mut l4 = stream.into_any().downcast::<L4Stream>().ok()?;
+        if let Some(acceptor) = self.tls.acceptor(&l4) {
+            let tls = self
+                .tls
+                .handshake(acceptor, *l4, self.header_timeout)
+                .await?;
+            return ServerApp::process_new(&self.proxy, Box::new(tls), shutdown).await;
+        }
         let mut waits = Waits::new(shutdown, IDLE);
         // Bytes read from the client and not yet handed to Pingora.
         let mut pending = BytesMut::new();

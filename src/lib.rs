@@ -31,3 +31,4 @@ pub mod respond;
 pub mod router;
 pub mod store;
 pub mod target;
+pub mod tls;

@@ -21,6 +21,7 @@ use tollgate::proxy::Gateway;
 use tollgate::store::memory::MemoryStore;
 use tollgate::store::redis::{Maintenance, RedisStore, StoreCounters};
 use tollgate::store::{SharedCache, Store};
+use tollgate::tls::TlsListeners;
 use tollgate::{admin, logging, notify, reload};
 
 /// glibc's malloc took about 12% of the CPU on the race path (profiled with
@@ -133,9 +134,10 @@ fn open_store(config: &Config, metrics: &Metrics) -> Result<Stores, String> {
 /// The client-facing listeners.
 fn add_listeners<A: Send + Sync + 'static>(
     proxy: &mut pingora::services::listening::Service<A>,
-    listen: &[std::net::SocketAddr],
+    listen: &[tollgate::config::Listener],
 ) {
-    for addr in listen {
+    // TLS ones too: the front door shakes hands (src/tls.rs).
+    for addr in listen.iter().map(|l| l.addr) {
         // No L4 read buffer: Pingora's default is 64 KiB per client
         // connection, while its HTTP/1 parser reads into its own buffer
         // anyway (bench/RESULTS.md, idle connections).
@@ -173,6 +175,13 @@ fn serve(mut config: Config, opt: Opt) -> ExitCode {
     let (access_log, access_log_service) =
         logging::access_log(config.access_log.clone(), metrics.access_log_dropped());
     let connections = metrics.connections();
+    let tls = match TlsListeners::new(&config.listen, metrics.tls_handshake_errors()) {
+        Ok(tls) => tls,
+        Err(e) => {
+            eprintln!("tollgate: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let draining = Draining::default();
     let gateway = Gateway::new(
         &config,
@@ -194,6 +203,7 @@ fn serve(mut config: Config, opt: Opt) -> ExitCode {
         "tollgate",
         &config.limits,
         connections,
+        tls,
     );
     add_listeners(&mut proxy, &config.listen);
     let health = Health::default();
@@ -231,6 +241,9 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Check => {
+            for w in &config.warnings {
+                eprintln!("warning: {w}");
+            }
             println!("configuration OK: {} route(s)", config.routes.len());
             ExitCode::SUCCESS
         }
@@ -255,6 +268,9 @@ fn main() -> ExitCode {
             test,
         } => {
             logging::init();
+            for w in &config.warnings {
+                log::warn!("{w}");
+            }
             let opt = Opt {
                 upgrade,
                 daemon,

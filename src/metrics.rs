@@ -50,8 +50,11 @@ pub struct Metrics {
     store_errors: IntCounterVec,
     store_unsettled: IntGauge,
     cache: IntCounterVec,
+    /// `cache` at each of [`CACHE_RESULTS`], looked up once at start.
+    cache_results: [IntCounter; 4],
     notifications: IntCounterVec,
     access_log_dropped: IntCounter,
+    tls_handshake_errors: IntCounter,
     backend_healthy: IntGaugeVec,
     connections: crate::connections::ConnectionCounters,
 }
@@ -61,6 +64,8 @@ pub struct Metrics {
 pub struct RouteSeries {
     name: String,
     requests: IntCounterVec,
+    /// `requests` at status 200, the common answer, looked up once at start.
+    ok: IntCounter,
     duration: Histogram,
     credits: CreditCounters,
     backends: Vec<BackendSeries>,
@@ -118,6 +123,12 @@ impl Metrics {
     }
 
     pub fn register_in(r: &Registry, routes: &[Route]) -> prometheus::Result<Metrics> {
+        let cache = counter(
+            r,
+            "tollgate_cache_total",
+            "Cache lookups by result: hit, miss, stale (served after every backend failed), error (a tier failed; also counted as its final result).",
+            &["result"],
+        )?;
         let m = Metrics {
             requests: counter(
                 r,
@@ -184,12 +195,8 @@ impl Metrics {
                 "tollgate_store_unsettled",
                 "Charges and refunds whose outcome Redis has not confirmed, waiting to be settled.",
             )?,
-            cache: counter(
-                r,
-                "tollgate_cache_total",
-                "Cache lookups by result: hit, miss, stale (served after every backend failed), error (a tier failed; also counted as its final result).",
-                &["result"],
-            )?,
+            cache_results: CACHE_RESULTS.map(|result| cache.with_label_values(&[result])),
+            cache,
             notifications: counter(
                 r,
                 "tollgate_notifications_total",
@@ -200,6 +207,11 @@ impl Metrics {
                 r,
                 "tollgate_access_log_dropped_total",
                 "Access log lines dropped because the writer's buffer was full.",
+            )?,
+            tls_handshake_errors: plain_counter(
+                r,
+                "tollgate_tls_handshake_errors_total",
+                "Client connections on a TLS listener whose handshake failed or took longer than limits.request_header_timeout_ms.",
             )?,
             backend_healthy: {
                 let g = IntGaugeVec::new(
@@ -238,9 +250,6 @@ impl Metrics {
     /// before its first event.
     fn zero_series(&self, routes: &[Route]) {
         let m = self;
-        for result in CACHE_RESULTS {
-            m.cache.with_label_values(&[result]);
-        }
         for reject in Reject::ALL.into_iter().filter(|r| r.is_rejection()) {
             m.rejections.with_label_values(&[reject.code()]);
         }
@@ -258,11 +267,11 @@ impl Metrics {
     /// A route's series (created at 0 if they are not yet).
     pub fn route_series(&self, route: &Route) -> RouteSeries {
         let name = route.name.as_str();
-        // A zero series, so the family exists before the first request.
-        self.requests.with_label_values(&[name, "200"]);
         RouteSeries {
             name: route.name.clone(),
             requests: self.requests.clone(),
+            // Also the zero series, so the family exists before the first request.
+            ok: self.requests.with_label_values(&[name, "200"]),
             duration: self.request_duration.with_label_values(&[name]),
             credits: CreditCounters {
                 charged: self.credits_charged.with_label_values(&[name]),
@@ -316,7 +325,10 @@ impl Metrics {
 
     /// Count a cache result (one of [`CACHE_RESULTS`]).
     pub fn cache(&self, result: &'static str) {
-        self.cache.with_label_values(&[result]).inc();
+        match CACHE_RESULTS.iter().position(|r| *r == result) {
+            Some(i) => self.cache_results[i].inc(),
+            None => self.cache.with_label_values(&[result]).inc(),
+        }
     }
 
     /// The notifier's counters.
@@ -335,6 +347,10 @@ impl Metrics {
     /// race keeps up to date.
     pub fn backend_healthy(&self, route: &str, backend: &str) -> IntGauge {
         self.backend_healthy.with_label_values(&[route, backend])
+    }
+
+    pub fn tls_handshake_errors(&self) -> IntCounter {
+        self.tls_handshake_errors.clone()
     }
 
     pub fn access_log_dropped(&self) -> IntCounter {
@@ -374,9 +390,13 @@ impl RouteSeries {
 
     /// Count one answered request on this route.
     pub fn request(&self, status: u16, elapsed: Duration) {
-        let code = http::StatusCode::from_u16(status).ok();
-        let status = code.as_ref().map_or("0", |c| c.as_str());
-        self.requests.with_label_values(&[&self.name, status]).inc();
+        if status == 200 {
+            self.ok.inc();
+        } else {
+            let code = http::StatusCode::from_u16(status).ok();
+            let status = code.as_ref().map_or("0", |c| c.as_str());
+            self.requests.with_label_values(&[&self.name, status]).inc();
+        }
         self.duration.observe(elapsed.as_secs_f64());
     }
 

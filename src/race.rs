@@ -34,7 +34,7 @@ pub use attempt::{classify, UpstreamRequest};
 use health::{Admit, Health, Verdict};
 use pool::Pool;
 
-use crate::config::{Route, Strategy, SuccessRule};
+use crate::config::{Backend, Route, Strategy, SuccessRule};
 
 /// How one backend attempt ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +97,19 @@ pub struct Replica {
     health: Health,
 }
 
+/// Where a backend is reached: `https://` ones over TLS, their certificate
+/// verified for the URL's host (also the SNI) against `backend_ca` when the
+/// route has one, else the system's roots; HTTP/1.1 only, as the race reads
+/// answers over HTTP/1.
+fn peer(b: &Backend, route: &Route) -> HttpPeer {
+    let mut peer = HttpPeer::new(b.addr, b.tls, b.host.clone());
+    if b.tls {
+        peer.options.ca = route.backend_roots.clone();
+        peer.options.set_http_version(1, 1);
+    }
+    peer
+}
+
 /// How long an idle upstream connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -128,7 +141,7 @@ impl RouteUpstream {
             .map(|b| {
                 Arc::new(Replica {
                     label: b.label.clone(),
-                    peer: HttpPeer::new(b.addr, false, String::new()),
+                    peer: peer(b, route),
                     host_header: b.host_header.clone(),
                     base_path: b.base_path.clone(),
                     pool: Pool::new(pool_size, POOL_IDLE_TIMEOUT),

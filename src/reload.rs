@@ -34,7 +34,7 @@ use async_trait::async_trait;
 use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::config::Config;
+use crate::config::{Config, Listener};
 use crate::listeners;
 
 /// The old side's signals: Pingora's meaning (SIGQUIT upgrade, SIGTERM
@@ -95,10 +95,10 @@ impl ShutdownSignalWatch for Signals {
 /// After a hand-over, whether the proxy listeners live on elsewhere (this
 /// process has closed its own by now); if not, the hand-over failed. When
 /// that cannot be told, it is assumed to have worked.
-pub fn taken_over(listen: &[SocketAddr]) -> bool {
+pub fn taken_over(listen: &[Listener]) -> bool {
     listen
         .iter()
-        .all(|a| listeners::listened_on(*a).unwrap_or(true))
+        .all(|l| listeners::listened_on(l.addr).unwrap_or(true))
 }
 
 /// The PID a PID file names, if it names a running process.
@@ -129,7 +129,7 @@ fn addresses(config: &Config) -> Vec<(String, SocketAddr)> {
         .listen
         .iter()
         .enumerate()
-        .map(|(i, a)| (format!("listen[{i}]"), *a))
+        .map(|(i, l)| (format!("listen[{i}]"), l.addr))
         .collect();
     all.push(("admin_listen".into(), config.admin_listen));
     all

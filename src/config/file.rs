@@ -11,7 +11,8 @@ use serde_yaml::Value;
 #[serde(default, deny_unknown_fields)]
 pub(super) struct FileConfig {
     pub(super) server: Option<Value>,
-    pub(super) listen: Vec<String>,
+    /// Strings (plain HTTP/1.1) or maps; see `server::convert_listeners`.
+    pub(super) listen: Vec<Value>,
     pub(super) admin_listen: String,
     pub(super) store: FileStore,
     pub(super) auth: FileAuth,
@@ -29,7 +30,7 @@ impl Default for FileConfig {
     fn default() -> Self {
         FileConfig {
             server: None,
-            listen: vec!["0.0.0.0:8080".to_string()],
+            listen: vec![Value::String("0.0.0.0:8080".to_string())],
             admin_listen: "127.0.0.1:9091".to_string(),
             store: FileStore::default(),
             auth: FileAuth::default(),
@@ -156,6 +157,7 @@ pub(super) struct FileRoute {
     pub(super) max_response_bytes: usize,
     pub(super) drain_losers_ms: u64,
     pub(super) health: FileHealth,
+    pub(super) backend_ca: Option<String>,
 }
 
 /// A route's required fields default to empty here; the conversion refuses
@@ -177,6 +179,7 @@ impl Default for FileRoute {
             max_response_bytes: 8 * 1024 * 1024,
             drain_losers_ms: 50,
             health: FileHealth::default(),
+            backend_ca: None,
         }
     }
 }

@@ -41,6 +41,10 @@ pub struct Backend {
     /// The URL's own path without a trailing `/` (empty when the URL has none);
     /// the client's path is appended to it.
     pub base_path: String,
+    /// `https://`: TLS, the certificate verified for `host` (also the SNI).
+    pub tls: bool,
+    /// The URL's host, the name a TLS backend's certificate must carry.
+    pub host: String,
 }
 
 /// A route: requests whose path starts with `prefix` race its `backends`.
@@ -64,6 +68,11 @@ pub struct Route {
     pub drain_losers: Duration,
     /// Passive health of the backends; `None`: never skip one.
     pub health: Option<HealthPolicy>,
+    /// `backend_ca`: the PEM bundle that https backends are verified
+    /// against instead of the system's roots.
+    pub backend_ca: Option<String>,
+    /// `backend_ca` read (by `Config::load_tls`).
+    pub backend_roots: Option<super::tls::CaBundle>,
 }
 
 /// When a backend is skipped (`routes[].health`).
@@ -149,6 +158,8 @@ fn convert_route(at: &str, r: FileRoute, errors: &mut Vec<ConfigError>) -> Optio
         max_response_bytes: r.max_response_bytes,
         drain_losers: Duration::from_millis(r.drain_losers_ms),
         health,
+        backend_ca: r.backend_ca,
+        backend_roots: None,
     })
 }
 
@@ -202,21 +213,24 @@ fn convert_backends(at: &str, urls: &[String], errors: &mut Vec<ConfigError>) ->
                 continue;
             }
         };
+        let host = uri.host().unwrap_or_default().to_string();
         let host_header = match uri.port_u16() {
             Some(_) => label.clone(),
-            None => uri.host().unwrap_or_default().to_string(),
+            None => host.clone(),
         };
         backends.push(Backend {
             label,
             addr,
             host_header,
             base_path: uri.path().trim_end_matches('/').to_string(),
+            tls: uri.scheme_str() == Some("https"),
+            host,
         });
     }
     backends
 }
 
-/// Parse an `http://host[:port][/path]` URL; returns it with its `host:port`.
+/// Parse an `http(s)://host[:port][/path]` URL; returns it with its `host:port`.
 pub(super) fn http_url(
     path: &str,
     text: &str,
@@ -229,11 +243,11 @@ pub(super) fn http_url(
     let Ok(uri) = text.parse::<Uri>() else {
         return fail(errors, "expected a URL such as http://127.0.0.1:9001");
     };
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => return fail(errors, "https backends are not supported (plain HTTP only)"),
+    let default_port = match uri.scheme_str() {
+        Some("http") => 80,
+        Some("https") => 443,
         _ => return fail(errors, "expected a URL such as http://127.0.0.1:9001"),
-    }
+    };
     let Some(host) = uri.host() else {
         return fail(errors, "expected a URL with a host");
     };
@@ -246,7 +260,7 @@ pub(super) fn http_url(
             "a URL cannot carry user:password@ (tollgate would not send it; it is refused rather than dropped)",
         );
     }
-    let port = uri.port_u16().unwrap_or(80);
+    let port = uri.port_u16().unwrap_or(default_port);
     if port == 0 {
         return fail(errors, "port 0 is not a port to connect to");
     }

@@ -9,51 +9,112 @@ use pingora::server::configuration::ServerConf;
 use serde_yaml::Value;
 
 use super::file::FileLimits;
-use super::{err, limits, ConfigError, LimitsConfig};
+use serde::Deserialize;
+
+use super::tls::TlsFiles;
+use super::{err, limits, ConfigError, LimitsConfig, Listener};
+
+/// A listener written as a map: `{addr, tls: {cert, key}, h2}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileListener {
+    addr: String,
+    tls: Option<FileTls>,
+    h2: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTls {
+    cert: String,
+    key: String,
+}
 
 /// `listen` and `admin_listen`: every address parsed (the overlap check is
-/// [`check_listeners`], once the rest is known).
+/// [`check_listeners`], once the rest is known). A string is plain
+/// HTTP/1.1; a map may add TLS, with HTTP/2 offered by default.
 pub(super) fn convert_listeners(
-    listen: &[String],
+    listen: &[Value],
     admin_listen: &str,
     errors: &mut Vec<ConfigError>,
-) -> (Vec<SocketAddr>, Option<SocketAddr>) {
+) -> (Vec<Listener>, Option<SocketAddr>) {
     if listen.is_empty() {
         errors.push(err("listen", "must list at least one address"));
     }
-    let addrs = listen
+    let listeners = listen
         .iter()
         .enumerate()
-        .filter_map(|(i, a)| socket_addr(&format!("listen[{i}]"), a, errors))
+        .filter_map(|(i, v)| listener(&format!("listen[{i}]"), v, errors))
         .collect();
-    (addrs, socket_addr("admin_listen", admin_listen, errors))
+    (listeners, socket_addr("admin_listen", admin_listen, errors))
+}
+
+fn listener(at: &str, value: &Value, errors: &mut Vec<ConfigError>) -> Option<Listener> {
+    if let Value::String(text) = value {
+        return Some(Listener {
+            addr: socket_addr(at, text, errors)?,
+            tls: None,
+            h2: false,
+        });
+    }
+    let file: FileListener = match serde_yaml::from_value(value.clone()) {
+        Ok(f) => f,
+        Err(e) => {
+            errors.push(err(
+                at,
+                format!("expected \"host:port\" or {{addr, tls: {{cert, key}}, h2}}: {e}"),
+            ));
+            return None;
+        }
+    };
+    let addr = socket_addr(&format!("{at}.addr"), &file.addr, errors);
+    let tls = file.tls.map(|t| TlsFiles {
+        cert: t.cert,
+        key: t.key,
+    });
+    let h2 = file.h2.unwrap_or(tls.is_some());
+    if h2 && tls.is_none() {
+        errors.push(err(
+            format!("{at}.h2"),
+            "HTTP/2 is offered on TLS listeners only (by ALPN); add tls or set h2: false",
+        ));
+    }
+    Some(Listener {
+        addr: addr?,
+        tls,
+        h2,
+    })
 }
 
 /// Two listeners on one address would share its connections (Pingora binds
 /// with SO_REUSEPORT), so client requests could reach the admin service.
 /// An unspecified address (`0.0.0.0`, `[::]`) overlaps every address of its port.
-pub(super) fn check_listeners(listen: &[String], admin: SocketAddr, errors: &mut Vec<ConfigError>) {
+pub(super) fn check_listeners(
+    listen: &[Listener],
+    admin: SocketAddr,
+    errors: &mut Vec<ConfigError>,
+) {
     let overlaps = |a: &SocketAddr, b: &SocketAddr| {
         a.port() == b.port()
             && a.port() != 0
             && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
     };
-    let parsed: Vec<(usize, SocketAddr)> = listen
-        .iter()
-        .enumerate()
-        .filter_map(|(i, t)| Some((i, t.parse().ok()?)))
-        .collect();
-    for (k, (i, a)) in parsed.iter().enumerate() {
+    for (i, l) in listen.iter().enumerate() {
+        let a = &l.addr;
         if overlaps(a, &admin) {
             errors.push(err(
                 format!("listen[{i}]"),
                 format!("{a} overlaps admin_listen {admin}: they must be different ports"),
             ));
         }
-        if let Some((j, b)) = parsed[..k].iter().find(|(_, b)| overlaps(a, b)) {
+        if let Some((j, b)) = listen[..i]
+            .iter()
+            .enumerate()
+            .find(|(_, b)| overlaps(a, &b.addr))
+        {
             errors.push(err(
                 format!("listen[{i}]"),
-                format!("{a} overlaps listen[{j}] {b}"),
+                format!("{a} overlaps listen[{j}] {}", b.addr),
             ));
         }
     }

@@ -16,7 +16,9 @@ fn errors_of(yaml: &str) -> Vec<String> {
 #[test]
 fn minimal_config_gets_documented_defaults() {
     let c = Config::from_yaml(MINIMAL).unwrap();
-    assert_eq!(c.listen, vec!["0.0.0.0:8080".parse().unwrap()]);
+    let addrs: Vec<SocketAddr> = c.listen.iter().map(|l| l.addr).collect();
+    assert_eq!(addrs, vec!["0.0.0.0:8080".parse().unwrap()]);
+    assert!(c.listen[0].tls.is_none() && !c.listen[0].h2);
     assert_eq!(c.admin_listen, "127.0.0.1:9091".parse().unwrap());
     let r = &c.routes[0];
     assert_eq!(r.strategy, Strategy::Race);
@@ -510,4 +512,67 @@ fn limits_have_defaults_bounds_and_field_paths() {
     let e = errors_of(&with("  max_client_connections: -1"));
     assert_eq!(e.len(), 1, "{e:?}");
     assert!(e[0].starts_with("limits.max_client_connections"), "{e:?}");
+}
+
+#[test]
+fn listeners_are_strings_or_maps_with_tls_and_h2() {
+    let c = Config::from_yaml(&format!(
+        "listen:\n  - \"127.0.0.1:8080\"\n  - {{addr: \"127.0.0.1:8443\", tls: {{cert: c.pem, key: k.pem}}}}\n  - {{addr: \"127.0.0.1:8444\", tls: {{cert: c.pem, key: k.pem}}, h2: false}}\n  - {{addr: \"127.0.0.1:8081\"}}\n{MINIMAL}"
+    ))
+    .unwrap();
+    let l = &c.listen;
+    assert_eq!(l.len(), 4);
+    assert!(l[0].tls.is_none() && !l[0].h2);
+    let tls = l[1].tls.as_ref().unwrap();
+    assert_eq!((tls.cert.as_str(), tls.key.as_str()), ("c.pem", "k.pem"));
+    assert!(l[1].h2, "h2 defaults to true on a TLS listener");
+    assert!(l[2].tls.is_some() && !l[2].h2);
+    assert!(
+        l[3].tls.is_none() && !l[3].h2,
+        "a map without tls is plain HTTP/1.1"
+    );
+    assert_eq!(l[1].addr, "127.0.0.1:8443".parse().unwrap());
+}
+
+#[test]
+fn bad_listener_maps_name_their_field() {
+    let e = errors_of(&format!(
+        "listen:\n  - {{addr: nowhere}}\n  - {{addr: \"127.0.0.1:1\", h2: true}}\n  - {{addr: \"127.0.0.1:2\", tls: {{cert: c.pem}}}}\n  - {{addr: \"127.0.0.1:3\", tsl: {{}}}}\n{MINIMAL}"
+    ));
+    assert!(
+        e.iter()
+            .any(|m| m.starts_with("listen[0].addr: expected an IP address")),
+        "{e:?}"
+    );
+    assert!(
+        e.iter()
+            .any(|m| m.starts_with("listen[1].h2: HTTP/2 is offered on TLS listeners only")),
+        "{e:?}"
+    );
+    assert!(
+        e.iter()
+            .any(|m| m.starts_with("listen[2]:") && m.contains("missing field `key`")),
+        "{e:?}"
+    );
+    assert!(
+        e.iter()
+            .any(|m| m.starts_with("listen[3]:") && m.contains("unknown field `tsl`")),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn https_backends_take_port_443_and_keep_their_host_for_verification() {
+    let yaml = MINIMAL.replace("http://127.0.0.1:9001", "https://localhost/base");
+    let c = Config::from_yaml(&yaml).unwrap();
+    let b = &c.routes[0].backends[0];
+    assert!(b.tls);
+    assert_eq!(
+        (b.label.as_str(), b.host.as_str(), b.host_header.as_str()),
+        ("localhost:443", "localhost", "localhost")
+    );
+    assert_eq!(b.addr.port(), 443);
+    assert_eq!(b.base_path, "/base");
+    let plain = Config::from_yaml(MINIMAL).unwrap();
+    assert!(!plain.routes[0].backends[0].tls);
 }

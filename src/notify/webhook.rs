@@ -121,7 +121,8 @@ async fn send(
     body: &[u8],
 ) -> Result<HttpSession, String> {
     let host = url.host().ok_or("webhook URL without host")?;
-    let port = url.port_u16().unwrap_or(80);
+    let tls = url.scheme_str() == Some("https");
+    let port = url.port_u16().unwrap_or(if tls { 443 } else { 80 });
     let path = url.path_and_query().map_or("/", |p| p.as_str());
     let bare_host = host.trim_start_matches('[').trim_end_matches(']');
     let addr = tokio::net::lookup_host((bare_host, port))
@@ -129,7 +130,8 @@ async fn send(
         .map_err(|e| format!("resolve {host}: {e}"))?
         .next()
         .ok_or_else(|| format!("resolve {host}: no address"))?;
-    let peer = HttpPeer::new(addr, false, String::new());
+    // https: verified against the system's roots, for the URL's host.
+    let peer = HttpPeer::new(addr, tls, bare_host.to_string());
     let stream = connector
         .new_stream(&peer)
         .await
