@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::pki;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -52,11 +53,22 @@ async fn serves_without_draining(ports: &Ports) {
 }
 
 fn conf(dir: &Path, ports: &Ports, backend: &Origin, store: &str) -> String {
+    conf_listening(dir, ports, backend, store, "")
+}
+
+/// [`conf`] with more `listen` entries (`, {addr: …, tls: …}`).
+fn conf_listening(
+    dir: &Path,
+    ports: &Ports,
+    backend: &Origin,
+    store: &str,
+    more_listen: &str,
+) -> String {
     let d = dir.display();
     format!(
         "server:\n  threads: 2\n  pid_file: {d}/tollgate.pid\n  upgrade_sock: {d}/upgrade.sock\n  \
          error_log: {d}/error.log\n  grace_period_seconds: 1\n  graceful_shutdown_timeout_seconds: 2\n\
-         listen: [\"127.0.0.1:{}\"]\nadmin_listen: \"127.0.0.1:{}\"\n{store}\naccess_log: off\n\
+         listen: [\"127.0.0.1:{}\"{more_listen}]\nadmin_listen: \"127.0.0.1:{}\"\n{store}\naccess_log: off\n\
          routes:\n  - {{name: t, prefix: /api/, backends: [\"{}\"]}}\n",
         ports.listen,
         ports.admin,
@@ -584,4 +596,151 @@ async fn stop(pid: i32) {
         !alive(pid)
     })
     .await;
+}
+
+/// TLS clients until `stop`, by thirds: keep-alive HTTP/1.1, HTTP/2 (one
+/// connection, streams at once), and a new connection per request.
+fn start_tls_load(
+    clients: usize,
+    url: String,
+    key: &'static str,
+    pki: &pki::Pki,
+    stop: Arc<AtomicBool>,
+    tally: Arc<Mutex<Tally>>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let began = Instant::now();
+    let h1 = pki::client(pki, false);
+    let h2 = pki::client(pki, true);
+    let fresh = pki::builder(pki)
+        .http1_only()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    (0..clients)
+        .map(|i| {
+            let client = [&h1, &h2, &fresh][i % 3].clone();
+            let (stop, tally, url) = (stop.clone(), tally.clone(), url.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let result = match client.get(&url).header("X-API-Key", key).send().await {
+                        Ok(r) if r.status() == 200 => {
+                            let v: serde_json::Value = r.json().await.unwrap_or_default();
+                            Ok(v["from"].as_str().unwrap_or("?").to_string())
+                        }
+                        Ok(r) => Err(format!("HTTP {} ({:?})", r.status(), r.version())),
+                        Err(e) => Err(format!("client {i}: {e:?}")),
+                    };
+                    let mut t = tally.lock().unwrap();
+                    match result {
+                        Ok(from) => t.ok.push(from),
+                        Err(e) => t.failed.push((began.elapsed(), e)),
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+/// A renewed certificate written over the old files is served after a
+/// reload; TLS clients on HTTP/1.1, HTTP/2 and new connections lose nothing
+/// meanwhile, and credits equal answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_serves_a_renewed_certificate_under_tls_load_losing_nothing() {
+    const KEY_: &str = "tls-reload-key";
+    let redis = RedisServer::start();
+    import_keys(&redis, &format!("keys:\n  - {{key: \"{KEY_}\", name: r, credits: {CREDITS}, rate_per_second: 1000000}}\n"));
+    let a = Origin::json("a", true, 10).await;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki::Pki::new(dir.path());
+    let live = pki.leaf("live", 1, 30);
+    let ports = Ports::free();
+    let tls_port = free_port();
+    let store = format!("store:\n  redis_url: {}\n  timeout_ms: 5000", redis.url());
+    let tls = format!(
+        ", {{addr: \"127.0.0.1:{tls_port}\", tls: {{cert: \"{}\", key: \"{}\"}}}}",
+        live.cert.display(),
+        live.key.display()
+    );
+    let conf = write(
+        dir.path(),
+        "tls.yaml",
+        &conf_listening(dir.path(), &ports, &a, &store, &tls),
+    );
+    let mut daemons = Daemons(Vec::new());
+    let (code, _, err) = tollgate(&["serve", "-d"], &conf);
+    assert_eq!(code, 0, "{err}");
+    let pid = wait_pid(dir.path(), None).await;
+    daemons.0.push(pid);
+    wait_ready(&ports).await;
+
+    let url = format!("https://localhost:{tls_port}/api/x");
+    let serial = || async {
+        let r = pki::client(&pki, true)
+            .get(&url)
+            .header("X-API-Key", KEY_)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        pki::peer_serial(&r)
+    };
+    assert_eq!(serial().await, 1);
+
+    let halt = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let load = start_tls_load(12, url.clone(), KEY_, &pki, halt.clone(), tally.clone());
+    let served = || tally.lock().unwrap().ok.len();
+    wait_until(
+        "TLS traffic on the first process",
+        Duration::from_secs(10),
+        || served() >= 50,
+    )
+    .await;
+
+    // Renewal: new files where the old ones were, then the unit's reload.
+    let renewed = pki.leaf("live", 2, 90);
+    assert_eq!(renewed.cert, live.cert);
+    let (code, err) = exec_reload(&conf, pid);
+    assert_eq!(code, 0, "{err}");
+    let new = pid_file(dir.path()).unwrap();
+    assert_ne!(new, pid);
+    daemons.0.push(new);
+    // The old process accepts on the shared socket until its grace period
+    // ends; once it has gone, every new connection meets the new process.
+    wait_until("the old process to exit", Duration::from_secs(30), || {
+        !alive(pid)
+    })
+    .await;
+    assert_eq!(
+        serial().await,
+        2,
+        "a new connection still sees the old certificate"
+    );
+    let before = served();
+    wait_until("traffic after the reload", Duration::from_secs(10), || {
+        served() >= before + 50
+    })
+    .await;
+    halt.store(true, Ordering::Relaxed);
+    for t in load {
+        t.await.unwrap();
+    }
+    let (served, failed) = {
+        let t = tally.lock().unwrap();
+        (t.ok.len() as u64, t.failed.clone())
+    };
+    assert!(
+        failed.is_empty(),
+        "{} of {served} TLS requests failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(8)]
+    );
+    // The two serial probes were answered and charged too.
+    assert_eq!(
+        CREDITS - balance(&redis).await,
+        served + 2,
+        "credits charged != answers"
+    );
+    eprintln!("TLS reload under load: {served} requests, 0 failed");
+    stop(new).await;
 }

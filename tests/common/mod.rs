@@ -15,9 +15,11 @@ use tempfile::TempDir;
 use tokio::net::TcpListener;
 
 mod origin;
+pub mod pki;
 
 use origin::{serve, Handler};
 pub use origin::{Reply, Request};
+use pingora::tls::ssl::SslAcceptor;
 
 /// How long anything may take to become ready before a test fails.
 const READY_WITHIN: Duration = Duration::from_secs(20);
@@ -62,11 +64,28 @@ impl<F: Fn(&Request) -> Reply + Send + Sync + 'static> Handler for FnHandler<F> 
 pub struct Origin {
     pub addr: SocketAddr,
     pub rec: Arc<Recorder>,
+    /// Speaks TLS (its URL is `https://localhost:PORT`).
+    pub tls: bool,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Origin {
     pub async fn start(f: impl Fn(&Request) -> Reply + Send + Sync + 'static) -> Origin {
+        Origin::listen(f, None).await
+    }
+
+    /// An https origin with a certificate for `localhost` from `pki`'s CA.
+    pub async fn start_tls(
+        pki: &pki::Pki,
+        f: impl Fn(&Request) -> Reply + Send + Sync + 'static,
+    ) -> Origin {
+        Origin::listen(f, Some(pki.origin_acceptor())).await
+    }
+
+    async fn listen(
+        f: impl Fn(&Request) -> Reply + Send + Sync + 'static,
+        tls: Option<SslAcceptor>,
+    ) -> Origin {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let rec = Arc::new(Recorder::default());
@@ -74,8 +93,14 @@ impl Origin {
             f,
             rec: rec.clone(),
         });
-        let task = tokio::spawn(serve(listener, handler));
-        Origin { addr, rec, task }
+        let is_tls = tls.is_some();
+        let task = tokio::spawn(serve(listener, handler, tls.map(Arc::new)));
+        Origin {
+            addr,
+            rec,
+            tls: is_tls,
+            task,
+        }
     }
 
     /// Answers `{"status": <ok>, "from": <name>}` after `delay_ms`.
@@ -112,7 +137,11 @@ impl Origin {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        if self.tls {
+            format!("https://localhost:{}", self.addr.port())
+        } else {
+            format!("http://{}", self.addr)
+        }
     }
 
     pub fn requests(&self) -> Vec<Request> {
@@ -222,6 +251,18 @@ impl Gateway {
         keys: &str,
         server: &str,
     ) -> Gateway {
+        Gateway::start_listening(routes, top, keys, server, &[]).await
+    }
+
+    /// As [`Gateway::start_with_server`], with more `listen` entries after
+    /// the plain one (YAML flow values, e.g. a TLS listener's map).
+    pub async fn start_listening(
+        routes: &[String],
+        top: &str,
+        keys: &str,
+        server: &str,
+        more_listen: &[String],
+    ) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let keys_path = dir.path().join("keys.yaml");
         std::fs::write(&keys_path, keys).unwrap();
@@ -233,9 +274,10 @@ impl Gateway {
         .replace("{keys}", &keys_path.display().to_string());
         let port = free_port();
         let admin_port = free_port();
+        let listen: String = more_listen.iter().map(|l| format!(", {l}")).collect();
         let conf = format!(
             "server:\n  threads: 2\n{server}  pid_file: {d}/tollgate.pid\n  upgrade_sock: {d}/upgrade.sock\n\
-             listen: [\"127.0.0.1:{port}\"]\nadmin_listen: \"127.0.0.1:{admin_port}\"\n{top}\nroutes:\n{}",
+             listen: [\"127.0.0.1:{port}\"{listen}]\nadmin_listen: \"127.0.0.1:{admin_port}\"\n{top}\nroutes:\n{}",
             routes.concat(),
             d = dir.path().display(),
         );

@@ -3,13 +3,17 @@
 //! connection is noticed, and unasked bytes after an answer. Written by hand
 //! on purpose: the tests need to see and do what a well-behaved server
 //! library hides (connection numbers, early closes, a stray 408). It lives
-//! with the tests, so none of it is in the shipped binary.
+//! with the tests, so none of it is in the shipped binary. With an acceptor
+//! it speaks TLS (OpenSSL through Pingora's re-export, as the gateway does).
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use pingora::tls::ssl::{Ssl, SslAcceptor};
+use pingora::tls::tokio_ssl::SslStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// A request as the origin received it.
@@ -89,27 +93,46 @@ pub trait Handler: Send + Sync + 'static {
 const MAX_HEAD: usize = 64 * 1024;
 const MAX_BODY: usize = 1024 * 1024;
 
-/// Serve connections from `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, handler: Arc<dyn Handler>) {
+/// Serve connections from `listener` until the task is dropped; over TLS
+/// when given an acceptor (a failed handshake ends that connection only).
+pub async fn serve(
+    listener: TcpListener,
+    handler: Arc<dyn Handler>,
+    tls: Option<Arc<SslAcceptor>>,
+) {
     let ids = Arc::new(AtomicU64::new(0));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        let _ = stream.set_nodelay(true);
         let id = ids.fetch_add(1, Ordering::Relaxed) + 1;
         let handler = handler.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let _ = connection(stream, id, handler).await;
+            let _ = match tls {
+                None => connection(stream, id, handler).await,
+                Some(acceptor) => match accept(&acceptor, stream).await {
+                    Some(tls_stream) => connection(tls_stream, id, handler).await,
+                    None => Ok(()),
+                },
+            };
         });
     }
 }
 
-async fn connection(
-    mut stream: TcpStream,
+async fn accept(acceptor: &SslAcceptor, stream: TcpStream) -> Option<SslStream<TcpStream>> {
+    let ssl = Ssl::new(acceptor.context()).ok()?;
+    let mut tls = SslStream::new(ssl, stream).ok()?;
+    Pin::new(&mut tls).accept().await.ok()?;
+    Some(tls)
+}
+
+async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
     id: u64,
     handler: Arc<dyn Handler>,
 ) -> std::io::Result<()> {
-    let _ = stream.set_nodelay(true);
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     loop {
         // Read one request head.
