@@ -5,7 +5,8 @@
 //! also for ten reloads a second apart; a reload that cannot succeed fails
 //! visibly and leaves the running process serving; a SIGQUIT with no process
 //! waiting for the sockets is refused; a process that cannot bind a listener
-//! exits non-zero at once.
+//! exits non-zero at once; a renewed TLS certificate is served after a
+//! reload under TLS load that loses nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -642,7 +643,7 @@ fn start_tls_load(
 }
 
 /// A renewed certificate written over the old files is served after a
-/// reload; TLS clients on HTTP/1.1, HTTP/2 and new connections lose nothing
+/// reload (an expired one fails the reload first); TLS clients on HTTP/1.1, HTTP/2 and new connections lose nothing
 /// meanwhile, and credits equal answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_reload_serves_a_renewed_certificate_under_tls_load_losing_nothing() {
@@ -697,6 +698,14 @@ async fn a_reload_serves_a_renewed_certificate_under_tls_load_losing_nothing() {
     )
     .await;
 
+    // An expired renewal fails the reload; the process serves on.
+    pki.leaf("live", 9, -1);
+    let (code, err) = exec_reload(&conf, pid);
+    assert!(
+        code != 0 && err.contains("listen[1].tls.cert"),
+        "{code} {err}"
+    );
+    assert_eq!(pid_file(dir.path()), Some(pid));
     // Renewal: new files where the old ones were, then the unit's reload.
     let renewed = pki.leaf("live", 2, 90);
     assert_eq!(renewed.cert, live.cert);

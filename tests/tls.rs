@@ -183,7 +183,24 @@ async fn every_feature_alike(h2: bool) {
         (failed.status, failed.error()),
         (502, "upstream_failed".into())
     );
-    for a in [&none, &unknown, &nowhere, &post, &escape, &poor, &failed] {
+    let long = format!("/api/{}", "a".repeat(9 * 1024));
+    let too_long = send(c.get(t.url(&long)).header("X-API-Key", KEY)).await;
+    assert_eq!(
+        (too_long.status, too_long.error()),
+        (414, "uri_too_long".into())
+    );
+    let mut big = c.get(t.url("/api/x")).header("X-API-Key", KEY);
+    for i in 0..5 {
+        big = big.header(format!("x-filler-{i}"), "f".repeat(7 * 1024));
+    }
+    let too_big = send(big).await;
+    assert_eq!(
+        (too_big.status, too_big.error()),
+        (431, "headers_too_large".into())
+    );
+    for a in [
+        &none, &unknown, &nowhere, &post, &escape, &poor, &failed, &too_long, &too_big,
+    ] {
         assert_eq!(a.version, want);
     }
     let mut limited = None;
