@@ -1,6 +1,6 @@
 //! The HTTP/1 front door: reads each request head off a client connection
-//! before Pingora does, refuses what nginx refuses with the gateway's JSON
-//! error, and hands Pingora exactly one request at a time.
+//! (plain or TLS) before Pingora does, refuses what nginx refuses with the
+//! gateway's JSON error, and hands Pingora exactly one request at a time.
 //!
 //! Why it exists: Pingora's HTTP/1 server decides some things before any
 //! `ProxyHttp` hook runs, and they cannot be changed from one:
@@ -23,11 +23,12 @@
 //! gateway serves only GET and HEAD) closes the connection after its answer,
 //! so no body bytes are ever taken for a request head.
 //!
-//! Only plain HTTP/1.1 goes through it. On a TLS listener it shakes hands
-//! ([`crate::tls`]) and hands the TLS stream to Pingora, which speaks HTTP/2
-//! or HTTP/1.1 on it as ALPN chose: the gateway's own checks (method, target,
-//! header sizes) still run in the proxy's hooks, but a head that Pingora's
-//! parser refuses gets Pingora's bare 400 there, not the JSON one.
+//! On a TLS listener it first shakes hands ([`crate::tls`]); HTTP/1.1 over
+//! TLS then goes through the same door (a [`TlsConnection`] puts the bytes
+//! read ahead back, as `rewind` does on a plain stream), and HTTP/2, which
+//! ALPN chose, goes to Pingora's HTTP/2 server as it is: its frames carry no
+//! head to check, and the gateway's own checks (method, target, header
+//! sizes) run in the proxy's hooks for each stream.
 
 use std::future::Future;
 use std::mem::MaybeUninit;
@@ -40,7 +41,7 @@ use bytes::BytesMut;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::stream::Stream as L4Stream;
-use pingora::protocols::Stream;
+use pingora::protocols::{Ssl, Stream, ALPN, IO};
 use pingora::proxy::{http_proxy, HttpProxy};
 use pingora::server::configuration::ServerConf;
 use pingora::server::ShutdownWatch;
@@ -55,7 +56,7 @@ use crate::proxy::Gateway;
 use crate::reject::Reject;
 use crate::respond;
 use crate::router::{MAX_HEADER_BYTES, MAX_TARGET_BYTES};
-use crate::tls::TlsListeners;
+use crate::tls::{TlsConnection, TlsListeners};
 
 /// Pingora's keep-alive timeout: how long a connection may sit without a
 /// byte of its next request (and how long any one read of a head may wait).
@@ -140,14 +141,53 @@ impl ServerApp for Front {
         if !stream.as_any().is::<L4Stream>() {
             return ServerApp::process_new(&self.proxy, stream, shutdown).await;
         }
-        let mut l4 = stream.into_any().downcast::<L4Stream>().ok()?;
-        if let Some(acceptor) = self.tls.acceptor(&l4) {
-            let tls = self
-                .tls
-                .handshake(acceptor, *l4, self.header_timeout)
-                .await?;
+        let l4 = stream.into_any().downcast::<L4Stream>().ok()?;
+        let Some(acceptor) = self.tls.acceptor(&l4) else {
+            return self.serve_http1(l4, shutdown).await;
+        };
+        let tls = self
+            .tls
+            .handshake(acceptor, *l4, self.header_timeout)
+            .await?;
+        if tls.selected_alpn_proto() == Some(ALPN::H2) {
             return ServerApp::process_new(&self.proxy, Box::new(tls), shutdown).await;
         }
+        self.serve_http1(Box::new(TlsConnection::new(tls)), shutdown)
+            .await
+    }
+
+    async fn cleanup(&self) {
+        self.proxy.http_cleanup().await;
+    }
+}
+
+/// A connection the front door reads HTTP/1 heads from: plain or TLS.
+pub trait Connection: IO + Sized + 'static {
+    /// Put bytes read ahead back in front of the stream, for Pingora to read.
+    fn put_back(&mut self, data: &[u8]);
+}
+
+impl Connection for L4Stream {
+    fn put_back(&mut self, data: &[u8]) {
+        self.rewind(data);
+    }
+}
+
+impl Connection for TlsConnection {
+    fn put_back(&mut self, data: &[u8]) {
+        self.rewind(data);
+    }
+}
+
+impl Front {
+    /// Serve HTTP/1 requests on `conn` one at a time, each head read and
+    /// checked here first, until the client leaves, a request is refused or
+    /// the server shuts down.
+    async fn serve_http1<C: Connection>(
+        self: &Arc<Self>,
+        mut conn: Box<C>,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
         let mut waits = Waits::new(shutdown, IDLE);
         // Bytes read from the client and not yet handed to Pingora.
         let mut pending = BytesMut::new();
@@ -158,7 +198,7 @@ impl ServerApp for Front {
         loop {
             let mut started = Instant::now();
             let read = read_head(
-                &mut l4,
+                &mut *conn,
                 &mut pending,
                 &mut started,
                 (deadline.take(), self.header_timeout),
@@ -173,7 +213,7 @@ impl ServerApp for Front {
                     return None;
                 }
                 Read::Refuse(reject) => {
-                    self.refuse(&mut l4, reject, started).await;
+                    self.refuse(&mut *conn, reject, started).await;
                     return None;
                 }
             };
@@ -184,11 +224,11 @@ impl ServerApp for Front {
             } else {
                 head.len
             };
-            l4.rewind(&pending.split_to(take));
+            conn.put_back(&pending.split_to(take));
             if pending.is_empty() {
                 pending = BytesMut::new();
             }
-            let mut session = ServerSession::new_http1(l4);
+            let mut session = ServerSession::new_http1(conn);
             match settings.take() {
                 Some(s) => s.apply_to_session(&mut session),
                 None => session.set_keepalive(Some(IDLE.as_secs())),
@@ -199,19 +239,13 @@ impl ServerApp for Front {
             let reused = self.proxy.process_new_http(session, shutdown).await?;
             let (stream, next) = reused.consume();
             settings = next;
-            l4 = stream.into_any().downcast::<L4Stream>().ok()?;
+            conn = stream.into_any().downcast::<C>().ok()?;
         }
     }
 
-    async fn cleanup(&self) {
-        self.proxy.http_cleanup().await;
-    }
-}
-
-impl Front {
     /// Answer with the JSON error, count and log it (no path: the target is
     /// not known to be safe to log), and close.
-    async fn refuse(&self, l4: &mut L4Stream, reject: Reject, started: Instant) {
+    async fn refuse<C: Connection>(&self, conn: &mut C, reject: Reject, started: Instant) {
         let request_id = logging::new_request_id();
         let elapsed = started.elapsed();
         self.metrics.request(None, reject.status(), elapsed);
@@ -231,15 +265,15 @@ impl Front {
             error: Some(reject.code()),
         });
         let answer = respond::raw_reject(reject, &request_id);
-        if l4.write_all(&answer).await.is_err() || l4.flush().await.is_err() {
+        if conn.write_all(&answer).await.is_err() || conn.flush().await.is_err() {
             return;
         }
-        let _ = l4.shutdown().await;
+        let _ = AsyncWriteExt::shutdown(conn).await;
         let mut sink = [0u8; 4096];
         let mut drained = 0;
         let deadline = tokio::time::Instant::now() + LINGER;
         while drained < LINGER_BYTES {
-            match tokio::time::timeout_at(deadline, l4.read(&mut sink)).await {
+            match tokio::time::timeout_at(deadline, conn.read(&mut sink)).await {
                 Ok(Ok(n)) if n > 0 => drained += n,
                 _ => break,
             }
@@ -292,8 +326,8 @@ impl Waits {
 
 /// Read until `pending` holds a complete head (and check it), the client
 /// leaves, or the server shuts down. `started` becomes the first byte's time.
-async fn read_head(
-    l4: &mut L4Stream,
+async fn read_head<C: Connection>(
+    conn: &mut C,
     pending: &mut BytesMut,
     started: &mut Instant,
     (mut deadline, header_timeout): (Option<Instant>, Duration),
@@ -326,7 +360,7 @@ async fn read_head(
                 // request, with TCP_DEFER_ACCEPT) are served even when
                 // shutdown is set.
                 biased;
-                read = l4.read_buf(pending) => break read,
+                read = conn.read_buf(pending) => break read,
                 // Pingora drops idle keep-alive connections at shutdown; so do we.
                 () = waits.shutdown.as_mut(), if idle => return Read::Gone,
                 () = sleep_until_some(deadline) => return Read::TimedOut,

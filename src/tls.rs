@@ -15,16 +15,27 @@
 //! (so a graceful upgrade picks up renewed files), and ALPN offering `h2`
 //! then `http/1.1`, or `http/1.1` only when the listener has `h2: false`.
 
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use async_trait::async_trait;
+use bytes::BytesMut;
 use pingora::protocols::l4::stream::Stream as L4Stream;
-use pingora::protocols::tls::{server, SslStream};
-use pingora::protocols::GetSocketDigest;
+use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::tls::{server, SslDigest, SslStream, TlsRef};
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl,
+    TimingDigest, UniqueID, UniqueIDType, ALPN,
+};
 use pingora::tls::ssl::{
     select_next_proto, AlpnError, SslAcceptor, SslFiletype, SslMethod, SslVersion,
 };
 use pingora_prometheus::prometheus::IntCounter;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::config::Listener;
 
@@ -116,3 +127,139 @@ fn acceptor(cert: &str, key: &str, h2: bool) -> Result<SslAcceptor, String> {
     });
     Ok(b.build())
 }
+
+/// A TLS connection that speaks HTTP/1.1, as the front door hands it to
+/// Pingora: the bytes it read ahead are put back in front of the stream, as
+/// `l4::Stream::rewind` does on a plain connection. Everything else is the
+/// TLS stream's.
+#[derive(Debug)]
+pub struct TlsConnection {
+    inner: SslStream<L4Stream>,
+    /// Read ahead and put back; read before the stream.
+    rewound: BytesMut,
+}
+
+impl TlsConnection {
+    pub fn new(inner: SslStream<L4Stream>) -> TlsConnection {
+        TlsConnection {
+            inner,
+            rewound: BytesMut::new(),
+        }
+    }
+
+    /// Put `data` back in front of what is still to be read.
+    pub fn rewind(&mut self, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        let mut front = BytesMut::with_capacity(data.len() + self.rewound.len());
+        front.extend_from_slice(data);
+        front.extend_from_slice(&self.rewound);
+        self.rewound = front;
+    }
+}
+
+impl AsyncRead for TlsConnection {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.rewound.is_empty() {
+            return Pin::new(&mut self.inner).poll_read(cx, buf);
+        }
+        let n = buf.remaining().min(self.rewound.len());
+        buf.put_slice(&self.rewound.split_to(n));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for TlsConnection {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[async_trait]
+impl Shutdown for TlsConnection {
+    async fn shutdown(&mut self) {
+        Shutdown::shutdown(&mut self.inner).await
+    }
+}
+
+impl UniqueID for TlsConnection {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for TlsConnection {
+    fn get_ssl(&self) -> Option<&TlsRef> {
+        self.inner.get_ssl()
+    }
+
+    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for TlsConnection {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for TlsConnection {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+}
+
+impl GetSocketDigest for TlsConnection {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.inner.set_socket_digest(digest)
+    }
+}
+
+/// Peeking is not offered (as on Pingora's own TLS stream).
+impl Peek for TlsConnection {}

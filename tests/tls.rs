@@ -8,6 +8,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::pki::{self, Pki};
 use common::*;
 use reqwest::{Method, Version};
@@ -32,8 +34,9 @@ struct TlsGateway {
 }
 
 impl TlsGateway {
-    /// `listener_extra`: more fields of the TLS listener's map (`, h2: false`).
-    async fn start(routes: &[String], listener_extra: &str) -> TlsGateway {
+    /// `top`: more top-level YAML; `listener_extra`: more fields of the TLS
+    /// listener's map (`, h2: false`).
+    async fn start(routes: &[String], top: &str, listener_extra: &str) -> TlsGateway {
         let dir = tempfile::tempdir().unwrap();
         let pki = Pki::new(dir.path());
         let leaf = pki.leaf("gateway", 7, 90);
@@ -43,7 +46,7 @@ impl TlsGateway {
             leaf.cert.display(),
             leaf.key.display()
         );
-        let gw = Gateway::start_listening(routes, "", &keys(), "", &[listener]).await;
+        let gw = Gateway::start_listening(routes, top, &keys(), "", &[listener]).await;
         TlsGateway {
             gw,
             port,
@@ -109,6 +112,7 @@ async fn every_feature_alike(h2: bool) {
             route("t", "/api/", &[&ok], "cache: {ttl_seconds: 60}"),
             route("bad", "/bad/", &[&broken], ""),
         ],
+        "",
         "",
     )
     .await;
@@ -237,7 +241,7 @@ async fn every_feature_works_over_http2() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_streams_on_one_http2_connection_are_each_charged_and_limited() {
     let ok = Origin::json("ok", true, 20).await;
-    let t = TlsGateway::start(&[route("t", "/api/", &[&ok], "")], "").await;
+    let t = TlsGateway::start(&[route("t", "/api/", &[&ok], "")], "", "").await;
     let c = pki::client(&t.pki, true);
     // One connection first, so that every stream below shares it.
     let first = send(c.get(t.url("/api/warm")).header("X-API-Key", KEY)).await;
@@ -285,7 +289,7 @@ async fn many_streams_on_one_http2_connection_are_each_charged_and_limited() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listener_with_h2_false_speaks_http1_only() {
     let ok = Origin::json("ok", true, 0).await;
-    let t = TlsGateway::start(&[route("t", "/api/", &[&ok], "")], ", h2: false").await;
+    let t = TlsGateway::start(&[route("t", "/api/", &[&ok], "")], "", ", h2: false").await;
     let c = pki::client(&t.pki, true);
     let a = send(c.get(t.url("/api/x")).header("X-API-Key", KEY)).await;
     assert_eq!((a.status, a.version), (200, Version::HTTP_11));
@@ -339,7 +343,7 @@ async fn https_backends_are_verified_and_pooled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_handshakes_are_counted() {
     let ok = Origin::json("ok", true, 0).await;
-    let t = TlsGateway::start(&[route("t", "/api/", &[&ok], "")], "").await;
+    let t = TlsGateway::start(&[route("t", "/api/", &[&ok], "")], "", "").await;
     let tls_addr = std::net::SocketAddr::from(([127, 0, 0, 1], t.port));
     let answer = raw(tls_addr, get("/api/x", "")).await;
     assert!(!answer.starts_with("HTTP/1.1 200"), "{answer}");
@@ -436,4 +440,64 @@ fn check_names_each_certificate_problem_by_field() {
     );
     let (code, _, err) = tollgate(&["serve", "-t"], &path);
     assert_eq!(code, 0, "{err}");
+}
+
+/// HTTP/1.1 over TLS goes through the same front door as plain HTTP/1.1:
+/// framing nginx refuses gets the JSON 400 and a close, pipelined requests
+/// are answered in order, and a head that never completes is closed at
+/// `limits.request_header_timeout_ms` and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_over_tls_gets_the_front_doors_checks() {
+    let echo = Origin::start(|r| {
+        Reply::json(
+            200,
+            format!(r#"{{"status": true, "target": "{}"}}"#, r.target),
+        )
+    })
+    .await;
+    let t = TlsGateway::start(
+        &[route("t", "/api/", &[&echo], "")],
+        "limits:\n  request_header_timeout_ms: 500\n",
+        "",
+    )
+    .await;
+    let within = Duration::from_secs(10);
+    for bad in [
+        format!("GET /api/x HTTP/1.1\r\nHost: t\r\nX-API-Key: {KEY}\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+        format!("GET /api/x y HTTP/1.1\r\nHost: t\r\nX-API-Key: {KEY}\r\n\r\n"),
+        "HELLO THERE\r\n\r\n".to_string(),
+    ] {
+        let (answer, _) = pki::raw_tls(&t.pki, t.port, bad.as_bytes(), within).await;
+        let (status, body) = status_and_json(&answer);
+        assert_eq!((status, body["error"].as_str()), (400, Some("bad_request")), "{bad:?}: {answer}");
+        assert!(answer.contains("Connection: close"), "{answer}");
+    }
+    assert_eq!(echo.hits(), 0, "a refused request reached the backend");
+
+    let one = |path: &str, last: bool| {
+        let close = if last { "Connection: close\r\n" } else { "" };
+        format!("GET {path} HTTP/1.1\r\nHost: t\r\nX-API-Key: {KEY}\r\n{close}\r\n")
+    };
+    let three = format!(
+        "{}{}{}",
+        one("/api/p1", false),
+        one("/api/p2", false),
+        one("/api/p3", true)
+    );
+    let (answer, _) = pki::raw_tls(&t.pki, t.port, three.as_bytes(), within).await;
+    assert_eq!(answer.matches("HTTP/1.1 200 ").count(), 3, "{answer}");
+    let at = |p: &str| answer.find(&format!("\"target\": \"{p}\"")).unwrap();
+    assert!(at("/api/p1") < at("/api/p2") && at("/api/p2") < at("/api/p3"));
+
+    let (answer, took) = pki::raw_tls(
+        &t.pki,
+        t.port,
+        b"GET /api/slow HTTP/1.1\r\nHost: t\r\n",
+        within,
+    )
+    .await;
+    assert!(answer.is_empty(), "{answer}");
+    assert!(took < Duration::from_secs(3), "closed after {took:?}");
+    let series = "tollgate_request_header_timeouts_total";
+    assert_eq!(sample(&t.gw.metrics().await, series), 1.0);
 }

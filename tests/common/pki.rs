@@ -3,8 +3,9 @@
 //! (the library the gateway's TLS runs on) and written as PEM files.
 
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use openssl::asn1::{Asn1Integer, Asn1Time};
 use openssl::bn::BigNum;
@@ -12,9 +13,12 @@ use openssl::ec::{EcGroup, EcKey};
 use openssl::hash::MessageDigest;
 use openssl::nid::Nid;
 use openssl::pkey::{PKey, Private};
-use openssl::ssl::{SslAcceptor, SslFiletype, SslMethod};
+use openssl::ssl::{SslAcceptor, SslConnector, SslFiletype, SslMethod};
 use openssl::x509::extension::{BasicConstraints, KeyUsage, SubjectAlternativeName};
 use openssl::x509::{X509Builder, X509Name, X509};
+use pingora::tls::tokio_ssl::SslStream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 const DAY: i64 = 86_400;
 
@@ -165,4 +169,40 @@ pub fn peer_serial(r: &reqwest::Response) -> u32 {
         .get::<reqwest::tls::TlsInfo>()
         .expect("a TLS answer from a client with tls_info");
     serial_of(info.peer_certificate().expect("the server's certificate"))
+}
+
+/// Send `bytes` over TLS (ALPN `http/1.1`, this CA trusted, SNI
+/// `localhost`) to `127.0.0.1:port` and read until the server closes, which
+/// must happen within `within`; the answer and how long after the send the
+/// close came.
+pub async fn raw_tls(pki: &Pki, port: u16, bytes: &[u8], within: Duration) -> (String, Duration) {
+    let mut b = SslConnector::builder(SslMethod::tls()).unwrap();
+    b.set_ca_file(pki.ca_path()).unwrap();
+    b.set_alpn_protos(b"\x08http/1.1").unwrap();
+    let ssl = b
+        .build()
+        .configure()
+        .unwrap()
+        .into_ssl("localhost")
+        .unwrap();
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut tls = SslStream::new(ssl, tcp).unwrap();
+    Pin::new(&mut tls).connect().await.unwrap();
+    tls.write_all(bytes).await.unwrap();
+    let sent = Instant::now();
+    let mut out = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 4096];
+        // A close without close_notify is an error here: the end all the same.
+        while let Ok(n) = tls.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+    };
+    tokio::time::timeout(within, read)
+        .await
+        .unwrap_or_else(|_| panic!("not closed within {within:?}"));
+    (String::from_utf8_lossy(&out).into_owned(), sent.elapsed())
 }
