@@ -9,6 +9,7 @@ pub mod keys;
 pub mod limits;
 mod route;
 mod server;
+mod store;
 pub mod tls;
 mod types;
 
@@ -23,6 +24,8 @@ use pingora::server::configuration::ServerConf;
 use file::*;
 use keys::{parse_keys, KeyRecord};
 pub use route::{Backend, CacheConfig, HealthPolicy, Route};
+use store::convert_store;
+pub use store::{RedisConfig, RedisTarget};
 pub use types::{AccessTarget, Strategy, SuccessRule};
 
 /// One problem in a configuration file, with the field path it concerns.
@@ -130,7 +133,8 @@ pub enum OnStoreError {
 
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
-    pub redis_url: Option<String>,
+    /// `None`: the embedded store.
+    pub redis: Option<RedisConfig>,
     pub key_prefix: String,
     pub keys_file: Option<String>,
     pub on_error: OnStoreError,
@@ -213,7 +217,7 @@ impl Config {
     /// Read `store.keys_file` for the embedded store. Relative paths are
     /// taken from the working directory.
     pub fn load_keys(&mut self) -> Result<(), ConfigErrors> {
-        let (None, Some(file)) = (&self.store.redis_url, &self.store.keys_file) else {
+        let (None, Some(file)) = (&self.store.redis, &self.store.keys_file) else {
             return Ok(());
         };
         let fail = |message: String| ConfigErrors(vec![err("store.keys_file", message)]);
@@ -306,32 +310,6 @@ fn choice<T: Copy>(
         format!("unknown value \"{got}\", expected {}", expected.join(" | ")),
     ));
     choices[0].1
-}
-
-const ON_STORE_ERROR: &[(&str, OnStoreError)] =
-    &[("deny", OnStoreError::Deny), ("allow", OnStoreError::Allow)];
-
-/// `store`.
-fn convert_store(store: FileStore, errors: &mut Vec<ConfigError>) -> StoreConfig {
-    let on_error = choice("store.on_error", &store.on_error, ON_STORE_ERROR, errors);
-    if let Some(url) = &store.redis_url {
-        let scheme_ok = url.starts_with("redis://") || url.starts_with("unix://");
-        if let (false, _) | (_, Err(_)) = (scheme_ok, redis::Client::open(url.as_str())) {
-            errors.push(err(
-                "store.redis_url",
-                format!("expected a redis:// or unix:// URL, got \"{url}\""),
-            ));
-        }
-    }
-    limits::STORE_TIMEOUT_MS.check("store.timeout_ms", store.timeout_ms, errors);
-    StoreConfig {
-        redis_url: store.redis_url,
-        key_prefix: store.key_prefix,
-        keys_file: store.keys_file,
-        on_error,
-        timeout: Duration::from_millis(store.timeout_ms),
-        keys: Vec::new(),
-    }
 }
 
 /// `auth`.

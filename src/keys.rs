@@ -15,7 +15,7 @@ use rand::RngCore;
 use crate::config::keys::{parse_keys, KeyRecord, KeyState};
 use crate::config::Config;
 use crate::key::KeyHash;
-use crate::store::redis::RedisStore;
+use crate::store::redis::{Marker, RedisStore};
 use crate::store::KeyRow;
 
 #[derive(Debug, Subcommand)]
@@ -51,6 +51,10 @@ pub enum KeysCommand {
         #[arg(long)]
         init: bool,
     },
+    /// Move keys stored by a tollgate before the key layout's hash tag
+    /// (`key:<sha256>` to `key:{<sha256>}`); run before the new gateways
+    /// take traffic.
+    Migrate,
 }
 
 /// A new random key: `tg_` and 192 random bits in hex.
@@ -71,6 +75,10 @@ const NOT_SET_UP: &str = "this Redis holds no tollgate data (no store marker): e
 or it lost its data (restarted without persistence). If it lost its data, restore it from a \
 backup (AOF or RDB) instead: importing resets every balance to the file's and gives back \
 credits already spent. To set up a new store, run `tollgate keys import --init FILE`.";
+
+/// Why the keys commands refuse a store in the old layout.
+const OLD_LAYOUT: &str = "this Redis holds keys in the layout of an older tollgate \
+(key:<sha256>, without the hash tag): run `tollgate keys migrate` first (README, Stores)";
 
 const HEADER: &str = "ID            NAME                 CREDITS        RATE  STATE";
 
@@ -95,10 +103,10 @@ fn io(e: std::io::Error) -> String {
 
 /// Run a `keys` subcommand, writing what it prints to `out`.
 pub async fn run(config: &Config, cmd: KeysCommand, out: &mut impl Write) -> Result<(), String> {
-    match &config.store.redis_url {
-        Some(url) => {
-            let store = RedisStore::new(url, &config.store.key_prefix, config.store.timeout)
-                .map_err(|e| format!("store.redis_url: {e}"))?;
+    match &config.store.redis {
+        Some(redis) => {
+            let store = RedisStore::new(redis, &config.store.key_prefix, config.store.timeout)
+                .map_err(|e| format!("{}: {e}", redis.field()))?;
             run_redis(&store, cmd, out).await
         }
         None => run_embedded(config, cmd, out),
@@ -126,7 +134,19 @@ async fn run_redis(
     out: &mut impl Write,
 ) -> Result<(), String> {
     let e = redis_error;
+    let marker = store.marker_state().await.map_err(e)?;
+    if marker == Marker::OldLayout && !matches!(cmd, KeysCommand::Migrate) {
+        return Err(OLD_LAYOUT.into());
+    }
     match cmd {
+        KeysCommand::Migrate => {
+            let (moved, kept) = store.migrate().await.map_err(e)?;
+            writeln!(
+                out,
+                "moved {moved} key(s) to the current layout; {kept} already there under the new name, old entry left"
+            )
+            .map_err(io)?;
+        }
         KeysCommand::Create {
             name,
             credits,
@@ -284,8 +304,11 @@ fn run_embedded(config: &Config, cmd: KeysCommand, out: &mut impl Write) -> Resu
             )
             .map_err(io)
         }
-        KeysCommand::Topup { .. } | KeysCommand::Revoke { .. } | KeysCommand::Import { .. } => Err(
-            "this needs the Redis store (store.redis_url): embedded balances live in the gateway's memory. \
+        KeysCommand::Topup { .. }
+        | KeysCommand::Revoke { .. }
+        | KeysCommand::Import { .. }
+        | KeysCommand::Migrate => Err(
+            "this needs the Redis store (store.redis_url, redis_sentinel or redis_cluster): embedded balances live in the gateway's memory. \
              With the embedded store, edit store.keys_file and restart or reload the gateway."
                 .into(),
         ),

@@ -104,7 +104,7 @@ struct Stores {
 }
 
 fn open_store(config: &Config, metrics: &Metrics) -> Result<Stores, String> {
-    let Some(url) = &config.store.redis_url else {
+    let Some(redis) = &config.store.redis else {
         if config.store.keys.is_empty() {
             log::warn!(
                 "the embedded store has no keys (store.keys_file): every request will get 401"
@@ -117,8 +117,8 @@ fn open_store(config: &Config, metrics: &Metrics) -> Result<Stores, String> {
         });
     };
     // Connects on first use, inside the service, after Pingora daemonized.
-    let redis = RedisStore::new(url, &config.store.key_prefix, config.store.timeout)
-        .map_err(|e| format!("store.redis_url: {e}"))?;
+    let redis = RedisStore::new(redis, &config.store.key_prefix, config.store.timeout)
+        .map_err(|e| format!("{}: {e}", redis.field()))?;
     let redis = Arc::new(redis.with_counters(StoreCounters {
         settle: metrics.store_error_counter("settle"),
         setup: metrics.store_error_counter("setup"),

@@ -40,7 +40,7 @@ async fn a_rate_changed_in_redis_shows_within_the_metadata_ttl() {
     let client = redis::Client::open(redis.url()).unwrap();
     let mut c = client.get_multiplexed_async_connection().await.unwrap();
     let name = format!(
-        "tollgate:key:{}",
+        "tollgate:key:{{{}}}",
         tollgate::key::KeyHash::of("meta-key").hex()
     );
     let () = redis::cmd("HSET")

@@ -81,16 +81,33 @@ impl Default for FileGlobalCache {
 #[serde(default, deny_unknown_fields)]
 pub(super) struct FileStore {
     pub(super) redis_url: Option<String>,
+    pub(super) redis_sentinel: Option<FileSentinel>,
+    pub(super) redis_cluster: Option<Vec<String>>,
+    pub(super) redis_ca: Option<String>,
     pub(super) key_prefix: String,
     pub(super) keys_file: Option<String>,
     pub(super) on_error: String,
     pub(super) timeout_ms: u64,
 }
 
+/// `store.redis_sentinel`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileSentinel {
+    pub(super) master_name: String,
+    pub(super) sentinels: Vec<String>,
+    #[serde(default)]
+    pub(super) db: i64,
+    pub(super) password: Option<String>,
+}
+
 impl Default for FileStore {
     fn default() -> Self {
         FileStore {
             redis_url: None,
+            redis_sentinel: None,
+            redis_cluster: None,
+            redis_ca: None,
             key_prefix: "tollgate:".to_string(),
             keys_file: None,
             on_error: "deny".to_string(),

@@ -1,5 +1,7 @@
-//! The Redis store, shared by every gateway node. A key is a hash at
-//! `{prefix}key:{sha256}` (name, credits, rate_per_second, state, created).
+//! The Redis store, shared by every gateway node: one Redis, Sentinel or
+//! Cluster (`conn`). A key is a hash at `{prefix}key:{<sha256>}`, the braces
+//! literal (name, credits, rate_per_second, state, created): a Cluster hash
+//! tag, so that everything about a key is in one slot.
 //! The credit decision is one Lua script per request (EVALSHA, reloaded on
 //! NOSCRIPT), so nodes never overspend; key metadata is cached in process for
 //! at most [`META_TTL`]. The connection is made on first use, i.e. inside the
@@ -8,7 +10,7 @@
 //!
 //! A call that timed out may still run: the command was sent, and a stalled
 //! Redis runs it when it wakes. So every charge and refund carries an id, and
-//! the script that applies it leaves a marker `{prefix}key:{sha256}:op:{id}`
+//! the script that applies it leaves a marker `{prefix}key:{<sha256>}:op:{id}`
 //! for [`OP_MEMORY`]. A charge whose answer the gateway did not see was
 //! answered as not charged (503, or served uncharged with `on_error: allow`),
 //! so it is cancelled: given back if it ran, made a no-op if it has not run
@@ -29,16 +31,21 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use pingora_memory_cache::MemoryCache;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, ErrorKind, RedisError, Script};
-use tokio::sync::{Notify, OnceCell};
+use tokio::sync::Notify;
 
+mod conn;
 mod upkeep;
 
+use conn::{Conn, Connector};
+
 use upkeep::{InFlight, Unsettled, SETUP_UNKNOWN};
-pub use upkeep::{Maintenance, StoreCounters, OP_MEMORY, SETTLE_QUEUE_MAX, SETUP_CHECK_EVERY};
+pub use upkeep::{
+    Maintenance, Marker, StoreCounters, OP_MEMORY, SETTLE_QUEUE_MAX, SETUP_CHECK_EVERY,
+};
 
 use super::{Charge, KeyInfo, KeyRecord, KeyRow, KeyState, SharedCache, Store, StoreError};
+use crate::config::RedisConfig;
 use crate::key::KeyHash;
 
 /// How long key metadata (state, rate) may be served from the process cache:
@@ -101,6 +108,9 @@ redis.call('HSET', KEYS[1], 'state', ARGV[1])
 return 1
 ";
 
+/// A key's name, rate and state fields.
+type Fields = (Option<String>, Option<u32>, Option<String>);
+
 /// Key metadata as last read from Redis (`None`: unknown key), with the key
 /// it is for: the memory cache files entries under a 64-bit hash of the key,
 /// and two keys sharing one must not share their metadata.
@@ -128,8 +138,7 @@ fn maybe_ran(e: &RedisError) -> bool {
 }
 
 pub struct RedisStore {
-    client: redis::Client,
-    conn: OnceCell<ConnectionManager>,
+    connector: Connector,
     prefix: String,
     timeout: Duration,
     meta: MemoryCache<KeyHash, CachedInfo>,
@@ -152,11 +161,14 @@ fn err(e: impl std::fmt::Display) -> StoreError {
 }
 
 impl RedisStore {
-    /// Parse the URL; nothing connects until the first call.
-    pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<RedisStore, StoreError> {
+    /// Check the settings; nothing connects until the first call.
+    pub fn new(
+        config: &RedisConfig,
+        prefix: &str,
+        timeout: Duration,
+    ) -> Result<RedisStore, StoreError> {
         Ok(RedisStore {
-            client: redis::Client::open(url).map_err(err)?,
-            conn: OnceCell::new(),
+            connector: Connector::new(config, timeout).map_err(err)?,
             prefix: prefix.to_string(),
             timeout,
             meta: MemoryCache::new(META_CACHE_ENTRIES),
@@ -179,22 +191,17 @@ impl RedisStore {
         self
     }
 
+    /// A key's hash: `{prefix}key:{<sha256>}`, the braces literal (a
+    /// Cluster hash tag: the key and its operation markers share a slot).
     fn redis_key(&self, hash: &KeyHash) -> String {
-        format!("{}key:{}", self.prefix, hash.hex())
+        format!("{}key:{{{}}}", self.prefix, hash.hex())
     }
 
-    async fn conn(&self) -> Result<ConnectionManager, StoreError> {
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout))
-            .set_number_of_retries(1);
-        let manager = self
-            .conn
-            .get_or_try_init(|| async {
-                ConnectionManager::new_lazy_with_config(self.client.clone(), config).map_err(err)
-            })
-            .await?;
-        Ok(manager.clone())
+    async fn conn(&self) -> Result<Conn, StoreError> {
+        self.connector.conn().await.map_err(|e| {
+            self.connector.failed(Some(&e));
+            err(e)
+        })
     }
 
     /// Run one Redis call under the store's timeout.
@@ -212,16 +219,22 @@ impl RedisStore {
     {
         match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(Failure {
-                maybe_ran: maybe_ran(&e),
-                error: err(e),
-            }),
-            Err(_) => Err(Failure {
-                error: StoreError(format!(
-                    "no answer from Redis within {} ms",
-                    self.timeout.as_millis()
-                )),
-                maybe_ran: true,
+            Ok(Err(e)) => {
+                self.connector.failed(Some(&e));
+                Err(Failure {
+                    maybe_ran: maybe_ran(&e),
+                    error: err(e),
+                })
+            }
+            Err(_) => Err({
+                self.connector.failed(None);
+                Failure {
+                    error: StoreError(format!(
+                        "no answer from Redis within {} ms",
+                        self.timeout.as_millis()
+                    )),
+                    maybe_ran: true,
+                }
             }),
         }
     }
@@ -284,6 +297,38 @@ impl RedisStore {
         self.bounded(call.invoke_async(&mut c)).await
     }
 
+    /// A key's metadata and whether the store marker is there: a key is
+    /// unknown only in a store that is set up. One round trip: a pipeline on
+    /// one Redis; on a Cluster, where the two live in different slots, the
+    /// two commands at once.
+    async fn fields_and_marker(&self, hash: &KeyHash) -> Result<(Fields, Marker), StoreError> {
+        let mut c = self.conn().await?;
+        let mut fields = redis::cmd("HMGET");
+        fields
+            .arg(self.redis_key(hash))
+            .arg(&["name", "rate_per_second", "state"]);
+        let mut marker = redis::cmd("GET");
+        marker.arg(self.marker());
+        if self.connector.is_cluster() {
+            let mut c2 = c.clone();
+            let (f, m) = futures::future::join(
+                self.bounded(fields.query_async::<Fields>(&mut c)),
+                self.bounded(marker.query_async::<Option<String>>(&mut c2)),
+            )
+            .await;
+            return Ok((f?, Marker::of(m?.as_deref())));
+        }
+        let (f, m): (Fields, Option<String>) = self
+            .bounded(
+                redis::pipe()
+                    .add_command(fields)
+                    .add_command(marker)
+                    .query_async(&mut c),
+            )
+            .await?;
+        Ok((f, Marker::of(m.as_deref())))
+    }
+
     fn forget(&self, hash: &KeyHash) {
         self.meta.remove(hash);
     }
@@ -295,23 +340,39 @@ impl RedisStore {
         Ok(row_of(*hash, &fields))
     }
 
+    /// The names matching a glob `pattern`: SCAN on one Redis; on a
+    /// Cluster, whose SCAN covers one node, KEYS on every master (the
+    /// `redis` crate sends it to each and joins the answers). For the keys
+    /// commands, not for requests.
+    pub(super) async fn names(&self, pattern: &str) -> Result<Vec<String>, StoreError> {
+        let mut c = self.conn().await?;
+        if self.connector.is_cluster() {
+            return self
+                .bounded(redis::cmd("KEYS").arg(pattern).query_async(&mut c))
+                .await;
+        }
+        let mut iter = self.bounded(c.scan_match::<_, String>(pattern)).await?;
+        let mut names = Vec::new();
+        while let Some(item) = futures::StreamExt::next(&mut iter).await {
+            names.push(item.map_err(err)?);
+        }
+        Ok(names)
+    }
+
+    /// The keys whose id starts with `id_prefix` (all keys for "").
+    async fn hashes(&self, id_prefix: &str) -> Result<Vec<KeyHash>, StoreError> {
+        let pattern = format!("{}key:{{{id_prefix}*", self.prefix);
+        let names = self.names(&pattern).await?;
+        Ok(names
+            .iter()
+            .filter_map(|n| key_hash_of(n, &self.prefix))
+            .collect())
+    }
+
     /// Every key, for `tollgate keys list`.
     pub async fn rows(&self) -> Result<Vec<KeyRow>, StoreError> {
-        let mut c = self.conn().await?;
-        let pattern = format!("{}key:*", self.prefix);
-        let names: Vec<String> = {
-            let mut iter = self.bounded(c.scan_match::<_, String>(&pattern)).await?;
-            let mut names = Vec::new();
-            while let Some(item) = futures::StreamExt::next(&mut iter).await {
-                names.push(item.map_err(err)?);
-            }
-            names
-        };
         let mut rows = Vec::new();
-        for name in names {
-            let Some(hash) = name.rsplit(':').next().and_then(KeyHash::from_hex) else {
-                continue;
-            };
+        for hash in self.hashes("").await? {
             if let Some(row) = self.row(&hash).await? {
                 rows.push(row);
             }
@@ -365,30 +426,22 @@ impl RedisStore {
 
     /// The hashes of keys whose id starts with `id_prefix` (hex).
     pub async fn find_by_id(&self, id_prefix: &str) -> Result<Vec<KeyHash>, StoreError> {
-        let mut c = self.conn().await?;
-        let pattern = format!("{}key:{id_prefix}*", self.prefix);
-        let mut iter = self.bounded(c.scan_match::<_, String>(&pattern)).await?;
-        let mut found = Vec::new();
-        while let Some(item) = futures::StreamExt::next(&mut iter).await {
-            if let Some(h) = item
-                .map_err(err)?
-                .rsplit(':')
-                .next()
-                .and_then(KeyHash::from_hex)
-            {
-                found.push(h);
-            }
-        }
-        Ok(found)
+        self.hashes(id_prefix).await
     }
+}
+
+/// The key a Redis name is the hash of (`{prefix}key:{<sha256>}`; not an
+/// operation marker, not the layout before the hash tag).
+fn key_hash_of(name: &str, prefix: &str) -> Option<KeyHash> {
+    name.strip_prefix(prefix)?
+        .strip_prefix("key:{")?
+        .strip_suffix('}')
+        .and_then(KeyHash::from_hex)
 }
 
 /// Whether a Redis key name is a key's hash (not an operation marker).
 fn is_key_name(name: &str, prefix: &str) -> bool {
-    name.strip_prefix(prefix)
-        .and_then(|n| n.strip_prefix("key:"))
-        .and_then(KeyHash::from_hex)
-        .is_some()
+    key_hash_of(name, prefix).is_some()
 }
 
 fn row_of(hash: KeyHash, fields: &HashMap<String, String>) -> Option<KeyRow> {
@@ -417,23 +470,9 @@ impl Store for RedisStore {
                 return Ok(info);
             }
         }
-        let mut c = self.conn().await?;
-        // The store marker rides along (same round trip): a key is unknown
-        // only in a store that is set up.
-        type Fields = (Option<String>, Option<u32>, Option<String>);
-        let ((name, rate, state), set_up): (Fields, bool) = self
-            .bounded(
-                redis::pipe()
-                    .cmd("HMGET")
-                    .arg(self.redis_key(hash))
-                    .arg(&["name", "rate_per_second", "state"])
-                    .cmd("EXISTS")
-                    .arg(self.marker())
-                    .query_async(&mut c),
-            )
-            .await?;
-        if !set_up {
-            if state.is_none() {
+        let ((name, rate, state), marker) = self.fields_and_marker(hash).await?;
+        if marker != Marker::Current {
+            if state.is_none() || marker == Marker::OldLayout {
                 return Err(self.not_set_up());
             }
             // A key, but no marker: a store set up by an older tollgate.

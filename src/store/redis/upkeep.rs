@@ -4,16 +4,15 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use futures::StreamExt;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use pingora_prometheus::prometheus::{IntCounter, IntGauge};
 use redis::AsyncCommands;
 
-use super::{err, is_key_name, RedisStore};
+use super::{is_key_name, RedisStore};
 use crate::key::KeyHash;
 use crate::store::StoreError;
 
@@ -33,6 +32,32 @@ pub const SETUP_CHECK_EVERY: Duration = Duration::from_secs(1);
 const SETTLE_RETRY: Duration = Duration::from_millis(200);
 /// Settlements sent at once.
 const SETTLE_BATCH: usize = 64;
+
+/// The store marker's value for the current key layout (`key:{<sha256>}`,
+/// with the hash tag). Before it, the marker held the time it was written
+/// and keys lived at `key:<sha256>`.
+pub(super) const LAYOUT: &str = "2";
+
+/// What the store marker says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Marker {
+    /// Absent: never set up, or the data is lost.
+    Missing,
+    /// Set up, keys in the current layout.
+    Current,
+    /// Set up by a tollgate before the hash tag: `tollgate keys migrate`.
+    OldLayout,
+}
+
+impl Marker {
+    pub(super) fn of(value: Option<&str>) -> Marker {
+        match value {
+            None => Marker::Missing,
+            Some(LAYOUT) => Marker::Current,
+            Some(_) => Marker::OldLayout,
+        }
+    }
+}
 
 /// What the last look for the store marker found.
 pub(super) const SETUP_UNKNOWN: u8 = 0;
@@ -216,44 +241,78 @@ impl RedisStore {
         self.unsettled.lock().map_or(0, |q| q.len())
     }
 
-    /// Whether `{prefix}store` is there (written by `keys import`/`create`).
-    pub async fn is_set_up(&self) -> Result<bool, StoreError> {
+    /// What `{prefix}store` says (written by `keys import`/`create`/`migrate`).
+    pub async fn marker_state(&self) -> Result<Marker, StoreError> {
         let mut c = self.conn().await?;
-        self.bounded(c.exists(self.marker())).await
+        let value: Option<String> = self.bounded(c.get(self.marker())).await?;
+        Ok(Marker::of(value.as_deref()))
     }
 
-    /// Write `{prefix}store`: this Redis holds tollgate's keys.
+    /// Whether the marker says: set up, keys in the current layout.
+    pub async fn is_set_up(&self) -> Result<bool, StoreError> {
+        Ok(self.marker_state().await? == Marker::Current)
+    }
+
+    /// Write `{prefix}store`: this Redis holds tollgate's keys, in the
+    /// current layout.
     pub async fn mark_set_up(&self) -> Result<(), StoreError> {
         let mut c = self.conn().await?;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let _: bool = self.bounded(c.set_nx(self.marker(), now)).await?;
+        let () = self.bounded(c.set(self.marker(), LAYOUT)).await?;
         self.setup.store(SETUP_OK, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Whether any key is stored (a store set up before the marker existed).
-    pub async fn has_keys(&self) -> Result<bool, StoreError> {
+    /// Move keys from the layout before the hash tag (`key:<sha256>`) to
+    /// `key:{<sha256>}` (RENAMENX: a key present under both names keeps the
+    /// new one, and is counted), then mark the store as in the current
+    /// layout. Run with the gateways stopped, or before they take traffic:
+    /// a key is unknown to a new gateway until it is moved. Operation
+    /// markers of the old layout are left to expire. Returns (moved, kept).
+    pub async fn migrate(&self) -> Result<(usize, usize), StoreError> {
         let mut c = self.conn().await?;
-        let pattern = format!("{}key:*", self.prefix);
-        let mut iter = self.bounded(c.scan_match::<_, String>(&pattern)).await?;
-        while let Some(item) = iter.next().await {
-            if is_key_name(&item.map_err(err)?, &self.prefix) {
-                return Ok(true);
+        let old: Vec<(String, KeyHash)> = self
+            .names(&format!("{}key:*", self.prefix))
+            .await?
+            .into_iter()
+            .filter_map(|n| {
+                let hash = n
+                    .strip_prefix(self.prefix.as_str())?
+                    .strip_prefix("key:")
+                    .and_then(KeyHash::from_hex)?;
+                Some((n, hash))
+            })
+            .collect();
+        let (mut moved, mut kept) = (0, 0);
+        for (name, hash) in old {
+            let renamed: bool = self
+                .bounded(c.rename_nx(&name, self.redis_key(&hash)))
+                .await?;
+            if renamed {
+                moved += 1;
+            } else {
+                kept += 1;
             }
         }
-        Ok(false)
+        self.mark_set_up().await?;
+        Ok((moved, kept))
+    }
+
+    /// Whether any key is stored (a store set up before the marker existed).
+    pub async fn has_keys(&self) -> Result<bool, StoreError> {
+        let pattern = format!("{}key:{{*", self.prefix);
+        let names = self.names(&pattern).await?;
+        Ok(names.iter().any(|n| is_key_name(n, &self.prefix)))
     }
 
     /// Look for the marker; a store that has keys but no marker (set up by
     /// an older tollgate) gets one. Counts and logs a missing marker.
     pub async fn check_setup(&self) -> Result<bool, StoreError> {
-        let mut set_up = self.is_set_up().await?;
+        let marker = self.marker_state().await?;
+        let mut set_up = marker == Marker::Current;
         // A lookup found a key but no marker since the last look: the store
         // has data, set up before the marker existed.
         let seen_key = self.seen_key.swap(false, Ordering::Relaxed);
-        if !set_up && seen_key {
+        if marker == Marker::Missing && seen_key {
             self.mark_set_up().await?;
             log::info!(
                 "store: Redis holds keys but no {} marker: written",
@@ -267,7 +326,14 @@ impl RedisStore {
             if let Some(c) = &self.counters {
                 c.setup.inc();
             }
-            if before != SETUP_MISSING {
+            if before != SETUP_MISSING && marker == Marker::OldLayout {
+                log::error!(
+                    "store: Redis holds keys in the layout of an older tollgate ({}key:<sha256>): \
+                     every key is unknown until `tollgate keys migrate` moves them (README, Stores); \
+                     until then unknown keys are store errors (store.on_error)",
+                    self.prefix
+                );
+            } else if before != SETUP_MISSING {
                 log::error!(
                     "store: Redis has no {} marker: it was never set up with `tollgate keys import`, \
                      or it lost its data (restarted without persistence?). Unknown keys are store \
@@ -284,7 +350,7 @@ impl RedisStore {
     /// The error for an unknown key in a store without the marker.
     pub(super) fn not_set_up(&self) -> StoreError {
         StoreError(format!(
-            "Redis has no {} marker (lost its data?)",
+            "Redis has no {} marker of the current key layout (lost its data, or needs `tollgate keys migrate`?)",
             self.marker()
         ))
     }
