@@ -78,7 +78,10 @@ fn redis_store(redis: &RedisServer, on_error: &str) -> String {
 async fn balance(redis: &RedisServer) -> i64 {
     let client = redis::Client::open(redis.url()).unwrap();
     let mut c = client.get_multiplexed_async_connection().await.unwrap();
-    let key = format!("tollgate:key:{{{}}}", tollgate::key::KeyHash::of("payer").hex());
+    let key = format!(
+        "tollgate:key:{{{}}}",
+        tollgate::key::KeyHash::of("payer").hex()
+    );
     redis::cmd("HGET")
         .arg(key)
         .arg("credits")

@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 
 mod origin;
 pub mod pki;
+pub mod redis_ha;
 
 use origin::{serve, Handler};
 pub use origin::{Reply, Request};

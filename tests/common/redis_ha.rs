@@ -1,0 +1,231 @@
+//! Redis Cluster and Sentinel setups for the tests: real `redis-server`
+//! processes on free ports (a sentinel is `redis-server --sentinel`), made
+//! into a cluster with `redis-cli --cluster create`, polled until ready and
+//! stopped by PID when dropped.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use super::free_port;
+
+/// One process, killed by its PID when dropped.
+pub struct Proc {
+    child: Option<Child>,
+    pub port: u16,
+}
+
+impl Proc {
+    fn spawn(args: &[String], port: u16) -> Proc {
+        let child = Command::new("redis-server")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (.ci/test installs it)");
+        let p = Proc {
+            child: Some(child),
+            port,
+        };
+        wait_for(&format!("redis on {port}"), || {
+            cli(port, &["PING"]).is_some_and(|o| o.trim() == "PONG")
+        });
+        p
+    }
+
+    /// Kill it now (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `redis-cli -p PORT ARGS…`'s output, `None` if it failed.
+pub fn cli(port: u16, args: &[&str]) -> Option<String> {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn server_args(port: u16, dir: &TempDir, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+/// Three masters, no replicas.
+pub struct Cluster {
+    pub nodes: Vec<Proc>,
+    _dir: TempDir,
+}
+
+impl Cluster {
+    pub fn start() -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let nodes: Vec<Proc> = (0..3)
+            .map(|i| {
+                let port = free_port();
+                let conf = format!("nodes-{i}.conf");
+                Proc::spawn(
+                    &server_args(
+                        port,
+                        &dir,
+                        &["--cluster-enabled", "yes", "--cluster-config-file", &conf],
+                    ),
+                    port,
+                )
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        for n in &nodes {
+            wait_for("cluster_state:ok", || {
+                cli(n.port, &["CLUSTER", "INFO"]).is_some_and(|o| o.contains("cluster_state:ok"))
+            });
+        }
+        Cluster { nodes, _dir: dir }
+    }
+
+    /// The `store:` YAML for it.
+    pub fn store_yaml(&self) -> String {
+        let urls: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("\"redis://127.0.0.1:{}\"", n.port))
+            .collect();
+        format!(
+            "store:\n  redis_cluster: [{}]\n  timeout_ms: 2000\n",
+            urls.join(", ")
+        )
+    }
+
+    /// How many keys each master holds.
+    pub fn sizes(&self) -> Vec<usize> {
+        self.nodes
+            .iter()
+            .map(|n| {
+                cli(n.port, &["DBSIZE"])
+                    .and_then(|o| o.trim().parse().ok())
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+}
+
+/// A master, its replica and three sentinels watching it as `tollgate`.
+pub struct Sentinels {
+    pub master: Proc,
+    pub replica: Proc,
+    pub sentinels: Vec<Proc>,
+    _dir: TempDir,
+}
+
+impl Sentinels {
+    pub fn start() -> Sentinels {
+        let dir = tempfile::tempdir().unwrap();
+        let mport = free_port();
+        let master = Proc::spawn(&server_args(mport, &dir, &[]), mport);
+        let rport = free_port();
+        let mp = mport.to_string();
+        let replica = Proc::spawn(
+            &server_args(rport, &dir, &["--replicaof", "127.0.0.1", &mp]),
+            rport,
+        );
+        wait_for("the replica to sync", || {
+            cli(rport, &["INFO", "replication"])
+                .is_some_and(|o| o.contains("master_link_status:up"))
+        });
+        let sentinels = (0..3)
+            .map(|i| {
+                let port = free_port();
+                let conf = dir.path().join(format!("sentinel-{i}.conf"));
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "port {port}\nbind 127.0.0.1\nsentinel monitor tollgate 127.0.0.1 {mport} 2\n\
+                         sentinel down-after-milliseconds tollgate 500\n\
+                         sentinel failover-timeout tollgate 5000\n"
+                    ),
+                )
+                .unwrap();
+                Proc::spawn(&[conf.display().to_string(), "--sentinel".into()], port)
+            })
+            .collect();
+        Sentinels {
+            master,
+            replica,
+            sentinels,
+            _dir: dir,
+        }
+    }
+
+    pub fn store_yaml(&self) -> String {
+        let s: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|p| format!("\"127.0.0.1:{}\"", p.port))
+            .collect();
+        format!(
+            "store:\n  redis_sentinel: {{master_name: tollgate, sentinels: [{}], db: 0}}\n  timeout_ms: 500\n",
+            s.join(", ")
+        )
+    }
+
+    /// The master the sentinels name now.
+    pub fn master_port(&self) -> Option<u16> {
+        let out = cli(
+            self.sentinels[0].port,
+            &["SENTINEL", "get-master-addr-by-name", "tollgate"],
+        )?;
+        out.lines().nth(1)?.trim().parse().ok()
+    }
+}
