@@ -18,6 +18,11 @@ pub struct Proc {
 
 impl Proc {
     fn spawn(args: &[String], port: u16) -> Proc {
+        Proc::spawn_ready(args, port, &[])
+    }
+
+    /// Start, then poll with `redis-cli [cli_args] -p PORT PING`.
+    fn spawn_ready(args: &[String], port: u16, cli_args: &[&str]) -> Proc {
         let child = Command::new("redis-server")
             .args(args)
             .stdout(Stdio::null())
@@ -28,8 +33,9 @@ impl Proc {
             child: Some(child),
             port,
         };
+        let ping: Vec<&str> = cli_args.iter().copied().chain(["PING"]).collect();
         wait_for(&format!("redis on {port}"), || {
-            cli(port, &["PING"]).is_some_and(|o| o.trim() == "PONG")
+            cli(port, &ping).is_some_and(|o| o.trim() == "PONG")
         });
         p
     }
@@ -87,6 +93,30 @@ fn server_args(port: u16, dir: &TempDir, extra: &[&str]) -> Vec<String> {
     .collect();
     a.extend(extra.iter().map(|s| s.to_string()));
     a
+}
+
+/// A Redis that speaks only TLS, with this certificate (and `ca` to tell
+/// `redis-cli` when it is ready); clients are not asked for certificates.
+pub fn tls_redis(dir: &TempDir, cert: &str, key: &str, ca: &str) -> Proc {
+    let port = free_port();
+    let mut args = server_args(port, dir, &[]);
+    args[1] = "0".into(); // --port 0: no plain port
+    args.extend(
+        [
+            "--tls-port",
+            &port.to_string(),
+            "--tls-cert-file",
+            cert,
+            "--tls-key-file",
+            key,
+            "--tls-ca-cert-file",
+            ca,
+            "--tls-auth-clients",
+            "no",
+        ]
+        .map(String::from),
+    );
+    Proc::spawn_ready(&args, port, &["--tls", "--cacert", ca])
 }
 
 /// Three masters, no replicas.
