@@ -488,3 +488,54 @@ fn input_that_check_let_through_is_refused() {
         r.stderr
     );
 }
+
+#[test]
+fn two_redis_kinds_at_once_are_refused_naming_both() {
+    let route = "routes:\n  - {name: t, prefix: /, backends: [\"http://127.0.0.1:1\"]}\n";
+    let url = "  redis_url: redis://127.0.0.1:6379/0\n";
+    let sentinel = "  redis_sentinel: {master_name: m, sentinels: [\"127.0.0.1:26379\"]}\n";
+    let cluster = "  redis_cluster: [\"redis://127.0.0.1:7000\"]\n";
+    for (a, b, names) in [
+        (url, sentinel, "store.redis_url and store.redis_sentinel"),
+        (url, cluster, "store.redis_url and store.redis_cluster"),
+        (
+            sentinel,
+            cluster,
+            "store.redis_sentinel and store.redis_cluster",
+        ),
+    ] {
+        both_reject(&format!("store:\n{a}{b}{route}"), names);
+    }
+    for (store, expected) in [
+        (
+            "  redis_sentinel: {master_name: m, sentinels: [\"nowhere\"]}\n",
+            "store.redis_sentinel.sentinels[0]: expected host:port",
+        ),
+        (
+            "  redis_sentinel: {master_name: m, sentinels: []}\n",
+            "store.redis_sentinel.sentinels: expected at least one node",
+        ),
+        (
+            "  redis_sentinel: {master_name: m, sentinels: [\"h:1\"], db: 99}\n",
+            "store.redis_sentinel.db: must be 0 to 15",
+        ),
+        (
+            "  redis_sentinel: {sentinels: [\"h:1\"]}\n",
+            "store.redis_sentinel: missing field `master_name`",
+        ),
+        (
+            "  redis_cluster: [\"redis://h:1\", \"rediss://h:2\"]\n",
+            "store.redis_cluster: mixes redis:// and rediss://",
+        ),
+        (
+            "  redis_cluster: [\"http://h:1\"]\n",
+            "store.redis_cluster[0]: expected host:port",
+        ),
+        (
+            "  redis_url: rediss://h:1/0\n  redis_ca: /nonexistent/ca.pem\n",
+            "store.redis_ca: cannot read /nonexistent/ca.pem",
+        ),
+    ] {
+        both_reject(&format!("store:\n{store}{route}"), expected);
+    }
+}

@@ -107,10 +107,16 @@ fn single(url: &str, errors: &mut Vec<ConfigError>) -> bool {
 
 /// A node given as `host:port` or a `redis://`/`rediss://` URL, as a URL.
 fn node_url(at: &str, node: &str, errors: &mut Vec<ConfigError>) -> Option<String> {
+    let has_port = |n: &str| {
+        n.rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
+    };
     let url = if node.contains("://") {
         node.to_string()
-    } else {
+    } else if has_port(node) {
         format!("redis://{node}")
+    } else {
+        String::new()
     };
     let tcp = url.starts_with("redis://") || url.starts_with("rediss://");
     if !tcp || redis::Client::open(url.as_str()).is_err() {
