@@ -80,6 +80,27 @@ async fn cluster_spreads_keys_and_keeps_credits_exact_across_two_gateways() {
     let second = get_with_key(b.url("/api/shared"), "k1").await;
     assert_eq!(second.status(), 200);
     assert_eq!(second.headers()["x-cache"], "HIT");
+
+    // A shard down fails only the keys on it.
+    let mut cluster = cluster;
+    let on = |key: &str, port: u16| {
+        let name = format!("tollgate:key:{{{}}}", tollgate::key::KeyHash::of(key).hex());
+        common::redis_ha::cli(port, &["EXISTS", &name]).is_some_and(|o| o.trim() == "1")
+    };
+    let down = cluster.nodes[0].port;
+    let keys: Vec<String> = (0..20).map(|i| format!("k{i}")).collect();
+    let lost: Vec<&String> = keys.iter().filter(|k| on(k, down)).collect();
+    let kept: Vec<&String> = keys.iter().filter(|k| !on(k, down)).collect();
+    assert!(!lost.is_empty() && !kept.is_empty(), "{lost:?} {kept:?}");
+    cluster.nodes[0].kill();
+    for k in &kept {
+        let r = get_with_key(a.url(&format!("/api/after/{k}")), k).await;
+        assert_eq!(r.status(), 200, "{k} lives on a shard that is up");
+    }
+    for k in &lost {
+        let r = get_with_key(a.url(&format!("/api/after/{k}")), k).await;
+        assert_eq!(r.status(), 503, "{k} lives on the shard that is down");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

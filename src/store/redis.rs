@@ -297,11 +297,16 @@ impl RedisStore {
         self.bounded(call.invoke_async(&mut c)).await
     }
 
-    /// A key's metadata and whether the store marker is there: a key is
-    /// unknown only in a store that is set up. One round trip: a pipeline on
-    /// one Redis; on a Cluster, where the two live in different slots, the
-    /// two commands at once.
-    async fn fields_and_marker(&self, hash: &KeyHash) -> Result<(Fields, Marker), StoreError> {
+    /// A key's metadata and what the store marker says: a key is unknown
+    /// only in a store that is set up. One round trip: a pipeline on one
+    /// Redis; on a Cluster, where the two live in different slots, the two
+    /// commands at once, and a marker that cannot be read (its shard is
+    /// down) is `None`: it matters only for a key that is not found, so the
+    /// shards that are up serve their keys.
+    async fn fields_and_marker(
+        &self,
+        hash: &KeyHash,
+    ) -> Result<(Fields, Option<Marker>), StoreError> {
         let mut c = self.conn().await?;
         let mut fields = redis::cmd("HMGET");
         fields
@@ -316,7 +321,7 @@ impl RedisStore {
                 self.bounded(marker.query_async::<Option<String>>(&mut c2)),
             )
             .await;
-            return Ok((f?, Marker::of(m?.as_deref())));
+            return Ok((f?, m.ok().map(|m| Marker::of(m.as_deref()))));
         }
         let (f, m): (Fields, Option<String>) = self
             .bounded(
@@ -326,7 +331,7 @@ impl RedisStore {
                     .query_async(&mut c),
             )
             .await?;
-        Ok((f, Marker::of(m.as_deref())))
+        Ok((f, Some(Marker::of(m.as_deref()))))
     }
 
     fn forget(&self, hash: &KeyHash) {
@@ -471,12 +476,21 @@ impl Store for RedisStore {
             }
         }
         let ((name, rate, state), marker) = self.fields_and_marker(hash).await?;
-        if marker != Marker::Current {
-            if state.is_none() || marker == Marker::OldLayout {
+        match (marker, &state) {
+            (Some(Marker::Current), _) => {}
+            // The marker's shard is down: a found key stands.
+            (None, Some(_)) => {}
+            (None, None) => {
+                return Err(StoreError(format!(
+                    "cannot read the {} marker (its shard is down?)",
+                    self.marker()
+                )))
+            }
+            (Some(Marker::OldLayout), _) | (Some(Marker::Missing), None) => {
                 return Err(self.not_set_up());
             }
             // A key, but no marker: a store set up by an older tollgate.
-            self.seen_key.store(true, Ordering::Relaxed);
+            (Some(Marker::Missing), Some(_)) => self.seen_key.store(true, Ordering::Relaxed),
         }
         let info = state.map(|s| {
             Arc::new(KeyInfo {
