@@ -304,3 +304,49 @@ async fn a_store_in_the_old_layout_is_refused_until_migrated() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-credits-remaining"], "6");
 }
+
+/// Slots moved between masters while a gateway runs (`redis-cli --cluster
+/// reshard`): the gateway follows MOVED/ASK and charges the moved keys on
+/// their new master, exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_slots_moved_under_a_running_gateway_are_followed() {
+    let cluster = Cluster::start();
+    let store = cluster.store_yaml();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = keys_conf_for(dir.path(), &store);
+    let mut keys = String::from("keys:\n");
+    for i in 0..20 {
+        keys.push_str(&format!("  - {{key: k{i}, name: k{i}, credits: 100}}\n"));
+    }
+    import(&conf, &keys);
+    let ok = Origin::json("ok", true, 0).await;
+    let gw = Gateway::start_with_keys(&[route("t", "/api/", &[&ok], "")], &store, "").await;
+    for i in 0..20 {
+        let r = get_with_key(gw.url("/api/before"), &format!("k{i}")).await;
+        assert_eq!(r.headers()["x-credits-remaining"], "99");
+    }
+    let (from, to) = (cluster.nodes[0].port, cluster.nodes[1].port);
+    let id = |port: u16| {
+        common::redis_ha::cli(port, &["CLUSTER", "MYID"])
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let out = std::process::Command::new("redis-cli")
+        .args(["--cluster", "reshard", &format!("127.0.0.1:{from}")])
+        .args(["--cluster-from", &id(from), "--cluster-to", &id(to)])
+        .args(["--cluster-slots", "16384", "--cluster-yes"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(cluster.sizes()[0], 0, "keys left on the emptied master");
+    for i in 0..20 {
+        let r = get_with_key(gw.url("/api/after"), &format!("k{i}")).await;
+        assert_eq!(r.status(), 200, "k{i}");
+        assert_eq!(r.headers()["x-credits-remaining"], "98", "k{i}");
+    }
+}
