@@ -350,3 +350,25 @@ async fn cluster_slots_moved_under_a_running_gateway_are_followed() {
         assert_eq!(r.headers()["x-credits-remaining"], "98", "k{i}");
     }
 }
+
+/// A Cluster that speaks only TLS (`rediss://` seed nodes, `redis_ca`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_cluster_with_a_private_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki::Pki::new(dir.path());
+    let leaf = pki.leaf("redis", 6, 30);
+    let ca = pki.ca_path();
+    let cluster = Cluster::start_tls(common::redis_ha::TlsFiles {
+        cert: leaf.cert.to_str().unwrap(),
+        key: leaf.key.to_str().unwrap(),
+        ca: ca.to_str().unwrap(),
+    });
+    let store = cluster.store_yaml();
+    let conf = keys_conf_for(dir.path(), &store);
+    import(&conf, "keys:\n  - {key: payer, name: payer, credits: 10}\n");
+    let ok = Origin::json("ok", true, 0).await;
+    let gw = Gateway::start_with_keys(&[route("t", "/api/", &[&ok], "")], &store, "").await;
+    let r = get_with_key(gw.url("/api/x"), "payer").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-credits-remaining"], "9");
+}

@@ -122,24 +122,65 @@ pub fn tls_redis(dir: &TempDir, cert: &str, key: &str, ca: &str) -> Proc {
 /// Three masters, no replicas.
 pub struct Cluster {
     pub nodes: Vec<Proc>,
+    /// `rediss://` (TLS only, with this CA file).
+    tls_ca: Option<String>,
     _dir: TempDir,
+}
+
+/// A TLS node's certificate, key and CA files.
+pub struct TlsFiles<'a> {
+    pub cert: &'a str,
+    pub key: &'a str,
+    pub ca: &'a str,
 }
 
 impl Cluster {
     pub fn start() -> Cluster {
+        Cluster::start_with(None)
+    }
+
+    /// Every node speaks only TLS, the cluster bus too.
+    pub fn start_tls(files: TlsFiles) -> Cluster {
+        Cluster::start_with(Some(files))
+    }
+
+    fn start_with(tls: Option<TlsFiles>) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
+        let cli_tls: Vec<&str> = match &tls {
+            Some(f) => vec!["--tls", "--cacert", f.ca],
+            None => vec![],
+        };
         let nodes: Vec<Proc> = (0..3)
             .map(|i| {
                 let port = free_port();
                 let conf = format!("nodes-{i}.conf");
-                Proc::spawn(
-                    &server_args(
-                        port,
-                        &dir,
-                        &["--cluster-enabled", "yes", "--cluster-config-file", &conf],
-                    ),
+                let mut args = server_args(
                     port,
-                )
+                    &dir,
+                    &["--cluster-enabled", "yes", "--cluster-config-file", &conf],
+                );
+                if let Some(f) = &tls {
+                    args[1] = "0".into();
+                    let p = port.to_string();
+                    args.extend(
+                        [
+                            "--tls-port",
+                            &p,
+                            "--tls-cluster",
+                            "yes",
+                            "--tls-cert-file",
+                            f.cert,
+                            "--tls-key-file",
+                            f.key,
+                            "--tls-ca-cert-file",
+                            f.ca,
+                            "--tls-auth-clients",
+                            "no",
+                        ]
+                        .map(String::from),
+                    );
+                }
+                Proc::spawn_ready(&args, port, &cli_tls)
             })
             .collect();
         let addrs: Vec<String> = nodes
@@ -147,6 +188,7 @@ impl Cluster {
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
         let out = Command::new("redis-cli")
+            .args(&cli_tls)
             .args(["--cluster", "create"])
             .args(&addrs)
             .args(["--cluster-replicas", "0", "--cluster-yes"])
@@ -157,12 +199,17 @@ impl Cluster {
             "redis-cli --cluster create: {}",
             String::from_utf8_lossy(&out.stdout)
         );
+        let info: Vec<&str> = cli_tls.iter().copied().chain(["CLUSTER", "INFO"]).collect();
         for n in &nodes {
             wait_for("cluster_state:ok", || {
-                cli(n.port, &["CLUSTER", "INFO"]).is_some_and(|o| o.contains("cluster_state:ok"))
+                cli(n.port, &info).is_some_and(|o| o.contains("cluster_state:ok"))
             });
         }
-        Cluster { nodes, _dir: dir }
+        Cluster {
+            nodes,
+            tls_ca: tls.map(|f| f.ca.to_string()),
+            _dir: dir,
+        }
     }
 
     /// The `store:` YAML for it.
@@ -170,10 +217,17 @@ impl Cluster {
         let urls: Vec<String> = self
             .nodes
             .iter()
-            .map(|n| format!("\"redis://127.0.0.1:{}\"", n.port))
+            .map(|n| match self.tls_ca {
+                Some(_) => format!("\"rediss://localhost:{}\"", n.port),
+                None => format!("\"redis://127.0.0.1:{}\"", n.port),
+            })
             .collect();
+        let ca = match &self.tls_ca {
+            Some(ca) => format!("  redis_ca: \"{ca}\"\n"),
+            None => String::new(),
+        };
         format!(
-            "store:\n  redis_cluster: [{}]\n  timeout_ms: 2000\n",
+            "store:\n  redis_cluster: [{}]\n  timeout_ms: 2000\n{ca}",
             urls.join(", ")
         )
     }
