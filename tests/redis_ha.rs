@@ -372,3 +372,26 @@ async fn rediss_cluster_with_a_private_ca() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-credits-remaining"], "9");
 }
+
+/// Sentinels, master and replica that speak only TLS (`rediss://`
+/// sentinels, `redis_ca`): the master is found and charged over TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_sentinel_with_a_private_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki::Pki::new(dir.path());
+    let leaf = pki.leaf("redis", 7, 30);
+    let ca = pki.ca_path();
+    let ha = Sentinels::start_tls(common::redis_ha::TlsFiles {
+        cert: leaf.cert.to_str().unwrap(),
+        key: leaf.key.to_str().unwrap(),
+        ca: ca.to_str().unwrap(),
+    });
+    let store = ha.store_yaml();
+    let conf = keys_conf_for(dir.path(), &store);
+    import(&conf, "keys:\n  - {key: payer, name: payer, credits: 10}\n");
+    let ok = Origin::json("ok", true, 0).await;
+    let gw = Gateway::start_with_keys(&[route("t", "/api/", &[&ok], "")], &store, "").await;
+    let r = get_with_key(gw.url("/api/x"), "payer").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-credits-remaining"], "9");
+}

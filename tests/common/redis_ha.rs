@@ -250,44 +250,103 @@ pub struct Sentinels {
     pub master: Proc,
     pub replica: Proc,
     pub sentinels: Vec<Proc>,
+    /// `rediss://` sentinels, with this CA file.
+    tls_ca: Option<String>,
     _dir: TempDir,
+}
+
+/// A server's arguments to speak only TLS on `port`, replication included.
+fn tls_only(args: &mut Vec<String>, port: u16, f: &TlsFiles) {
+    args[1] = "0".into();
+    let p = port.to_string();
+    args.extend(
+        [
+            "--tls-port",
+            &p,
+            "--tls-replication",
+            "yes",
+            "--tls-cert-file",
+            f.cert,
+            "--tls-key-file",
+            f.key,
+            "--tls-ca-cert-file",
+            f.ca,
+            "--tls-auth-clients",
+            "no",
+        ]
+        .map(String::from),
+    );
 }
 
 impl Sentinels {
     pub fn start() -> Sentinels {
+        Sentinels::start_with(None)
+    }
+
+    /// Master, replica and sentinels all speak only TLS.
+    pub fn start_tls(files: TlsFiles) -> Sentinels {
+        Sentinels::start_with(Some(files))
+    }
+
+    fn start_with(tls: Option<TlsFiles>) -> Sentinels {
         let dir = tempfile::tempdir().unwrap();
+        let cli_tls: Vec<&str> = match &tls {
+            Some(f) => vec!["--tls", "--cacert", f.ca],
+            None => vec![],
+        };
+        let server = |port: u16, extra: &[&str]| {
+            let mut args = server_args(port, &dir, extra);
+            if let Some(f) = &tls {
+                tls_only(&mut args, port, f);
+            }
+            Proc::spawn_ready(&args, port, &cli_tls)
+        };
         let mport = free_port();
-        let master = Proc::spawn(&server_args(mport, &dir, &[]), mport);
+        let master = server(mport, &[]);
         let rport = free_port();
         let mp = mport.to_string();
-        let replica = Proc::spawn(
-            &server_args(rport, &dir, &["--replicaof", "127.0.0.1", &mp]),
-            rport,
-        );
+        let replica = server(rport, &["--replicaof", "127.0.0.1", &mp]);
+        let info: Vec<&str> = cli_tls
+            .iter()
+            .copied()
+            .chain(["INFO", "replication"])
+            .collect();
         wait_for("the replica to sync", || {
-            cli(rport, &["INFO", "replication"])
-                .is_some_and(|o| o.contains("master_link_status:up"))
+            cli(rport, &info).is_some_and(|o| o.contains("master_link_status:up"))
         });
         let sentinels = (0..3)
             .map(|i| {
                 let port = free_port();
                 let conf = dir.path().join(format!("sentinel-{i}.conf"));
+                let listen = match &tls {
+                    None => format!("port {port}\n"),
+                    Some(f) => format!(
+                        "port 0\ntls-port {port}\ntls-replication yes\ntls-cert-file {}\n\
+                         tls-key-file {}\ntls-ca-cert-file {}\ntls-auth-clients no\n",
+                        f.cert, f.key, f.ca
+                    ),
+                };
                 std::fs::write(
                     &conf,
                     format!(
-                        "port {port}\nbind 127.0.0.1\nsentinel monitor tollgate 127.0.0.1 {mport} 2\n\
+                        "{listen}bind 127.0.0.1\nsentinel monitor tollgate 127.0.0.1 {mport} 2\n\
                          sentinel down-after-milliseconds tollgate 500\n\
                          sentinel failover-timeout tollgate 5000\n"
                     ),
                 )
                 .unwrap();
-                Proc::spawn(&[conf.display().to_string(), "--sentinel".into()], port)
+                Proc::spawn_ready(
+                    &[conf.display().to_string(), "--sentinel".into()],
+                    port,
+                    &cli_tls,
+                )
             })
             .collect();
         Sentinels {
             master,
             replica,
             sentinels,
+            tls_ca: tls.map(|f| f.ca.to_string()),
             _dir: dir,
         }
     }
@@ -296,10 +355,17 @@ impl Sentinels {
         let s: Vec<String> = self
             .sentinels
             .iter()
-            .map(|p| format!("\"127.0.0.1:{}\"", p.port))
+            .map(|p| match self.tls_ca {
+                Some(_) => format!("\"rediss://127.0.0.1:{}\"", p.port),
+                None => format!("\"127.0.0.1:{}\"", p.port),
+            })
             .collect();
+        let ca = match &self.tls_ca {
+            Some(ca) => format!("  redis_ca: \"{ca}\"\n"),
+            None => String::new(),
+        };
         format!(
-            "store:\n  redis_sentinel: {{master_name: tollgate, sentinels: [{}], db: 0}}\n  timeout_ms: 500\n",
+            "store:\n  redis_sentinel: {{master_name: tollgate, sentinels: [{}], db: 0}}\n  timeout_ms: 500\n{ca}",
             s.join(", ")
         )
     }
