@@ -153,7 +153,9 @@ impl Connector {
                     .connection_timeout(timeout)
                     .response_timeout(timeout)
                     .retries(1);
-                if config.ca_pem.is_some() {
+                // `certs` also turns TLS on: only for rediss:// nodes.
+                let tls = nodes.iter().any(|n| n.starts_with("rediss://"));
+                if config.ca_pem.is_some() && tls {
                     b = b.certs(certificates(&config.ca_pem));
                 }
                 Kind::Cluster {
