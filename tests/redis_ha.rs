@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::pki;
-use common::redis_ha::{Cluster, Sentinels};
+use common::redis_ha::{Cluster, Sentinels, TlsFiles};
 use common::*;
 
 /// A config for the keys commands on `store`.
@@ -225,29 +225,11 @@ async fn sentinel_failover_under_load_serves_again_soon_after_the_promotion() {
 async fn rediss_with_a_private_ca() {
     let dir = tempfile::tempdir().unwrap();
     let pki = pki::Pki::new(dir.path());
-    let leaf = pki.leaf("redis", 5, 30);
-    let ca = pki.ca_path();
-    let redis = common::redis_ha::tls_redis(
-        &dir,
-        leaf.cert.to_str().unwrap(),
-        leaf.key.to_str().unwrap(),
-        ca.to_str().unwrap(),
-    );
+    let files = TlsPaths::new(&pki, 5);
+    let redis = common::redis_ha::tls_redis(&dir, &files.files());
     let url = format!("rediss://localhost:{}/0", redis.port);
-    let store = format!(
-        "store:\n  redis_url: {url}\n  redis_ca: \"{}\"\n",
-        ca.display()
-    );
-    let conf = keys_conf_for(dir.path(), &store);
-    import(
-        &conf,
-        "keys:\n  - {key: payer, name: payer, credits: 1000}\n",
-    );
-    let ok = Origin::json("ok", true, 0).await;
-    let gw = Gateway::start_with_keys(&[route("t", "/api/", &[&ok], "")], &store, "").await;
-    let r = get_with_key(gw.url("/api/x"), "payer").await;
-    assert_eq!(r.status(), 200);
-    assert_eq!(r.headers()["x-credits-remaining"], "999");
+    let store = format!("store:\n  redis_url: {url}\n  redis_ca: \"{}\"\n", files.ca);
+    charges_once_on(&store, dir.path()).await;
 
     // The system's roots do not know the test CA.
     let untrusted = keys_conf_for(dir.path(), &format!("store:\n  redis_url: {url}\n"));
@@ -356,21 +338,9 @@ async fn cluster_slots_moved_under_a_running_gateway_are_followed() {
 async fn rediss_cluster_with_a_private_ca() {
     let dir = tempfile::tempdir().unwrap();
     let pki = pki::Pki::new(dir.path());
-    let leaf = pki.leaf("redis", 6, 30);
-    let ca = pki.ca_path();
-    let cluster = Cluster::start_tls(common::redis_ha::TlsFiles {
-        cert: leaf.cert.to_str().unwrap(),
-        key: leaf.key.to_str().unwrap(),
-        ca: ca.to_str().unwrap(),
-    });
-    let store = cluster.store_yaml();
-    let conf = keys_conf_for(dir.path(), &store);
-    import(&conf, "keys:\n  - {key: payer, name: payer, credits: 10}\n");
-    let ok = Origin::json("ok", true, 0).await;
-    let gw = Gateway::start_with_keys(&[route("t", "/api/", &[&ok], "")], &store, "").await;
-    let r = get_with_key(gw.url("/api/x"), "payer").await;
-    assert_eq!(r.status(), 200);
-    assert_eq!(r.headers()["x-credits-remaining"], "9");
+    let files = TlsPaths::new(&pki, 6);
+    let cluster = Cluster::start_tls(files.files());
+    charges_once_on(&cluster.store_yaml(), dir.path()).await;
 }
 
 /// Sentinels, master and replica that speak only TLS (`rediss://`
@@ -379,18 +349,45 @@ async fn rediss_cluster_with_a_private_ca() {
 async fn rediss_sentinel_with_a_private_ca() {
     let dir = tempfile::tempdir().unwrap();
     let pki = pki::Pki::new(dir.path());
-    let leaf = pki.leaf("redis", 7, 30);
-    let ca = pki.ca_path();
-    let ha = Sentinels::start_tls(common::redis_ha::TlsFiles {
-        cert: leaf.cert.to_str().unwrap(),
-        key: leaf.key.to_str().unwrap(),
-        ca: ca.to_str().unwrap(),
-    });
-    let store = ha.store_yaml();
-    let conf = keys_conf_for(dir.path(), &store);
+    let files = TlsPaths::new(&pki, 7);
+    let ha = Sentinels::start_tls(files.files());
+    charges_once_on(&ha.store_yaml(), dir.path()).await;
+}
+
+/// A Redis server's certificate from the test CA, and the CA, as paths.
+struct TlsPaths {
+    cert: String,
+    key: String,
+    ca: String,
+}
+
+impl TlsPaths {
+    fn new(pki: &pki::Pki, serial: u32) -> TlsPaths {
+        let leaf = pki.leaf("redis", serial, 30);
+        let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+        TlsPaths {
+            cert: path(&leaf.cert),
+            key: path(&leaf.key),
+            ca: path(&pki.ca_path()),
+        }
+    }
+
+    fn files(&self) -> TlsFiles<'_> {
+        TlsFiles {
+            cert: &self.cert,
+            key: &self.key,
+            ca: &self.ca,
+        }
+    }
+}
+
+/// On `store`: a key imported with the keys command is charged once by a
+/// gateway's request.
+async fn charges_once_on(store: &str, dir: &std::path::Path) {
+    let conf = keys_conf_for(dir, store);
     import(&conf, "keys:\n  - {key: payer, name: payer, credits: 10}\n");
     let ok = Origin::json("ok", true, 0).await;
-    let gw = Gateway::start_with_keys(&[route("t", "/api/", &[&ok], "")], &store, "").await;
+    let gw = Gateway::start_with_keys(&[route("t", "/api/", &[&ok], "")], store, "").await;
     let r = get_with_key(gw.url("/api/x"), "payer").await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-credits-remaining"], "9");

@@ -233,11 +233,32 @@ async fn fresh_request_inner(port: u16, key: &str) -> Result<String, String> {
     }
 }
 
+/// A client's answer: the body's "from" on a 200, else what went wrong.
+async fn from_of(sent: reqwest::Result<reqwest::Response>) -> Result<String, String> {
+    match sent {
+        Ok(r) if r.status() == 200 => {
+            let v: serde_json::Value = r.json().await.unwrap_or_default();
+            Ok(v["from"].as_str().unwrap_or("?").to_string())
+        }
+        Ok(r) => Err(format!("HTTP {} ({:?})", r.status(), r.version())),
+        Err(e) => Err(format!("{e:?}")),
+    }
+}
+
 #[derive(Default)]
 struct Tally {
     ok: Vec<String>,
     /// (when, since the load began; what)
     failed: Vec<(Duration, String)>,
+}
+
+impl Tally {
+    fn record(&mut self, began: Instant, result: Result<String, String>) {
+        match result {
+            Ok(from) => self.ok.push(from),
+            Err(e) => self.failed.push((began.elapsed(), e)),
+        }
+    }
 }
 
 /// `clients` clients until `stop`: the first half on keep-alive connections
@@ -260,27 +281,12 @@ fn start_load(
                     .unwrap();
                 while !stop.load(Ordering::Relaxed) {
                     let result = if i < clients / 2 {
-                        match client
-                            .get(format!("http://127.0.0.1:{port}/api/x"))
-                            .header("X-API-Key", key)
-                            .send()
-                            .await
-                        {
-                            Ok(r) if r.status() == 200 => {
-                                let v: serde_json::Value = r.json().await.unwrap_or_default();
-                                Ok(v["from"].as_str().unwrap_or("?").to_string())
-                            }
-                            Ok(r) => Err(format!("HTTP {}", r.status())),
-                            Err(e) => Err(format!("{e:?}")),
-                        }
+                        let url = format!("http://127.0.0.1:{port}/api/x");
+                        from_of(client.get(url).header("X-API-Key", key).send().await).await
                     } else {
                         fresh_request(port, key).await
                     };
-                    let mut t = tally.lock().unwrap();
-                    match result {
-                        Ok(from) => t.ok.push(from),
-                        Err(e) => t.failed.push((began.elapsed(), e)),
-                    }
+                    tally.lock().unwrap().record(began, result);
                 }
             })
         })
@@ -623,19 +629,10 @@ fn start_tls_load(
             let (stop, tally, url) = (stop.clone(), tally.clone(), url.clone());
             tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
-                    let result = match client.get(&url).header("X-API-Key", key).send().await {
-                        Ok(r) if r.status() == 200 => {
-                            let v: serde_json::Value = r.json().await.unwrap_or_default();
-                            Ok(v["from"].as_str().unwrap_or("?").to_string())
-                        }
-                        Ok(r) => Err(format!("HTTP {} ({:?})", r.status(), r.version())),
-                        Err(e) => Err(format!("client {i}: {e:?}")),
-                    };
-                    let mut t = tally.lock().unwrap();
-                    match result {
-                        Ok(from) => t.ok.push(from),
-                        Err(e) => t.failed.push((began.elapsed(), e)),
-                    }
+                    let result = from_of(client.get(&url).header("X-API-Key", key).send().await)
+                        .await
+                        .map_err(|e| format!("client {i}: {e}"));
+                    tally.lock().unwrap().record(began, result);
                 }
             })
         })

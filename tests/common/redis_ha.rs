@@ -95,28 +95,65 @@ fn server_args(port: u16, dir: &TempDir, extra: &[&str]) -> Vec<String> {
     a
 }
 
-/// A Redis that speaks only TLS, with this certificate (and `ca` to tell
-/// `redis-cli` when it is ready); clients are not asked for certificates.
-pub fn tls_redis(dir: &TempDir, cert: &str, key: &str, ca: &str) -> Proc {
+/// A TLS server's certificate, key and CA files (the CA also tells
+/// `redis-cli` whom to trust).
+pub struct TlsFiles<'a> {
+    pub cert: &'a str,
+    pub key: &'a str,
+    pub ca: &'a str,
+}
+
+impl TlsFiles<'_> {
+    /// Make a server's arguments (from [`server_args`]) speak only TLS on
+    /// `port`, replication included.
+    fn tls_only(&self, args: &mut Vec<String>, port: u16) {
+        args[1] = "0".into(); // --port 0: no plain port
+        let p = port.to_string();
+        args.extend(
+            [
+                "--tls-port",
+                &p,
+                "--tls-replication",
+                "yes",
+                "--tls-cert-file",
+                self.cert,
+                "--tls-key-file",
+                self.key,
+                "--tls-ca-cert-file",
+                self.ca,
+                "--tls-auth-clients",
+                "no",
+            ]
+            .map(String::from),
+        );
+    }
+
+    /// What `redis-cli` needs to talk to such a server.
+    fn cli_args(&self) -> Vec<&str> {
+        vec!["--tls", "--cacert", self.ca]
+    }
+}
+
+/// The arguments `redis-cli` needs for `tls` (none without it).
+fn cli_args<'a>(tls: &'a Option<TlsFiles>) -> Vec<&'a str> {
+    tls.as_ref().map_or_else(Vec::new, TlsFiles::cli_args)
+}
+
+/// `store.redis_ca` for a TLS setup with this CA file, else nothing.
+fn ca_yaml(ca: &Option<String>) -> String {
+    match ca {
+        Some(ca) => format!("  redis_ca: \"{ca}\"\n"),
+        None => String::new(),
+    }
+}
+
+/// A Redis that speaks only TLS with these files; clients are not asked
+/// for certificates.
+pub fn tls_redis(dir: &TempDir, files: &TlsFiles) -> Proc {
     let port = free_port();
     let mut args = server_args(port, dir, &[]);
-    args[1] = "0".into(); // --port 0: no plain port
-    args.extend(
-        [
-            "--tls-port",
-            &port.to_string(),
-            "--tls-cert-file",
-            cert,
-            "--tls-key-file",
-            key,
-            "--tls-ca-cert-file",
-            ca,
-            "--tls-auth-clients",
-            "no",
-        ]
-        .map(String::from),
-    );
-    Proc::spawn_ready(&args, port, &["--tls", "--cacert", ca])
+    files.tls_only(&mut args, port);
+    Proc::spawn_ready(&args, port, &files.cli_args())
 }
 
 /// Three masters, no replicas.
@@ -125,13 +162,6 @@ pub struct Cluster {
     /// `rediss://` (TLS only, with this CA file).
     tls_ca: Option<String>,
     _dir: TempDir,
-}
-
-/// A TLS node's certificate, key and CA files.
-pub struct TlsFiles<'a> {
-    pub cert: &'a str,
-    pub key: &'a str,
-    pub ca: &'a str,
 }
 
 impl Cluster {
@@ -146,10 +176,7 @@ impl Cluster {
 
     fn start_with(tls: Option<TlsFiles>) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        let cli_tls: Vec<&str> = match &tls {
-            Some(f) => vec!["--tls", "--cacert", f.ca],
-            None => vec![],
-        };
+        let cli_tls = cli_args(&tls);
         let nodes: Vec<Proc> = (0..3)
             .map(|i| {
                 let port = free_port();
@@ -160,25 +187,8 @@ impl Cluster {
                     &["--cluster-enabled", "yes", "--cluster-config-file", &conf],
                 );
                 if let Some(f) = &tls {
-                    args[1] = "0".into();
-                    let p = port.to_string();
-                    args.extend(
-                        [
-                            "--tls-port",
-                            &p,
-                            "--tls-cluster",
-                            "yes",
-                            "--tls-cert-file",
-                            f.cert,
-                            "--tls-key-file",
-                            f.key,
-                            "--tls-ca-cert-file",
-                            f.ca,
-                            "--tls-auth-clients",
-                            "no",
-                        ]
-                        .map(String::from),
-                    );
+                    f.tls_only(&mut args, port);
+                    args.extend(["--tls-cluster".into(), "yes".into()]);
                 }
                 Proc::spawn_ready(&args, port, &cli_tls)
             })
@@ -222,10 +232,7 @@ impl Cluster {
                 None => format!("\"redis://127.0.0.1:{}\"", n.port),
             })
             .collect();
-        let ca = match &self.tls_ca {
-            Some(ca) => format!("  redis_ca: \"{ca}\"\n"),
-            None => String::new(),
-        };
+        let ca = ca_yaml(&self.tls_ca);
         format!(
             "store:\n  redis_cluster: [{}]\n  timeout_ms: 2000\n{ca}",
             urls.join(", ")
@@ -255,29 +262,6 @@ pub struct Sentinels {
     _dir: TempDir,
 }
 
-/// A server's arguments to speak only TLS on `port`, replication included.
-fn tls_only(args: &mut Vec<String>, port: u16, f: &TlsFiles) {
-    args[1] = "0".into();
-    let p = port.to_string();
-    args.extend(
-        [
-            "--tls-port",
-            &p,
-            "--tls-replication",
-            "yes",
-            "--tls-cert-file",
-            f.cert,
-            "--tls-key-file",
-            f.key,
-            "--tls-ca-cert-file",
-            f.ca,
-            "--tls-auth-clients",
-            "no",
-        ]
-        .map(String::from),
-    );
-}
-
 impl Sentinels {
     pub fn start() -> Sentinels {
         Sentinels::start_with(None)
@@ -290,14 +274,11 @@ impl Sentinels {
 
     fn start_with(tls: Option<TlsFiles>) -> Sentinels {
         let dir = tempfile::tempdir().unwrap();
-        let cli_tls: Vec<&str> = match &tls {
-            Some(f) => vec!["--tls", "--cacert", f.ca],
-            None => vec![],
-        };
+        let cli_tls = cli_args(&tls);
         let server = |port: u16, extra: &[&str]| {
             let mut args = server_args(port, &dir, extra);
             if let Some(f) = &tls {
-                tls_only(&mut args, port, f);
+                f.tls_only(&mut args, port);
             }
             Proc::spawn_ready(&args, port, &cli_tls)
         };
@@ -360,10 +341,7 @@ impl Sentinels {
                 None => format!("\"127.0.0.1:{}\"", p.port),
             })
             .collect();
-        let ca = match &self.tls_ca {
-            Some(ca) => format!("  redis_ca: \"{ca}\"\n"),
-            None => String::new(),
-        };
+        let ca = ca_yaml(&self.tls_ca);
         format!(
             "store:\n  redis_sentinel: {{master_name: tollgate, sentinels: [{}], db: 0}}\n  timeout_ms: 500\n{ca}",
             s.join(", ")
