@@ -361,8 +361,12 @@ async fn read_head<C: Connection>(
                 // shutdown is set.
                 biased;
                 read = conn.read_buf(pending) => break read,
-                // Pingora drops idle keep-alive connections at shutdown; so do we.
-                () = waits.shutdown.as_mut(), if idle => return Read::Gone,
+                // Pingora drops idle keep-alive connections at shutdown; so
+                // do we. Not a new connection waiting for its first request
+                // (its clock runs from accept: `deadline` is set): on TLS it
+                // comes a round trip after the handshake, and a process
+                // that took the connection answers it before it exits.
+                () = waits.shutdown.as_mut(), if idle && deadline.is_none() => return Read::Gone,
                 () = sleep_until_some(deadline) => return Read::TimedOut,
                 () = waits.idle.as_mut() => {
                     if waits.idle_over() {
