@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use pingora_memory_cache::MemoryCache;
+use pingora_memory_cache::{CacheStatus, MemoryCache};
 use redis::{AsyncCommands, ErrorKind, RedisError, Script};
 use tokio::sync::Notify;
 
@@ -56,6 +56,11 @@ pub const META_TTL: Duration = Duration::from_secs(1);
 /// 0.5 MB of RSS at 10,000 entries, 6.8 MB at 100,000 (measured), so a key
 /// beyond the most used 10,000 costs a Redis round trip more per second.
 const META_CACHE_ENTRIES: usize = 10_000;
+/// While Redis cannot answer a lookup (a failover, a partition), a key's last
+/// metadata read on this node stands this long past [`META_TTL`]: with
+/// `on_error: allow` the key keeps its own rate limit and a revoked key stays
+/// refused; a key not read here recently gets the default rate.
+const META_IF_ERROR: Duration = Duration::from_secs(300);
 
 /// Check state and balance, take the cost, and remember the charge by its id
 /// (KEYS[2]) unless it was cancelled before it ran. Returns {code, balance}:
@@ -345,21 +350,22 @@ impl RedisStore {
         Ok(row_of(*hash, &fields))
     }
 
-    /// The names matching a glob `pattern`: SCAN on one Redis; on a
-    /// Cluster, whose SCAN covers one node, KEYS on every master (the
-    /// `redis` crate sends it to each and joins the answers). For the keys
-    /// commands, not for requests.
+    /// The names matching a glob `pattern`, by SCAN (never KEYS, which
+    /// blocks Redis): on a Cluster, on every master in turn. Each page is one
+    /// call under the store's timeout. For the keys commands, not for requests.
     pub(super) async fn names(&self, pattern: &str) -> Result<Vec<String>, StoreError> {
         let mut c = self.conn().await?;
-        if self.connector.is_cluster() {
-            return self
-                .bounded(redis::cmd("KEYS").arg(pattern).query_async(&mut c))
-                .await;
-        }
-        let mut iter = self.bounded(c.scan_match::<_, String>(pattern)).await?;
         let mut names = Vec::new();
-        while let Some(item) = futures::StreamExt::next(&mut iter).await {
-            names.push(item.map_err(err)?);
+        for node in self.bounded(c.scan_nodes()).await? {
+            let mut cursor = 0;
+            loop {
+                let (next, page) = self.bounded(c.scan_page(&node, cursor, pattern)).await?;
+                names.extend(page);
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
         }
         Ok(names)
     }
@@ -475,7 +481,17 @@ impl Store for RedisStore {
                 return Ok(info);
             }
         }
-        let ((name, rate, state), marker) = self.fields_and_marker(hash).await?;
+        let ((name, rate, state), marker) = match self.fields_and_marker(hash).await {
+            Ok(found) => found,
+            Err(e) => match self.meta.get_stale(hash) {
+                (Some((cached, info)), CacheStatus::Stale(age))
+                    if cached == *hash && age < META_IF_ERROR =>
+                {
+                    return Ok(info)
+                }
+                _ => return Err(e),
+            },
+        };
         match (marker, &state) {
             (Some(Marker::Current), _) => {}
             // The marker's shard is down: a found key stands.

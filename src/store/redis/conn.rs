@@ -23,6 +23,7 @@ use redis::aio::{
 };
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo};
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{
     AsyncConnectionConfig, Client, Cmd, ConnectionAddr, IntoConnectionInfo, Pipeline, RedisError,
@@ -67,6 +68,73 @@ impl ConnectionLike for Conn {
             Conn::Single(c) => c.get_db(),
             Conn::Sentinel(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// A node a full SCAN must visit: on a Cluster one master (SCAN covers only
+/// the node it is sent to), otherwise the one Redis.
+#[derive(Clone, Debug)]
+pub enum ScanNode {
+    Only,
+    Master { host: String, port: u16 },
+}
+
+impl Conn {
+    /// The nodes that together hold every key: each master of a Cluster
+    /// (asked with one PING to all of them), or the one Redis.
+    pub async fn scan_nodes(&mut self) -> RedisResult<Vec<ScanNode>> {
+        let Conn::Cluster(c) = self else {
+            return Ok(vec![ScanNode::Only]);
+        };
+        let all = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+        let Value::Map(answers) = c.route_command(redis::cmd("PING"), all).await? else {
+            return Err(RedisError::from((
+                redis::ErrorKind::Client,
+                "cluster PING to all masters did not answer per node",
+            )));
+        };
+        let mut nodes = Vec::new();
+        for (address, _) in answers {
+            let address: String = redis::from_redis_value(address)?;
+            let parsed = address
+                .rsplit_once(':')
+                .and_then(|(host, port)| Some((host.to_string(), port.parse().ok()?)));
+            let Some((host, port)) = parsed else {
+                return Err(RedisError::from((
+                    redis::ErrorKind::Client,
+                    "cluster node address without a port",
+                    address,
+                )));
+            };
+            nodes.push(ScanNode::Master { host, port });
+        }
+        Ok(nodes)
+    }
+
+    /// One page of `SCAN cursor MATCH pattern COUNT 1000` on `node`: the
+    /// next cursor (0 when done) and the names found.
+    pub async fn scan_page(
+        &mut self,
+        node: &ScanNode,
+        cursor: u64,
+        pattern: &str,
+    ) -> RedisResult<(u64, Vec<String>)> {
+        let mut cmd = redis::cmd("SCAN");
+        cmd.arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000);
+        match (self, node) {
+            (Conn::Cluster(c), ScanNode::Master { host, port }) => {
+                let to = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: host.clone(),
+                    port: *port,
+                });
+                Ok(redis::from_redis_value(c.route_command(cmd, to).await?)?)
+            }
+            (c, _) => cmd.query_async(c).await,
         }
     }
 }
