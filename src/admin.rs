@@ -1,5 +1,7 @@
 //! The admin listener (`admin_listen`, loopback by default): `GET /healthz`
-//! and `GET /metrics`, the latter served by `pingora-prometheus`.
+//! and `GET /metrics` (served by `pingora-prometheus`), open without a
+//! token, and the admin API under `/v1` (`api.rs`) when
+//! `admin.token_sha256` is set.
 //!
 //! `/healthz` answers 200 only while every listener of the process accepts
 //! (see `listeners::Health`), otherwise 503 with the reason; both carry the
@@ -14,6 +16,10 @@ use pingora::protocols::http::ServerSession;
 use pingora::services::listening::Service;
 use pingora_prometheus::PrometheusHttpApp;
 
+mod api;
+
+pub use api::{KeyApi, MAX_BODY};
+
 use crate::listeners::Health;
 use crate::reject::Reject;
 use crate::respond::error_body;
@@ -21,6 +27,7 @@ use crate::respond::error_body;
 pub struct AdminApp {
     metrics: PrometheusHttpApp,
     health: Health,
+    keys: Option<KeyApi>,
 }
 
 /// The `/healthz` answer: status and JSON body.
@@ -52,6 +59,12 @@ fn simple(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let req = session.req_header();
+        if req.uri.path() == "/v1" || req.uri.path().starts_with("/v1/") {
+            return match &self.keys {
+                Some(api) => api.response(session).await,
+                None => api::off(),
+            };
+        }
         if req.method != http::Method::GET && req.method != http::Method::HEAD {
             let mut resp = simple(
                 405,
@@ -75,11 +88,19 @@ impl ServeHttp for AdminApp {
     }
 }
 
-/// The admin service, listening on `addr`, answering `/healthz` from `health`.
-pub fn service(addr: &str, health: Health) -> Service<HttpServer<AdminApp>> {
+/// The admin service, listening on `addr`, answering `/healthz` from
+/// `health`, and the admin API with `keys` when it is on.
+pub fn service(addr: &str, health: Health, keys: Option<KeyApi>) -> Service<HttpServer<AdminApp>> {
+    if let Some(api) = &keys {
+        // Every endpoint's series exists (at 0) before the first request.
+        for endpoint in api::ENDPOINTS {
+            api.requests.with_label_values(&[endpoint, "200"]);
+        }
+    }
     let app = HttpServer::new_app(AdminApp {
         metrics: PrometheusHttpApp,
         health,
+        keys,
     });
     let mut service = Service::new("tollgate admin".to_string(), app);
     service.add_tcp(addr);

@@ -5,7 +5,7 @@
 use percent_encoding::percent_decode_str;
 use pingora::http::RequestHeader;
 
-use crate::config::keys::KeyState;
+use crate::config::keys::{self, KeyState};
 use crate::reject::Reject;
 use crate::store::KeyInfo;
 use crate::target::Target;
@@ -58,19 +58,27 @@ pub fn extract(req: &RequestHeader, target: &Target) -> Result<Option<String>, R
     Ok(found)
 }
 
-/// What the store's lookup of a key means: admitted, at the key's own rate
-/// limit (`None`: the configured default), or refused.
-pub fn admit(found: Option<&KeyInfo>) -> Result<Option<u32>, Reject> {
-    match found {
-        None => Err(Reject::InvalidKey),
-        Some(info) if info.state == KeyState::Revoked => Err(Reject::RevokedKey),
-        Some(info) => Ok(info.rate_per_second),
+/// What the store's lookup of a key means on the route named `route`:
+/// admitted, at the key's own rate limit (`None`: the configured default),
+/// or refused (unknown, revoked, expired, not for this route, in that order).
+pub fn admit(found: Option<&KeyInfo>, route: &str) -> Result<Option<u32>, Reject> {
+    let info = found.ok_or(Reject::InvalidKey)?;
+    if info.state == KeyState::Revoked {
+        return Err(Reject::RevokedKey);
     }
+    if info.lifecycle.expires_at.is_some() && info.lifecycle.expired(keys::now()) {
+        return Err(Reject::ExpiredKey);
+    }
+    if !info.lifecycle.allows(route) {
+        return Err(Reject::RouteNotAllowed);
+    }
+    Ok(info.rate_per_second)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::keys::Lifecycle;
 
     fn extract(
         req: &RequestHeader,
@@ -158,18 +166,49 @@ mod tests {
 
     #[test]
     fn a_lookup_decides_admission() {
-        let info = |state, rate| KeyInfo {
+        let info = |state, rate, lifecycle| KeyInfo {
             id: "9f86d081884c".into(),
             name: "n".into(),
             rate_per_second: rate,
             state,
+            lifecycle,
         };
-        assert_eq!(admit(None), Err(Reject::InvalidKey));
+        let plain = Lifecycle::default;
+        let active = |rate| info(KeyState::Active, rate, plain());
+        assert_eq!(admit(None, "r"), Err(Reject::InvalidKey));
         assert_eq!(
-            admit(Some(&info(KeyState::Revoked, Some(5)))),
+            admit(Some(&info(KeyState::Revoked, Some(5), plain())), "r"),
             Err(Reject::RevokedKey)
         );
-        assert_eq!(admit(Some(&info(KeyState::Active, Some(5)))), Ok(Some(5)));
-        assert_eq!(admit(Some(&info(KeyState::Active, None))), Ok(None));
+        assert_eq!(admit(Some(&active(Some(5))), "r"), Ok(Some(5)));
+        assert_eq!(admit(Some(&active(None)), "r"), Ok(None));
+        let now = keys::now();
+        let ends = |at| Lifecycle {
+            expires_at: Some(at),
+            ..plain()
+        };
+        let expired = info(KeyState::Active, None, ends(now - 1));
+        assert_eq!(admit(Some(&expired), "r"), Err(Reject::ExpiredKey));
+        let later = info(KeyState::Active, None, ends(now + 60));
+        assert_eq!(admit(Some(&later), "r"), Ok(None));
+        let scoped = info(
+            KeyState::Active,
+            None,
+            Lifecycle {
+                routes: Some(vec!["a".into(), "b".into()]),
+                ..plain()
+            },
+        );
+        assert_eq!(admit(Some(&scoped), "b"), Ok(None));
+        assert_eq!(admit(Some(&scoped), "c"), Err(Reject::RouteNotAllowed));
+        // Revoked before expired before the route.
+        let all = Lifecycle {
+            routes: Some(vec!["a".into()]),
+            ..ends(now - 1)
+        };
+        let revoked = info(KeyState::Revoked, None, all.clone());
+        assert_eq!(admit(Some(&revoked), "c"), Err(Reject::RevokedKey));
+        let expired = info(KeyState::Active, None, all);
+        assert_eq!(admit(Some(&expired), "c"), Err(Reject::ExpiredKey));
     }
 }

@@ -83,6 +83,8 @@ pub struct Config {
     pub server: ServerConf,
     pub listen: Vec<Listener>,
     pub admin_listen: SocketAddr,
+    /// SHA-256 of the admin API's bearer token; `None`: the `/v1` API is off.
+    pub admin_token_sha256: Option<[u8; 32]>,
     pub store: StoreConfig,
     pub auth: AuthConfig,
     pub rate_limit: RateLimitConfig,
@@ -224,15 +226,34 @@ impl Config {
         let bytes = std::fs::read(file).map_err(|e| fail(format!("cannot read {file}: {e}")))?;
         let text = limits::precheck(&bytes, limits::MAX_KEYS_BYTES)
             .map_err(|e| fail(format!("{file}: {}", e.message)))?;
-        self.store.keys = parse_keys(text).map_err(|errors| {
-            ConfigErrors(
-                errors
-                    .into_iter()
-                    .map(|e| err("store.keys_file", format!("{file}: {e}")))
-                    .collect(),
-            )
-        })?;
+        let in_file = |e: ConfigError| err("store.keys_file", format!("{file}: {e}"));
+        let keys = parse_keys(text)
+            .map_err(|errors| ConfigErrors(errors.into_iter().map(in_file).collect()))?;
+        let unknown = self.unknown_routes(&keys);
+        if !unknown.is_empty() {
+            return Err(ConfigErrors(unknown.into_iter().map(in_file).collect()));
+        }
+        self.store.keys = keys;
         Ok(())
+    }
+
+    /// The route names this configuration has.
+    pub fn route_names(&self) -> Vec<&str> {
+        self.routes.iter().map(|r| r.name.as_str()).collect()
+    }
+
+    /// A problem for each key whose `routes` names a route this
+    /// configuration lacks (`keys[i].routes`).
+    pub fn unknown_routes(&self, keys: &[KeyRecord]) -> Vec<ConfigError> {
+        let known = self.route_names();
+        keys.iter()
+            .enumerate()
+            .filter_map(|(i, k)| {
+                let names = k.lifecycle.routes.as_deref()?;
+                let problem = keys::routes_problem(names, Some(&known))?;
+                Some(err(format!("keys[{i}].routes"), problem))
+            })
+            .collect()
     }
 
     /// Parse and validate configuration text.
@@ -256,6 +277,7 @@ impl TryFrom<FileConfig> for Config {
         let e = &mut errors;
         let server = server::convert_server(file.server, e);
         let (listen, admin_listen) = server::convert_listeners(&file.listen, &file.admin_listen, e);
+        let admin_token_sha256 = convert_admin(&file.admin, e);
         let store = convert_store(file.store, e);
         let auth = convert_auth(file.auth, e);
         let per_second = file.rate_limit.per_second;
@@ -273,6 +295,7 @@ impl TryFrom<FileConfig> for Config {
                 server,
                 listen,
                 admin_listen,
+                admin_token_sha256,
                 store,
                 auth,
                 rate_limit: RateLimitConfig { per_second },
@@ -310,6 +333,20 @@ fn choice<T: Copy>(
         format!("unknown value \"{got}\", expected {}", expected.join(" | ")),
     ));
     choices[0].1
+}
+
+/// `admin.token_sha256`: 64 hex digits.
+fn convert_admin(admin: &FileAdmin, errors: &mut Vec<ConfigError>) -> Option<[u8; 32]> {
+    let digits = admin.token_sha256.as_deref()?;
+    let mut hash = [0u8; 32];
+    if hex::decode_to_slice(digits.to_ascii_lowercase(), &mut hash).is_err() {
+        errors.push(err(
+            "admin.token_sha256",
+            "expected the token's SHA-256 as 64 hex digits (tollgate keys admin-token makes one)",
+        ));
+        return None;
+    }
+    Some(hash)
 }
 
 /// `auth`.

@@ -1,22 +1,38 @@
 //! `tollgate keys`: manage API keys in the configured store. With Redis every
-//! subcommand works on the shared store. With the embedded store the keys file
-//! is the store: `list`/`show` read it, `create` appends a hashed entry (seen
-//! at the next start); `topup`, `revoke` and `import` need Redis, because
-//! embedded balances live in one process's memory. `import` and `create`
+//! subcommand works on the shared store, through `keyops` (the admin API
+//! calls the same functions). With the embedded store the keys file is the
+//! store: `list`/`show` read it, `create` appends a hashed entry (seen at the
+//! next start); `update`, `topup`, `revoke` and `import` need Redis, because
+//! embedded balances live in one process's memory (the running gateway's
+//! admin API changes them there). `import` and `create`
 //! mark a Redis as set up (`{prefix}store`); `import` into a Redis with
 //! neither the marker nor keys needs `--init`, since that Redis may be one
 //! that lost its data, where an import would reset every balance.
 
 use std::io::Write;
 
-use clap::Subcommand;
-use rand::RngCore;
+use clap::{Args, Subcommand};
 
-use crate::config::keys::{parse_keys, KeyRecord, KeyState};
+use crate::config::keys::{self, parse_keys, KeyRecord, Lifecycle, Refill};
 use crate::config::Config;
 use crate::key::KeyHash;
+use crate::keyops::{self, is_id, NewKey};
 use crate::store::redis::{Marker, RedisStore};
-use crate::store::KeyRow;
+use crate::store::{KeyAdmin, KeyPatch, KeyRow};
+
+/// The settings `create` and `update` take beside the name.
+#[derive(Debug, Args, Default)]
+pub struct PlanArgs {
+    /// When the key stops working: an RFC 3339 time, or `never`.
+    #[arg(long, value_name = "RFC3339|never")]
+    expires: Option<String>,
+    /// The routes the key may call, by name, or `all`.
+    #[arg(long, value_name = "NAME,NAME|all")]
+    routes: Option<String>,
+    /// The allowance that comes back each UTC day or month, or `none`.
+    #[arg(long, value_name = "CREDITS/daily|CREDITS/monthly|none")]
+    refill: Option<String>,
+}
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
@@ -29,6 +45,19 @@ pub enum KeysCommand {
         /// Requests per second (default: rate_limit.per_second).
         #[arg(long)]
         rate: Option<u32>,
+        #[command(flatten)]
+        plan: PlanArgs,
+    },
+    /// Change a key's name, rate, expiry, routes or refill.
+    Update {
+        key_or_id: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Requests per second, or `default` (rate_limit.per_second).
+        #[arg(long, value_name = "N|default")]
+        rate: Option<String>,
+        #[command(flatten)]
+        plan: PlanArgs,
     },
     /// List keys (never the keys themselves).
     List,
@@ -51,23 +80,13 @@ pub enum KeysCommand {
         #[arg(long)]
         init: bool,
     },
+    /// Make a new admin API token: prints it, then the `admin.token_sha256`
+    /// line for the configuration (only the hash is kept there).
+    AdminToken,
     /// Move keys stored by a tollgate before the key layout's hash tag
     /// (`key:<sha256>` to `key:{<sha256>}`); run before the new gateways
     /// take traffic.
     Migrate,
-}
-
-/// A new random key: `tg_` and 192 random bits in hex.
-pub fn generate() -> String {
-    let mut bytes = [0u8; 24];
-    rand::rngs::OsRng.fill_bytes(&mut bytes);
-    format!("tg_{}", hex::encode(bytes))
-}
-
-fn is_id(s: &str) -> bool {
-    s.len() == 12
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Why `keys import` refuses a Redis without the store marker.
@@ -80,21 +99,62 @@ credits already spent. To set up a new store, run `tollgate keys import --init F
 const OLD_LAYOUT: &str = "this Redis holds keys in the layout of an older tollgate \
 (key:<sha256>, without the hash tag): run `tollgate keys migrate` first (README, Stores)";
 
-const HEADER: &str = "ID            NAME                 CREDITS        RATE  STATE";
+const HEADER: &str = "ID            NAME                 CREDITS        RATE  STATE    EXPIRES               ROUTES  REFILL";
 
 fn print_row(out: &mut impl Write, r: &KeyRow) -> std::io::Result<()> {
     let rate = r
         .rate_per_second
         .map_or("default".to_string(), |r| r.to_string());
+    let l = &r.lifecycle;
     writeln!(
         out,
-        "{:<13} {:<20} {:>8} {:>11}  {}",
+        "{:<13} {:<20} {:>8} {:>11}  {:<8} {:<21} {:<7} {}",
         r.id,
         r.name,
         r.credits,
         rate,
-        r.state.as_str()
+        r.state.as_str(),
+        l.expires_at.map_or("never".into(), keys::format_time),
+        l.routes.as_ref().map_or("all".into(), |r| r.join(",")),
+        l.refill.map_or("none".into(), |r| r.to_string()),
     )
+}
+
+/// `--expires`, `--routes`, `--refill` as a patch of those three.
+fn plan_patch(plan: &PlanArgs) -> Result<KeyPatch, String> {
+    let mut patch = KeyPatch::default();
+    if let Some(e) = &plan.expires {
+        patch.expires_at = Some(match e.as_str() {
+            "never" => None,
+            t => Some(keys::parse_time(t).ok_or_else(|| {
+                format!("--expires: expected an RFC 3339 time or never, got \"{t}\"")
+            })?),
+        });
+    }
+    if let Some(r) = &plan.routes {
+        patch.routes = Some(match r.as_str() {
+            "all" => None,
+            names => Some(names.split(',').map(|n| n.trim().to_string()).collect()),
+        });
+    }
+    if let Some(r) = &plan.refill {
+        patch.refill = Some(match r.as_str() {
+            "none" => None,
+            text => Some(Refill::parse(text).ok_or_else(|| {
+                format!("--refill: expected CREDITS/daily, CREDITS/monthly or none, got \"{text}\"")
+            })?),
+        });
+    }
+    Ok(patch)
+}
+
+fn lifecycle_of(plan: &PlanArgs) -> Result<Lifecycle, String> {
+    let patch = plan_patch(plan)?;
+    Ok(Lifecycle {
+        expires_at: patch.expires_at.flatten(),
+        routes: patch.routes.flatten(),
+        refill: patch.refill.flatten(),
+    })
 }
 
 fn io(e: std::io::Error) -> String {
@@ -103,33 +163,25 @@ fn io(e: std::io::Error) -> String {
 
 /// Run a `keys` subcommand, writing what it prints to `out`.
 pub async fn run(config: &Config, cmd: KeysCommand, out: &mut impl Write) -> Result<(), String> {
+    if let KeysCommand::AdminToken = cmd {
+        let token = keyops::generate().replacen("tg_", "tga_", 1);
+        let hash = KeyHash::of(&token).hex();
+        writeln!(out, "{token}").map_err(io)?;
+        return writeln!(out, "admin:\n  token_sha256: \"{hash}\"").map_err(io);
+    }
     match &config.store.redis {
         Some(redis) => {
             let store = RedisStore::new(redis, &config.store.key_prefix, config.store.timeout)
                 .map_err(|e| format!("{}: {e}", redis.field()))?;
-            run_redis(&store, cmd, out).await
+            run_redis(&store, &config.route_names(), cmd, out).await
         }
         None => run_embedded(config, cmd, out),
     }
 }
 
-async fn find_redis(store: &RedisStore, key_or_id: &str) -> Result<KeyHash, String> {
-    if is_id(key_or_id) {
-        let found = store
-            .find_by_id(key_or_id)
-            .await
-            .map_err(|e| e.to_string())?;
-        return match found.as_slice() {
-            [one] => Ok(*one),
-            [] => Err(format!("no key with id {key_or_id}")),
-            _ => Err(format!("more than one key with id {key_or_id}")),
-        };
-    }
-    Ok(KeyHash::from_hex(key_or_id).unwrap_or_else(|| KeyHash::of(key_or_id)))
-}
-
 async fn run_redis(
     store: &RedisStore,
+    routes: &[&str],
     cmd: KeysCommand,
     out: &mut impl Write,
 ) -> Result<(), String> {
@@ -138,6 +190,7 @@ async fn run_redis(
     if marker == Marker::OldLayout && !matches!(cmd, KeysCommand::Migrate) {
         return Err(OLD_LAYOUT.into());
     }
+    let op = |e: keyops::OpError| e.to_string();
     match cmd {
         KeysCommand::Migrate => {
             let (moved, kept) = store.migrate().await.map_err(e)?;
@@ -151,36 +204,75 @@ async fn run_redis(
             name,
             credits,
             rate,
-        } => create_redis(store, name, credits, rate, out).await?,
-        KeysCommand::List => {
+            plan,
+        } => {
+            let new = NewKey {
+                name,
+                credits,
+                rate_per_second: rate,
+                lifecycle: lifecycle_of(&plan)?,
+            };
+            let (key, row) = keyops::create(store, new, routes).await.map_err(op)?;
+            writeln!(out, "{key}").map_err(io)?;
+            writeln!(
+                out,
+                "id {} name {} credits {}",
+                row.id, row.name, row.credits
+            )
+            .map_err(io)?;
+        }
+        KeysCommand::Update {
+            key_or_id,
+            name,
+            rate,
+            plan,
+        } => {
+            let mut patch = plan_patch(&plan)?;
+            patch.name = name;
+            patch.rate_per_second = match rate.as_deref() {
+                None => None,
+                Some("default") => Some(None),
+                Some(n) => Some(Some(n.parse().map_err(|_| {
+                    format!("--rate: expected a number or default, got \"{n}\"")
+                })?)),
+            };
+            if patch.is_empty() {
+                return Err(
+                    "nothing to change: give --name, --rate, --expires, --routes or --refill"
+                        .into(),
+                );
+            }
+            let row = keyops::update(store, &key_or_id, &patch, routes)
+                .await
+                .map_err(op)?;
             writeln!(out, "{HEADER}").map_err(io)?;
-            for row in store.rows().await.map_err(e)? {
+            print_row(out, &row).map_err(io)?;
+        }
+        KeysCommand::List => {
+            let (mut rows, _) = keyops::page(store, None, usize::MAX).await.map_err(op)?;
+            rows.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+            writeln!(out, "{HEADER}").map_err(io)?;
+            for row in rows {
                 print_row(out, &row).map_err(io)?;
             }
         }
         KeysCommand::Show { key_or_id } => {
-            let hash = find_redis(store, &key_or_id).await?;
-            let row = store.row(&hash).await.map_err(e)?.ok_or("no such key")?;
+            let row = keyops::show(store, &key_or_id).await.map_err(op)?;
             writeln!(out, "{HEADER}").map_err(io)?;
             print_row(out, &row).map_err(io)?;
         }
         KeysCommand::Topup { key_or_id, credits } => {
-            let hash = find_redis(store, &key_or_id).await?;
-            let balance = store
-                .add_credits(&hash, credits)
+            let (id, balance) = keyops::topup(store, &key_or_id, credits)
                 .await
-                .map_err(e)?
-                .ok_or("no such key")?;
-            writeln!(out, "id {} credits {balance}", hash.id()).map_err(io)?;
+                .map_err(op)?;
+            writeln!(out, "id {id} credits {balance}").map_err(io)?;
         }
         KeysCommand::Revoke { key_or_id } => {
-            let hash = find_redis(store, &key_or_id).await?;
-            if !store.set_state(&hash, KeyState::Revoked).await.map_err(e)? {
-                return Err("no such key".into());
-            }
-            writeln!(out, "id {} revoked", hash.id()).map_err(io)?;
+            let row = keyops::revoke(store, &key_or_id).await.map_err(op)?;
+            writeln!(out, "id {} revoked", row.id).map_err(io)?;
         }
-        KeysCommand::Import { file, init } => import_redis(store, &file, init, out).await?,
+        KeysCommand::Import { file, init } => import_redis(store, routes, &file, init, out).await?,
+        KeysCommand::AdminToken => {}
     }
     Ok(())
 }
@@ -189,44 +281,12 @@ fn redis_error(e: crate::store::StoreError) -> String {
     format!("redis: {e}")
 }
 
-/// `keys create` on Redis: a new key, printed once; the store counts as set up.
-async fn create_redis(
-    store: &RedisStore,
-    name: String,
-    credits: u64,
-    rate: Option<u32>,
-    out: &mut impl Write,
-) -> Result<(), String> {
-    let e = redis_error;
-    let key = generate();
-    let record = KeyRecord {
-        hash: KeyHash::of(&key),
-        name,
-        credits,
-        rate_per_second: rate,
-        state: KeyState::Active,
-    };
-    if !store.insert(&record).await.map_err(e)? {
-        return Err("a key with this hash exists already; run create again".into());
-    }
-    if !store.is_set_up().await.map_err(e)? {
-        store.mark_set_up().await.map_err(e)?;
-    }
-    writeln!(out, "{key}").map_err(io)?;
-    writeln!(
-        out,
-        "id {} name {} credits {credits}",
-        record.hash.id(),
-        record.name
-    )
-    .map_err(io)
-}
-
 /// `keys import` on Redis: adds the file's keys, never changes present ones.
 /// An empty, never set-up store needs `--init` (a wrong `redis_url` must not
 /// look like a fresh store).
 async fn import_redis(
     store: &RedisStore,
+    routes: &[&str],
     file: &str,
     init: bool,
     out: &mut impl Write,
@@ -237,6 +297,17 @@ async fn import_redis(
         let lines: Vec<String> = errors.iter().map(|er| format!("{file}: {er}")).collect();
         lines.join("\n")
     })?;
+    let unknown: Vec<String> = records
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| {
+            let problem = keys::routes_problem(r.lifecycle.routes.as_deref()?, Some(routes))?;
+            Some(format!("{file}: keys[{i}].routes: {problem}"))
+        })
+        .collect();
+    if !unknown.is_empty() {
+        return Err(unknown.join("\n"));
+    }
     let set_up = store.is_set_up().await.map_err(e)?;
     if !set_up && !init && !store.has_keys().await.map_err(e)? {
         return Err(NOT_SET_UP.into());
@@ -288,23 +359,46 @@ fn run_embedded(config: &Config, cmd: KeysCommand, out: &mut impl Write) -> Resu
             writeln!(out, "{HEADER}").map_err(io)?;
             print_row(out, &KeyRow::of(r)).map_err(io)
         }
-        KeysCommand::Create { name, credits, rate } => {
+        KeysCommand::Create {
+            name,
+            credits,
+            rate,
+            plan,
+        } => {
             let file = config
                 .store
                 .keys_file
                 .as_deref()
                 .ok_or("the embedded store needs store.keys_file to create keys in")?;
-            let key = generate();
-            append_entry(file, &KeyHash::of(&key), &name, credits, rate)?;
+            let key = keyops::generate();
+            let record = KeyRecord {
+                hash: KeyHash::of(&key),
+                name,
+                credits,
+                rate_per_second: rate,
+                state: keys::KeyState::Active,
+                lifecycle: lifecycle_of(&plan)?,
+            };
+            let routes = record.lifecycle.routes.as_deref().unwrap_or_default();
+            if let Some(problem) = (!routes.is_empty())
+                .then(|| keys::routes_problem(routes, Some(&config.route_names())))
+                .flatten()
+            {
+                return Err(format!("--routes: {problem}"));
+            }
+            append_entry(file, &record)?;
             writeln!(out, "{key}").map_err(io)?;
             writeln!(
                 out,
-                "id {} name {name} credits {credits} (added to {file}; active after the next start or reload)",
-                KeyHash::of(&key).id()
+                "id {} name {} credits {credits} (added to {file}; active after the next start or reload)",
+                record.hash.id(),
+                record.name
             )
             .map_err(io)
         }
         KeysCommand::Topup { .. }
+        | KeysCommand::Update { .. }
+        | KeysCommand::AdminToken
         | KeysCommand::Revoke { .. }
         | KeysCommand::Import { .. }
         | KeysCommand::Migrate => Err(
@@ -317,49 +411,43 @@ fn run_embedded(config: &Config, cmd: KeysCommand, out: &mut impl Write) -> Resu
 
 /// Append a hashed entry to a keys file, keeping its text (and comments);
 /// the file is checked after the change and restored if it no longer parses.
-fn append_entry(
-    file: &str,
-    hash: &KeyHash,
-    name: &str,
-    credits: u64,
-    rate: Option<u32>,
-) -> Result<(), String> {
+fn append_entry(file: &str, record: &KeyRecord) -> Result<(), String> {
     let before = std::fs::read_to_string(file).map_err(|e| format!("cannot read {file}: {e}"))?;
-    let name_json = serde_json::to_string(name).map_err(|e| e.to_string())?;
-    let rate = rate.map_or(String::new(), |r| format!(", rate_per_second: {r}"));
+    let json = |v: &str| serde_json::to_string(v).unwrap_or_default();
+    let mut entry = format!(
+        "  - {{sha256: \"{}\", name: {}, credits: {}",
+        record.hash.hex(),
+        json(&record.name),
+        record.credits
+    );
+    if let Some(rate) = record.rate_per_second {
+        entry.push_str(&format!(", rate_per_second: {rate}"));
+    }
+    let l = &record.lifecycle;
+    if let Some(at) = l.expires_at {
+        entry.push_str(&format!(", expires_at: \"{}\"", keys::format_time(at)));
+    }
+    if let Some(routes) = &l.routes {
+        let names: Vec<String> = routes.iter().map(|r| json(r)).collect();
+        entry.push_str(&format!(", routes: [{}]", names.join(", ")));
+    }
+    if let Some(r) = l.refill {
+        entry.push_str(&format!(
+            ", refill: {{credits: {}, period: {}}}",
+            r.credits,
+            r.period.as_str()
+        ));
+    }
+    entry.push_str("}\n");
     let mut after = before.clone();
     if !after.ends_with('\n') {
         after.push('\n');
     }
-    after.push_str(&format!(
-        "  - {{sha256: \"{}\", name: {name_json}, credits: {credits}{rate}}}\n",
-        hash.hex()
-    ));
+    after.push_str(&entry);
     if parse_keys(&after).map(|r| r.len()) != parse_keys(&before).map(|r| r.len() + 1) {
         return Err(format!(
             "cannot append to {file}: it must end with its `keys:` list in block style"
         ));
     }
     std::fs::write(file, after).map_err(|e| format!("cannot write {file}: {e}"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn generated_keys_are_prefixed_long_and_distinct() {
-        let a = generate();
-        let b = generate();
-        assert!(a.starts_with("tg_") && a.len() == 3 + 48, "{a}");
-        assert_ne!(a, b);
-    }
-
-    #[test]
-    fn ids_are_twelve_lower_hex_digits() {
-        assert!(is_id("9f86d081884c"));
-        assert!(!is_id("9F86D081884C"));
-        assert!(!is_id("tg_123456789"));
-        assert!(!is_id("9f86d081884"));
-    }
 }

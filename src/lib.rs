@@ -16,6 +16,7 @@ pub mod credits;
 pub mod drain;
 pub mod front;
 pub mod key;
+pub mod keyops;
 pub mod keys;
 pub mod limits;
 pub mod listeners;

@@ -20,7 +20,7 @@ use tollgate::metrics::Metrics;
 use tollgate::proxy::Gateway;
 use tollgate::store::memory::MemoryStore;
 use tollgate::store::redis::{Maintenance, RedisStore, StoreCounters};
-use tollgate::store::{SharedCache, Store};
+use tollgate::store::{KeyAdmin, SharedCache, Store};
 use tollgate::tls::TlsListeners;
 use tollgate::{admin, logging, notify, reload};
 
@@ -97,6 +97,8 @@ fn load(conf: Option<&PathBuf>) -> Result<Config, ExitCode> {
 /// The configured store, and what comes with a Redis one.
 struct Stores {
     keys: Arc<dyn Store>,
+    /// The same store, for the admin API.
+    admin: Arc<dyn KeyAdmin>,
     /// The Redis cache tier, when the store is Redis.
     shared_cache: Option<Arc<dyn SharedCache>>,
     /// The Redis store's settlement service.
@@ -110,8 +112,10 @@ fn open_store(config: &Config, metrics: &Metrics) -> Result<Stores, String> {
                 "the embedded store has no keys (store.keys_file): every request will get 401"
             );
         }
+        let memory = Arc::new(MemoryStore::new(&config.store.keys));
         return Ok(Stores {
-            keys: Arc::new(MemoryStore::new(&config.store.keys)),
+            keys: memory.clone(),
+            admin: memory,
             shared_cache: None,
             maintenance: None,
         });
@@ -126,6 +130,7 @@ fn open_store(config: &Config, metrics: &Metrics) -> Result<Stores, String> {
     }));
     Ok(Stores {
         keys: redis.clone(),
+        admin: redis.clone(),
         shared_cache: Some(redis.clone()),
         maintenance: Some(Maintenance(redis)),
     })
@@ -175,6 +180,7 @@ fn serve(mut config: Config, opt: Opt) -> ExitCode {
     let (access_log, access_log_service) =
         logging::access_log(config.access_log.clone(), metrics.access_log_dropped());
     let connections = metrics.connections();
+    let admin_requests = metrics.admin_requests();
     let tls = match TlsListeners::new(&config.listen, metrics.tls_handshake_errors()) {
         Ok(tls) => tls,
         Err(e) => {
@@ -208,7 +214,13 @@ fn serve(mut config: Config, opt: Opt) -> ExitCode {
     add_listeners(&mut proxy, &config.listen);
     let health = Health::default();
     server.add_service(Guarded::new(proxy, "proxy", &health));
-    let admin = admin::service(&config.admin_listen.to_string(), health.clone());
+    let key_api = config.admin_token_sha256.map(|token_sha256| admin::KeyApi {
+        store: stores.admin.clone(),
+        token_sha256,
+        routes: config.routes.iter().map(|r| r.name.clone()).collect(),
+        requests: admin_requests,
+    });
+    let admin = admin::service(&config.admin_listen.to_string(), health.clone(), key_api);
     server.add_service(Guarded::new(admin, "admin", &health));
     server.add_service(background_service("notifier", notifier_service));
     server.add_service(background_service("access log", access_log_service));

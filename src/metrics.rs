@@ -55,6 +55,7 @@ pub struct Metrics {
     notifications: IntCounterVec,
     access_log_dropped: IntCounter,
     tls_handshake_errors: IntCounter,
+    admin_requests: IntCounterVec,
     backend_healthy: IntGaugeVec,
     connections: crate::connections::ConnectionCounters,
 }
@@ -213,6 +214,12 @@ impl Metrics {
                 "tollgate_tls_handshake_errors_total",
                 "Client connections on a TLS listener whose handshake failed or took longer than limits.request_header_timeout_ms.",
             )?,
+            admin_requests: counter(
+                r,
+                "tollgate_admin_requests_total",
+                "Admin API (/v1) requests by endpoint (create, list, show, update, topup, revoke, other) and answer status.",
+                &["endpoint", "status"],
+            )?,
             backend_healthy: {
                 let g = IntGaugeVec::new(
                     Opts::new(
@@ -347,6 +354,11 @@ impl Metrics {
     /// race keeps up to date.
     pub fn backend_healthy(&self, route: &str, backend: &str) -> IntGauge {
         self.backend_healthy.with_label_values(&[route, backend])
+    }
+
+    /// `tollgate_admin_requests_total`, for the admin API.
+    pub fn admin_requests(&self) -> IntCounterVec {
+        self.admin_requests.clone()
     }
 
     pub fn tls_handshake_errors(&self) -> IntCounter {

@@ -19,6 +19,8 @@ pub enum Reject {
     MissingKey,
     InvalidKey,
     RevokedKey,
+    ExpiredKey,
+    RouteNotAllowed,
     RateLimited,
     InsufficientCredits,
     StoreUnavailable,
@@ -33,8 +35,8 @@ impl Reject {
     pub fn status(self) -> u16 {
         match self {
             Reject::NoRoute | Reject::NoData => 404,
-            Reject::MissingKey | Reject::InvalidKey => 401,
-            Reject::RevokedKey => 403,
+            Reject::MissingKey | Reject::InvalidKey | Reject::ExpiredKey => 401,
+            Reject::RevokedKey | Reject::RouteNotAllowed => 403,
             Reject::RateLimited => 429,
             Reject::InsufficientCredits => 402,
             Reject::StoreUnavailable => 503,
@@ -58,6 +60,8 @@ impl Reject {
             Reject::MissingKey => "missing_api_key",
             Reject::InvalidKey => "invalid_api_key",
             Reject::RevokedKey => "revoked_api_key",
+            Reject::ExpiredKey => "expired_api_key",
+            Reject::RouteNotAllowed => "route_not_allowed",
             Reject::RateLimited => "rate_limited",
             Reject::InsufficientCredits => "insufficient_credits",
             Reject::StoreUnavailable => "store_unavailable",
@@ -80,6 +84,8 @@ impl Reject {
             }
             Reject::InvalidKey => "the API key is not valid",
             Reject::RevokedKey => "the API key has been revoked",
+            Reject::ExpiredKey => "the API key has expired",
+            Reject::RouteNotAllowed => "the API key may not call this route",
             Reject::RateLimited => {
                 "too many requests for this API key; retry after Retry-After seconds"
             }
@@ -96,7 +102,7 @@ impl Reject {
     pub fn headers(self) -> &'static [(&'static str, &'static str)] {
         match self {
             Reject::MethodNotAllowed => &[("Allow", "GET, HEAD")],
-            Reject::MissingKey | Reject::InvalidKey => {
+            Reject::MissingKey | Reject::InvalidKey | Reject::ExpiredKey => {
                 &[("WWW-Authenticate", "Bearer realm=\"tollgate\"")]
             }
             _ => &[],
@@ -114,7 +120,7 @@ impl Reject {
     }
 
     /// Every reason, for metrics set-up.
-    pub const ALL: [Reject; 15] = [
+    pub const ALL: [Reject; 17] = [
         Reject::NoRoute,
         Reject::MethodNotAllowed,
         Reject::UriTooLong,
@@ -123,6 +129,8 @@ impl Reject {
         Reject::MissingKey,
         Reject::InvalidKey,
         Reject::RevokedKey,
+        Reject::ExpiredKey,
+        Reject::RouteNotAllowed,
         Reject::RateLimited,
         Reject::InsufficientCredits,
         Reject::StoreUnavailable,

@@ -14,6 +14,7 @@ pub(super) struct FileConfig {
     /// Strings (plain HTTP/1.1) or maps; see `server::convert_listeners`.
     pub(super) listen: Vec<Value>,
     pub(super) admin_listen: String,
+    pub(super) admin: FileAdmin,
     pub(super) store: FileStore,
     pub(super) auth: FileAuth,
     pub(super) rate_limit: FileRateLimit,
@@ -32,6 +33,7 @@ impl Default for FileConfig {
             server: None,
             listen: vec![Value::String("0.0.0.0:8080".to_string())],
             admin_listen: "127.0.0.1:9091".to_string(),
+            admin: FileAdmin::default(),
             store: FileStore::default(),
             auth: FileAuth::default(),
             rate_limit: FileRateLimit::default(),
@@ -252,4 +254,11 @@ impl Default for FileNotify {
             no_data_window_seconds: 300,
         }
     }
+}
+
+/// `admin:` — the admin API's bearer token, as its SHA-256.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct FileAdmin {
+    pub(super) token_sha256: Option<String>,
 }

@@ -1,8 +1,11 @@
 //! The keys file (`store.keys_file`, and `tollgate keys import`):
-//! `keys: [{key | sha256, name, credits, rate_per_second, state}]`.
-//! Plaintext keys are hashed as they are read and never kept. Every store
-//! loads keys in this form, so it lives with the configuration, below them.
+//! `keys: [{key | sha256, name, credits, rate_per_second, state, expires_at,
+//! routes, refill}]`. Plaintext keys are hashed as they are read and never
+//! kept. Every store loads keys in this form, so it lives with the
+//! configuration, below them; so do the lifecycle fields' text forms, which
+//! the keys file, the keys commands and the admin API share.
 
+use chrono::{DateTime, Datelike, SecondsFormat, Utc};
 use serde::Deserialize;
 
 use super::{choice, limits, ConfigError};
@@ -26,6 +29,130 @@ impl KeyState {
 const KEY_STATES: &[(&str, KeyState)] =
     &[("active", KeyState::Active), ("revoked", KeyState::Revoked)];
 
+/// How often a key's allowance comes back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Period {
+    Daily,
+    Monthly,
+}
+
+const PERIODS: &[(&str, Period)] = &[("daily", Period::Daily), ("monthly", Period::Monthly)];
+
+impl Period {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Period::Daily => "daily",
+            Period::Monthly => "monthly",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Period> {
+        PERIODS.iter().find(|(n, _)| *n == s).map(|(_, p)| *p)
+    }
+
+    /// The UTC period `unix` seconds fall in: `YYYY-MM-DD` or `YYYY-MM`.
+    pub fn label(self, unix: i64) -> String {
+        let t = DateTime::<Utc>::from_timestamp(unix, 0).unwrap_or_default();
+        match self {
+            Period::Daily => format!("{:04}-{:02}-{:02}", t.year(), t.month(), t.day()),
+            Period::Monthly => format!("{:04}-{:02}", t.year(), t.month()),
+        }
+    }
+}
+
+/// `refill: {credits, period}`: at the first charge of a new UTC period the
+/// balance becomes `credits` if it is lower.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refill {
+    pub credits: u64,
+    pub period: Period,
+}
+
+impl Refill {
+    /// `CREDITS/daily`, `CREDITS/monthly` (the command line's form).
+    pub fn parse(s: &str) -> Option<Refill> {
+        let (credits, period) = s.split_once('/')?;
+        Some(Refill {
+            credits: credits.parse().ok()?,
+            period: Period::parse(period)?,
+        })
+    }
+}
+
+impl std::fmt::Display for Refill {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.credits, self.period.as_str())
+    }
+}
+
+/// What a plan sets beside the balance: when the key ends, which routes it
+/// may call, how its allowance refills. `None` everywhere: never, all, none.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Lifecycle {
+    /// Unix seconds after which the key is refused (401 `expired_api_key`).
+    pub expires_at: Option<i64>,
+    /// Route names the key may call; others answer 403 `route_not_allowed`.
+    pub routes: Option<Vec<String>>,
+    pub refill: Option<Refill>,
+}
+
+impl Lifecycle {
+    /// Whether the key has expired at `now` (unix seconds).
+    pub fn expired(&self, now: i64) -> bool {
+        self.expires_at.is_some_and(|at| now >= at)
+    }
+
+    /// Whether the key may call the route named `route`.
+    pub fn allows(&self, route: &str) -> bool {
+        self.routes
+            .as_ref()
+            .is_none_or(|names| names.iter().any(|n| n == route))
+    }
+}
+
+/// Parse an RFC 3339 time (any offset) into unix seconds.
+pub fn parse_time(s: &str) -> Option<i64> {
+    DateTime::parse_from_rfc3339(s).ok().map(|t| t.timestamp())
+}
+
+/// Unix seconds as RFC 3339 in UTC, to the second (`2027-01-31T00:00:00Z`).
+pub fn format_time(unix: i64) -> String {
+    DateTime::<Utc>::from_timestamp(unix, 0)
+        .unwrap_or_default()
+        .to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// Now, in unix seconds.
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// The problem with a route name list, if any: empty, or a name the
+/// configuration does not have (`known`; `None`: not checked here).
+pub fn routes_problem(names: &[String], known: Option<&[&str]>) -> Option<String> {
+    if names.is_empty() {
+        return Some("must name at least one route (leave it out for all routes)".into());
+    }
+    if let Some(bad) = names.iter().find(|n| n.is_empty() || n.contains(',')) {
+        return Some(format!("\"{bad}\" is not a route name"));
+    }
+    let known = known?;
+    let unknown: Vec<&str> = names
+        .iter()
+        .map(String::as_str)
+        .filter(|n| !known.contains(n))
+        .collect();
+    (!unknown.is_empty()).then(|| {
+        format!(
+            "no route named {} in the configuration (routes: {})",
+            unknown.join(", "),
+            known.join(", ")
+        )
+    })
+}
+
 /// One key as a keys file describes it, hashed.
 #[derive(Debug, Clone)]
 pub struct KeyRecord {
@@ -34,6 +161,14 @@ pub struct KeyRecord {
     pub credits: u64,
     pub rate_per_second: Option<u32>,
     pub state: KeyState,
+    pub lifecycle: Lifecycle,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRefill {
+    credits: u64,
+    period: String,
 }
 
 #[derive(Deserialize)]
@@ -52,6 +187,9 @@ struct FileKey {
     rate_per_second: Option<u32>,
     #[serde(default)]
     state: Option<String>,
+    expires_at: Option<String>,
+    routes: Option<Vec<String>>,
+    refill: Option<FileRefill>,
 }
 
 /// Parse a keys file; plaintext keys are hashed here and dropped.
@@ -126,6 +264,35 @@ fn convert_key(i: usize, k: FileKey, errors: &mut Vec<ConfigError>) -> Option<Ke
     {
         fail("rate_per_second", e.message);
     }
+    let expires_at = k.expires_at.as_deref().and_then(|t| {
+        let parsed = parse_time(t);
+        if parsed.is_none() {
+            fail(
+                "expires_at",
+                format!("expected an RFC 3339 time such as 2027-01-31T00:00:00Z, got \"{t}\""),
+            );
+        }
+        parsed
+    });
+    if let Some(problem) = k.routes.as_deref().and_then(|r| routes_problem(r, None)) {
+        fail("routes", problem);
+    }
+    let refill = k.refill.and_then(|r| {
+        if let Some(e) = limits::KEY_CREDITS.problem("", r.credits) {
+            fail("refill.credits", e.message);
+        }
+        let period = Period::parse(&r.period);
+        if period.is_none() {
+            fail(
+                "refill.period",
+                format!("unknown value \"{}\", expected daily | monthly", r.period),
+            );
+        }
+        Some(Refill {
+            credits: r.credits,
+            period: period?,
+        })
+    });
     let state = k.state.as_deref().unwrap_or("active");
     let state = choice(&format!("keys[{i}].state"), state, KEY_STATES, errors);
     Some(KeyRecord {
@@ -134,6 +301,11 @@ fn convert_key(i: usize, k: FileKey, errors: &mut Vec<ConfigError>) -> Option<Ke
         credits: k.credits,
         rate_per_second: k.rate_per_second,
         state,
+        lifecycle: Lifecycle {
+            expires_at,
+            routes: k.routes,
+            refill,
+        },
     })
 }
 

@@ -33,7 +33,7 @@ impl Gateway {
         // stalled store must not hold the request for two timeouts.
         let deadline = tokio::time::Instant::now() + self.store_timeout;
         let own_rate = match within(deadline, self.store.key(&hash)).await {
-            Ok(found) => auth::admit(found.as_deref())?,
+            Ok(found) => auth::admit(found.as_deref(), &route.config.name)?,
             Err(e) => self.store_failed("lookup", e).map(|()| None)?,
         };
 

@@ -14,7 +14,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::keys::{KeyRecord, KeyState};
+use crate::config::keys::{KeyRecord, KeyState, Lifecycle, Refill};
 use crate::key::KeyHash;
 use async_trait::async_trait;
 
@@ -27,9 +27,11 @@ pub struct KeyInfo {
     /// The key's own rate limit; `None`: the configured default.
     pub rate_per_second: Option<u32>,
     pub state: KeyState,
+    pub lifecycle: Lifecycle,
 }
 
-/// A key as `tollgate keys list|show` prints it (never the key itself).
+/// A key as `tollgate keys list|show` and the admin API show it (never the
+/// key itself, nor its full hash).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyRow {
     pub id: String,
@@ -39,6 +41,9 @@ pub struct KeyRow {
     pub state: KeyState,
     /// Unix seconds, where the store records it.
     pub created: Option<u64>,
+    pub lifecycle: Lifecycle,
+    /// The refill period (`YYYY-MM-DD` or `YYYY-MM`) last applied.
+    pub refilled_for: Option<String>,
 }
 
 impl KeyRow {
@@ -50,7 +55,27 @@ impl KeyRow {
             rate_per_second: record.rate_per_second,
             state: record.state,
             created: None,
+            lifecycle: record.lifecycle.clone(),
+            refilled_for: None,
         }
+    }
+}
+
+/// A change to a key's settings (`keys update`, `PATCH /v1/keys/{id}`):
+/// `None` leaves a field as it is; `Some(None)` clears it (default rate,
+/// never expires, all routes, no refill).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyPatch {
+    pub name: Option<String>,
+    pub rate_per_second: Option<Option<u32>>,
+    pub expires_at: Option<Option<i64>>,
+    pub routes: Option<Option<Vec<String>>>,
+    pub refill: Option<Option<Refill>>,
+}
+
+impl KeyPatch {
+    pub fn is_empty(&self) -> bool {
+        *self == KeyPatch::default()
     }
 }
 
@@ -87,6 +112,29 @@ pub trait Store: Send + Sync + 'static {
     /// and it is known now (`None` also for a refund queued until the store
     /// answers again, which then applies it once).
     async fn refund(&self, hash: &KeyHash, amount: u64) -> Result<Option<u64>, StoreError>;
+}
+
+/// Managing keys: what `tollgate keys` and the admin API do to a store,
+/// through `keyops`, which holds the one implementation both use.
+#[async_trait]
+pub trait KeyAdmin: Send + Sync + 'static {
+    /// Store a new key; `false` if it exists already (nothing changed). A
+    /// key with a refill counts as refilled for the current period.
+    async fn insert(&self, record: &KeyRecord) -> Result<bool, StoreError>;
+    /// All of a key's fields, `None` if unknown.
+    async fn row(&self, hash: &KeyHash) -> Result<Option<KeyRow>, StoreError>;
+    /// The keys whose id starts with `id_prefix` (all keys for "").
+    async fn find_by_id(&self, id_prefix: &str) -> Result<Vec<KeyHash>, StoreError>;
+    /// Apply `patch`; `false` if the key is unknown.
+    async fn update(&self, hash: &KeyHash, patch: &KeyPatch) -> Result<bool, StoreError>;
+    /// Add credits; the new balance, `None` if the key is unknown.
+    async fn add_credits(&self, hash: &KeyHash, credits: u64) -> Result<Option<u64>, StoreError>;
+    /// Set a key's state; `false` if the key is unknown.
+    async fn set_state(&self, hash: &KeyHash, state: KeyState) -> Result<bool, StoreError>;
+    /// A key was created: a store that must be marked as set up is marked.
+    async fn created(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// The response cache's tier shared between nodes (Redis). The embedded

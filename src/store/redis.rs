@@ -23,17 +23,18 @@
 //! marker `{prefix}store`; while it is missing, an unknown key is a store
 //! error (`on_error` decides), counted as `tollgate_store_errors_total{op="setup"}`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora_memory_cache::{CacheStatus, MemoryCache};
 use redis::{AsyncCommands, ErrorKind, RedisError, Script};
 use tokio::sync::Notify;
 
+mod admin;
 mod conn;
 mod upkeep;
 
@@ -44,7 +45,8 @@ pub use upkeep::{
     Maintenance, Marker, StoreCounters, OP_MEMORY, SETTLE_QUEUE_MAX, SETUP_CHECK_EVERY,
 };
 
-use super::{Charge, KeyInfo, KeyRecord, KeyRow, KeyState, SharedCache, Store, StoreError};
+use super::{Charge, KeyInfo, SharedCache, Store, StoreError};
+use crate::config::keys::{self, Period};
 use crate::config::RedisConfig;
 use crate::key::KeyHash;
 
@@ -62,14 +64,28 @@ const META_CACHE_ENTRIES: usize = 10_000;
 /// refused; a key not read here recently gets the default rate.
 const META_IF_ERROR: Duration = Duration::from_secs(300);
 
-/// Check state and balance, take the cost, and remember the charge by its id
-/// (KEYS[2]) unless it was cancelled before it ran. Returns {code, balance}:
+/// Check state and balance, refill at the first charge of a new period
+/// (ARGV[3] today, ARGV[4] this month, UTC; never lowering a balance), take
+/// the cost, and remember the charge by its id (KEYS[2]) unless it was
+/// cancelled before it ran. Returns {code, balance}:
 /// 0 unknown, 1 revoked, 2 insufficient, 3 charged, 4 cancelled.
 const CHARGE_LUA: &str = r"
-local h = redis.call('HMGET', KEYS[1], 'state', 'credits')
+local h = redis.call('HMGET', KEYS[1], 'state', 'credits', 'refill_credits', 'refill_period', 'refilled_for')
 if not h[1] then return {0, 0} end
 if h[1] ~= 'active' then return {1, 0} end
 local credits = tonumber(h[2]) or 0
+if h[3] then
+  local period = ARGV[4]
+  if h[4] == 'daily' then period = ARGV[3] end
+  if h[5] ~= period then
+    local n = tonumber(h[3]) or 0
+    if credits < n then
+      credits = n
+      redis.call('HSET', KEYS[1], 'credits', n)
+    end
+    redis.call('HSET', KEYS[1], 'refilled_for', period)
+  end
+end
 local cost = tonumber(ARGV[1])
 if credits < cost then return {2, credits} end
 if cost == 0 then return {3, credits} end
@@ -100,21 +116,9 @@ if not redis.call('SET', KEYS[2], 'r', 'NX', 'PX', ARGV[2]) then return -2 end
 return redis.call('HINCRBY', KEYS[1], 'credits', ARGV[1])
 ";
 
-/// Add credits to an existing key. Returns the new balance, or -1 if unknown.
-const ADD_LUA: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-return redis.call('HINCRBY', KEYS[1], 'credits', ARGV[1])
-";
-
-/// Set an existing key's state. Returns 1, or 0 if unknown.
-const STATE_LUA: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'state', ARGV[1])
-return 1
-";
-
-/// A key's name, rate and state fields.
-type Fields = (Option<String>, Option<u32>, Option<String>);
+/// The fields a key lookup reads, in [`INFO_FIELDS`]' order.
+type Fields = Vec<Option<String>>;
+const INFO_FIELDS: [&str; 5] = ["name", "rate_per_second", "state", "expires_at", "routes"];
 
 /// Key metadata as last read from Redis (`None`: unknown key), with the key
 /// it is for: the memory cache files entries under a 64-bit hash of the key,
@@ -152,6 +156,7 @@ pub struct RedisStore {
     refund: Script,
     add: Script,
     set_state: Script,
+    update: Script,
     unsettled: Mutex<VecDeque<Unsettled>>,
     settle_wake: Notify,
     counters: Option<StoreCounters>,
@@ -180,8 +185,9 @@ impl RedisStore {
             charge: Script::new(CHARGE_LUA),
             cancel: Script::new(CANCEL_LUA),
             refund: Script::new(REFUND_LUA),
-            add: Script::new(ADD_LUA),
-            set_state: Script::new(STATE_LUA),
+            add: Script::new(admin::ADD_LUA),
+            set_state: Script::new(admin::STATE_LUA),
+            update: Script::new(admin::UPDATE_LUA),
             unsettled: Mutex::new(VecDeque::new()),
             settle_wake: Notify::new(),
             counters: None,
@@ -260,19 +266,21 @@ impl RedisStore {
         script: &Script,
         hash: &KeyHash,
         id: u64,
-        args: &[u64],
+        args: &[String],
     ) -> Result<T, Failure> {
         let mut c = self.conn().await?;
         let mut call = script.key(self.redis_key(hash));
         call.key(self.op_key(hash, id));
         for a in args {
-            call.arg(*a);
+            call.arg(a);
         }
         self.call(call.invoke_async(&mut c)).await
     }
 
-    fn op_memory_ms() -> u64 {
-        u64::try_from(OP_MEMORY.as_millis()).unwrap_or(u64::MAX)
+    fn op_memory_ms() -> String {
+        u64::try_from(OP_MEMORY.as_millis())
+            .unwrap_or(u64::MAX)
+            .to_string()
     }
 
     /// Apply refund `id` (at most once); the new balance, `None` if the key
@@ -284,7 +292,12 @@ impl RedisStore {
         amount: u64,
     ) -> Result<Option<u64>, Failure> {
         let balance: i64 = self
-            .script_op(&self.refund, hash, id, &[amount, Self::op_memory_ms()])
+            .script_op(
+                &self.refund,
+                hash,
+                id,
+                &[amount.to_string(), Self::op_memory_ms()],
+            )
             .await?;
         Ok(u64::try_from(balance).ok())
     }
@@ -314,9 +327,7 @@ impl RedisStore {
     ) -> Result<(Fields, Option<Marker>), StoreError> {
         let mut c = self.conn().await?;
         let mut fields = redis::cmd("HMGET");
-        fields
-            .arg(self.redis_key(hash))
-            .arg(&["name", "rate_per_second", "state"]);
+        fields.arg(self.redis_key(hash)).arg(&INFO_FIELDS);
         let mut marker = redis::cmd("GET");
         marker.arg(self.marker());
         if self.connector.is_cluster() {
@@ -341,13 +352,6 @@ impl RedisStore {
 
     fn forget(&self, hash: &KeyHash) {
         self.meta.remove(hash);
-    }
-
-    /// All of a key's fields, `None` if unknown.
-    pub async fn row(&self, hash: &KeyHash) -> Result<Option<KeyRow>, StoreError> {
-        let mut c = self.conn().await?;
-        let fields: HashMap<String, String> = self.bounded(c.hgetall(self.redis_key(hash))).await?;
-        Ok(row_of(*hash, &fields))
     }
 
     /// The names matching a glob `pattern`, by SCAN (never KEYS, which
@@ -379,66 +383,6 @@ impl RedisStore {
             .filter_map(|n| key_hash_of(n, &self.prefix))
             .collect())
     }
-
-    /// Every key, for `tollgate keys list`.
-    pub async fn rows(&self) -> Result<Vec<KeyRow>, StoreError> {
-        let mut rows = Vec::new();
-        for hash in self.hashes("").await? {
-            if let Some(row) = self.row(&hash).await? {
-                rows.push(row);
-            }
-        }
-        rows.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
-        Ok(rows)
-    }
-
-    /// Store a new key; `false` if it exists already (nothing changed).
-    pub async fn insert(&self, record: &KeyRecord) -> Result<bool, StoreError> {
-        let mut c = self.conn().await?;
-        let key = self.redis_key(&record.hash);
-        let created = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let mut fields: Vec<(&str, String)> = vec![
-            ("name", record.name.clone()),
-            ("credits", record.credits.to_string()),
-            ("state", record.state.as_str().to_string()),
-            ("created", created.to_string()),
-        ];
-        if let Some(rate) = record.rate_per_second {
-            fields.push(("rate_per_second", rate.to_string()));
-        }
-        // HSETNX on the state field decides atomically whether the key is new.
-        let fresh: bool = self
-            .bounded(c.hset_nx(&key, "state", record.state.as_str()))
-            .await?;
-        if fresh {
-            let () = self.bounded(c.hset_multiple(&key, &fields)).await?;
-        }
-        Ok(fresh)
-    }
-
-    /// Add credits; the new balance, `None` if the key is unknown.
-    pub async fn add_credits(
-        &self,
-        hash: &KeyHash,
-        credits: u64,
-    ) -> Result<Option<u64>, StoreError> {
-        let balance: i64 = self.script(&self.add, hash, credits).await?;
-        Ok(u64::try_from(balance).ok())
-    }
-
-    /// Set a key's state; `false` if the key is unknown.
-    pub async fn set_state(&self, hash: &KeyHash, state: KeyState) -> Result<bool, StoreError> {
-        let found: i64 = self.script(&self.set_state, hash, state.as_str()).await?;
-        self.forget(hash);
-        Ok(found == 1)
-    }
-
-    /// The hashes of keys whose id starts with `id_prefix` (hex).
-    pub async fn find_by_id(&self, id_prefix: &str) -> Result<Vec<KeyHash>, StoreError> {
-        self.hashes(id_prefix).await
-    }
 }
 
 /// The key a Redis name is the hash of (`{prefix}key:{<sha256>}`; not an
@@ -455,22 +399,16 @@ fn is_key_name(name: &str, prefix: &str) -> bool {
     key_hash_of(name, prefix).is_some()
 }
 
-fn row_of(hash: KeyHash, fields: &HashMap<String, String>) -> Option<KeyRow> {
-    let state = match fields.get("state")?.as_str() {
-        "active" => KeyState::Active,
-        _ => KeyState::Revoked,
-    };
-    Some(KeyRow {
-        id: hash.id(),
-        name: fields.get("name").cloned().unwrap_or_default(),
-        credits: fields
-            .get("credits")
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0),
-        rate_per_second: fields.get("rate_per_second").and_then(|r| r.parse().ok()),
-        state,
-        created: fields.get("created").and_then(|c| c.parse().ok()),
-    })
+/// The charge script's arguments: the cost, how long its id is remembered,
+/// and today's and this month's refill periods (UTC).
+fn charge_args(cost: u64) -> [String; 4] {
+    let now = keys::now();
+    [
+        cost.to_string(),
+        RedisStore::op_memory_ms(),
+        Period::Daily.label(now),
+        Period::Monthly.label(now),
+    ]
 }
 
 #[async_trait]
@@ -481,7 +419,7 @@ impl Store for RedisStore {
                 return Ok(info);
             }
         }
-        let ((name, rate, state), marker) = match self.fields_and_marker(hash).await {
+        let (fields, marker) = match self.fields_and_marker(hash).await {
             Ok(found) => found,
             Err(e) => match self.meta.get_stale(hash) {
                 (Some((cached, info)), CacheStatus::Stale(age))
@@ -492,34 +430,24 @@ impl Store for RedisStore {
                 _ => return Err(e),
             },
         };
-        match (marker, &state) {
+        let found = fields.get(2).is_some_and(Option::is_some);
+        match (marker, found) {
             (Some(Marker::Current), _) => {}
             // The marker's shard is down: a found key stands.
-            (None, Some(_)) => {}
-            (None, None) => {
+            (None, true) => {}
+            (None, false) => {
                 return Err(StoreError(format!(
                     "cannot read the {} marker (its shard is down?)",
                     self.marker()
                 )))
             }
-            (Some(Marker::OldLayout), _) | (Some(Marker::Missing), None) => {
+            (Some(Marker::OldLayout), _) | (Some(Marker::Missing), false) => {
                 return Err(self.not_set_up());
             }
             // A key, but no marker: a store set up by an older tollgate.
-            (Some(Marker::Missing), Some(_)) => self.seen_key.store(true, Ordering::Relaxed),
+            (Some(Marker::Missing), true) => self.seen_key.store(true, Ordering::Relaxed),
         }
-        let info = state.map(|s| {
-            Arc::new(KeyInfo {
-                id: hash.id(),
-                name: name.unwrap_or_default(),
-                rate_per_second: rate,
-                state: if s == "active" {
-                    KeyState::Active
-                } else {
-                    KeyState::Revoked
-                },
-            })
-        });
+        let info = admin::info_of(hash, &fields).map(Arc::new);
         self.meta.put(hash, (*hash, info.clone()), Some(META_TTL));
         Ok(info)
     }
@@ -535,7 +463,7 @@ impl Store for RedisStore {
             }),
         };
         let result = self
-            .script_op(&self.charge, hash, id, &[cost, Self::op_memory_ms()])
+            .script_op(&self.charge, hash, id, &charge_args(cost))
             .await;
         let (code, balance): (i64, i64) = match result {
             Ok(answer) => {

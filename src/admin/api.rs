@@ -1,0 +1,555 @@
+//! The admin API (`/v1/keys…` on the admin listener), on when
+//! `admin.token_sha256` is set: each endpoint parses its input, calls the one
+//! implementation of the key operation in `keyops` (which `tollgate keys`
+//! calls too), and answers JSON; errors have the gateway's error shape.
+//! The bearer token is checked by its SHA-256, compared in constant time
+//! (OpenSSL's `CRYPTO_memcmp`); bodies are capped at [`MAX_BODY`]; an
+//! unknown field in a body is a 400 naming it.
+
+use std::sync::Arc;
+
+use http::{Method, Response};
+use pingora::protocols::http::ServerSession;
+use pingora_prometheus::prometheus::IntCounterVec;
+use serde::{Deserialize, Deserializer, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::simple;
+use crate::config::keys::{self, Lifecycle, Period, Refill};
+use crate::keyops::{self, NewKey, OpError};
+use crate::store::{KeyAdmin, KeyPatch, KeyRow};
+
+/// The largest request body the admin API reads.
+pub const MAX_BODY: usize = 64 * 1024;
+/// Keys per page of `GET /v1/keys` unless `limit` says otherwise, and the most.
+const PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+
+/// What the admin API needs: the store's keys, the token's hash, the
+/// configuration's route names, and its counter.
+pub struct KeyApi {
+    pub store: Arc<dyn KeyAdmin>,
+    pub token_sha256: [u8; 32],
+    pub routes: Vec<String>,
+    pub requests: IntCounterVec,
+}
+
+/// An answer the admin API makes: status, then JSON.
+struct Answer {
+    status: u16,
+    body: Vec<u8>,
+    allow: Option<&'static str>,
+}
+
+fn ok(status: u16, body: impl Serialize) -> Answer {
+    Answer {
+        status,
+        body: serde_json::to_vec(&body).unwrap_or_default(),
+        allow: None,
+    }
+}
+
+/// The gateway's error shape, in its field order.
+#[derive(Serialize)]
+struct ErrorJson<'a> {
+    status: bool,
+    error: &'a str,
+    message: String,
+}
+
+fn fail(status: u16, code: &str, message: impl Into<String>) -> Answer {
+    ok(
+        status,
+        ErrorJson {
+            status: false,
+            error: code,
+            message: message.into(),
+        },
+    )
+}
+
+/// The answer to `/v1` while the admin API is off.
+pub(super) fn off() -> Response<Vec<u8>> {
+    let answer = fail(
+        404,
+        "no_route",
+        "the admin API is off: set admin.token_sha256",
+    );
+    simple(answer.status, "application/json", answer.body)
+}
+
+fn op_error(e: OpError) -> Answer {
+    match e {
+        OpError::NotFound(_) => fail(404, "unknown_key", "no key with this id"),
+        OpError::Ambiguous => fail(409, "ambiguous_id", e.to_string()),
+        OpError::Invalid(..) => fail(400, "bad_request", e.to_string()),
+        OpError::Store(e) => {
+            log::warn!("admin API: store failed: {e}");
+            fail(
+                503,
+                "store_unavailable",
+                "the key store is unavailable; try again shortly",
+            )
+        }
+    }
+}
+
+/// A key as JSON: never the key, nor its full hash.
+#[derive(Serialize)]
+struct KeyJson {
+    id: String,
+    name: String,
+    credits: u64,
+    rate_per_second: Option<u32>,
+    state: &'static str,
+    created: Option<String>,
+    expires_at: Option<String>,
+    routes: Option<Vec<String>>,
+    refill: Option<RefillJson>,
+}
+
+/// `POST /v1/keys`' answer: the key, shown only here, then its JSON.
+#[derive(Serialize)]
+struct Created {
+    key: String,
+    #[serde(flatten)]
+    row: KeyJson,
+}
+
+#[derive(Serialize)]
+struct Page {
+    keys: Vec<KeyJson>,
+    next_cursor: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Balance {
+    id: String,
+    credits: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+struct RefillJson {
+    credits: u64,
+    period: PeriodJson,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum PeriodJson {
+    Daily,
+    Monthly,
+}
+
+impl From<RefillJson> for Refill {
+    fn from(r: RefillJson) -> Refill {
+        let period = match r.period {
+            PeriodJson::Daily => Period::Daily,
+            PeriodJson::Monthly => Period::Monthly,
+        };
+        Refill {
+            credits: r.credits,
+            period,
+        }
+    }
+}
+
+fn key_json(r: &KeyRow) -> KeyJson {
+    KeyJson {
+        id: r.id.clone(),
+        name: r.name.clone(),
+        credits: r.credits,
+        rate_per_second: r.rate_per_second,
+        state: r.state.as_str(),
+        created: r
+            .created
+            .and_then(|c| i64::try_from(c).ok())
+            .map(keys::format_time),
+        expires_at: r.lifecycle.expires_at.map(keys::format_time),
+        routes: r.lifecycle.routes.clone(),
+        refill: r.lifecycle.refill.map(|f| RefillJson {
+            credits: f.credits,
+            period: match f.period {
+                Period::Daily => PeriodJson::Daily,
+                Period::Monthly => PeriodJson::Monthly,
+            },
+        }),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody {
+    name: String,
+    credits: u64,
+    rate_per_second: Option<u32>,
+    expires_at: Option<String>,
+    routes: Option<Vec<String>>,
+    refill: Option<RefillJson>,
+}
+
+/// `null` clears a field; a field left out stays as it is.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchBody {
+    name: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    rate_per_second: Option<Option<u32>>,
+    #[serde(default, deserialize_with = "present")]
+    expires_at: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    routes: Option<Option<Vec<String>>>,
+    #[serde(default, deserialize_with = "present")]
+    refill: Option<Option<RefillJson>>,
+}
+
+/// A field that is there, `null` or not.
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TopupBody {
+    credits: u64,
+}
+
+/// A JSON body; a problem names the field it is in.
+fn parse_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Answer> {
+    let mut json = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut json).map_err(|e| {
+        let path = e.path().to_string();
+        let at = if path == "." {
+            String::new()
+        } else {
+            format!("{path}: ")
+        };
+        fail(400, "bad_request", format!("{at}{}", e.inner()))
+    })
+}
+
+fn expires(text: Option<&str>) -> Result<Option<i64>, Answer> {
+    text.map(|t| {
+        keys::parse_time(t).ok_or_else(|| {
+            fail(
+                400,
+                "bad_request",
+                format!("expires_at: expected an RFC 3339 time, got \"{t}\""),
+            )
+        })
+    })
+    .transpose()
+}
+
+/// Read the whole body, at most [`MAX_BODY`] bytes.
+async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, Answer> {
+    let mut body = Vec::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > MAX_BODY {
+                    return Err(fail(
+                        413,
+                        "payload_too_large",
+                        format!("the body is over {} KiB", MAX_BODY / 1024),
+                    ));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(e) => {
+                return Err(fail(
+                    400,
+                    "bad_request",
+                    format!("cannot read the body: {e}"),
+                ))
+            }
+        }
+    }
+}
+
+/// The endpoint a method and path name: its metric label, and the key id
+/// in the path where there is one.
+enum Endpoint<'a> {
+    Create,
+    List,
+    Show(&'a str),
+    Update(&'a str),
+    Topup(&'a str),
+    Revoke(&'a str),
+    /// A known path with another method: the methods it takes.
+    Method(&'static str),
+    Unknown,
+}
+
+impl Endpoint<'_> {
+    fn of<'p>(method: &Method, path: &'p str) -> Endpoint<'p> {
+        let parts: Vec<&str> = path
+            .trim_start_matches("/v1/keys")
+            .split('/')
+            .filter(|p| !p.is_empty())
+            .collect();
+        if !path.starts_with("/v1/keys") || (path.len() > 8 && !path[8..].starts_with('/')) {
+            return Endpoint::Unknown;
+        }
+        let (m, get, post, patch) = (method, Method::GET, Method::POST, Method::PATCH);
+        match parts.as_slice() {
+            [] if *m == get => Endpoint::List,
+            [] if *m == post => Endpoint::Create,
+            [] => Endpoint::Method("GET, POST"),
+            [id] if *m == get => Endpoint::Show(id),
+            [id] if *m == patch => Endpoint::Update(id),
+            [_] => Endpoint::Method("GET, PATCH"),
+            [id, "topup"] if *m == post => Endpoint::Topup(id),
+            [id, "revoke"] if *m == post => Endpoint::Revoke(id),
+            [_, "topup" | "revoke"] => Endpoint::Method("POST"),
+            _ => Endpoint::Unknown,
+        }
+    }
+
+    fn label(&self) -> &'static str {
+        match self {
+            Endpoint::Create => "create",
+            Endpoint::List => "list",
+            Endpoint::Show(_) => "show",
+            Endpoint::Update(_) => "update",
+            Endpoint::Topup(_) => "topup",
+            Endpoint::Revoke(_) => "revoke",
+            Endpoint::Method(_) | Endpoint::Unknown => "other",
+        }
+    }
+}
+
+/// The endpoints' labels, for setting up the series at start.
+pub const ENDPOINTS: [&str; 7] = [
+    "create", "list", "show", "update", "topup", "revoke", "other",
+];
+
+impl KeyApi {
+    /// Whether the request carries the admin token.
+    fn authorized(&self, session: &ServerSession) -> bool {
+        let Some(value) = session
+            .req_header()
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+        else {
+            return false;
+        };
+        let Some(token) = value
+            .get(..7)
+            .filter(|p| p.eq_ignore_ascii_case("bearer "))
+            .map(|_| value[7..].trim())
+        else {
+            return false;
+        };
+        let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        openssl::memcmp::eq(&presented, &self.token_sha256)
+    }
+
+    /// Answer one `/v1` request.
+    pub async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let method = session.req_header().method.clone();
+        let path = session.req_header().uri.path().to_string();
+        let query = session.req_header().uri.query().unwrap_or("").to_string();
+        let endpoint = Endpoint::of(&method, &path);
+        let answer = if self.authorized(session) {
+            self.answer(&endpoint, &query, session).await
+        } else {
+            fail(
+                401,
+                "unauthorized",
+                "the admin API needs Authorization: Bearer TOKEN",
+            )
+        };
+        self.requests
+            .with_label_values(&[endpoint.label(), &answer.status.to_string()])
+            .inc();
+        let mut resp = simple(answer.status, "application/json", answer.body);
+        if answer.status == 401 {
+            resp.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static("Bearer realm=\"tollgate admin\""),
+            );
+        }
+        if let Some(allow) = answer.allow {
+            resp.headers_mut()
+                .insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
+        }
+        resp
+    }
+
+    async fn answer(
+        &self,
+        endpoint: &Endpoint<'_>,
+        query: &str,
+        session: &mut ServerSession,
+    ) -> Answer {
+        let body = match endpoint {
+            Endpoint::Create | Endpoint::Update(_) | Endpoint::Topup(_) => {
+                match read_body(session).await {
+                    Ok(body) => body,
+                    Err(answer) => return answer,
+                }
+            }
+            _ => Vec::new(),
+        };
+        let result = match *endpoint {
+            Endpoint::Create => self.create(&body).await,
+            Endpoint::List => self.list(query).await,
+            Endpoint::Show(id) => self.show(id).await,
+            Endpoint::Update(id) => self.update(id, &body).await,
+            Endpoint::Topup(id) => self.topup(id, &body).await,
+            Endpoint::Revoke(id) => self.revoke(id).await,
+            Endpoint::Method(allow) => Err(Answer {
+                allow: Some(allow),
+                ..fail(
+                    405,
+                    "method_not_allowed",
+                    format!("this path takes {allow}"),
+                )
+            }),
+            Endpoint::Unknown => Err(fail(404, "no_route", "no admin endpoint at this path")),
+        };
+        result.unwrap_or_else(|answer| answer)
+    }
+
+    fn routes(&self) -> Vec<&str> {
+        self.routes.iter().map(String::as_str).collect()
+    }
+
+    /// A key id from the path: 12 hex digits, never a key.
+    fn id<'a>(&self, id: &'a str) -> Result<&'a str, Answer> {
+        if keyops::is_id(id) {
+            Ok(id)
+        } else {
+            Err(fail(
+                404,
+                "unknown_key",
+                "a key is named by its id, the first 12 hex digits of its SHA-256",
+            ))
+        }
+    }
+
+    async fn create(&self, body: &[u8]) -> Result<Answer, Answer> {
+        let b: CreateBody = parse_body(body)?;
+        let new = NewKey {
+            name: b.name,
+            credits: b.credits,
+            rate_per_second: b.rate_per_second,
+            lifecycle: Lifecycle {
+                expires_at: expires(b.expires_at.as_deref())?,
+                routes: b.routes,
+                refill: b.refill.map(Refill::from),
+            },
+        };
+        let (key, row) = keyops::create(self.store.as_ref(), new, &self.routes())
+            .await
+            .map_err(op_error)?;
+        log::info!("admin API: created key {} ({})", row.id, row.name);
+        Ok(ok(
+            201,
+            Created {
+                key,
+                row: key_json(&row),
+            },
+        ))
+    }
+
+    async fn list(&self, query: &str) -> Result<Answer, Answer> {
+        let (mut limit, mut cursor) = (PAGE, None);
+        for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+            match &*name {
+                "limit" => {
+                    limit = value
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=MAX_PAGE).contains(n))
+                        .ok_or_else(|| {
+                            fail(
+                                400,
+                                "bad_request",
+                                format!("limit: expected 1 to {MAX_PAGE}"),
+                            )
+                        })?
+                }
+                "cursor" if keyops::is_id(&value) => cursor = Some(value.into_owned()),
+                "cursor" => {
+                    return Err(fail(
+                        400,
+                        "bad_request",
+                        "cursor: not a cursor this API gave",
+                    ))
+                }
+                other => {
+                    return Err(fail(
+                        400,
+                        "bad_request",
+                        format!("unknown query parameter `{other}`, expected limit or cursor"),
+                    ))
+                }
+            }
+        }
+        let (rows, next) = keyops::page(self.store.as_ref(), cursor.as_deref(), limit)
+            .await
+            .map_err(op_error)?;
+        let keys = rows.iter().map(key_json).collect();
+        Ok(ok(
+            200,
+            Page {
+                keys,
+                next_cursor: next,
+            },
+        ))
+    }
+
+    async fn show(&self, id: &str) -> Result<Answer, Answer> {
+        let row = keyops::show(self.store.as_ref(), self.id(id)?)
+            .await
+            .map_err(op_error)?;
+        Ok(ok(200, key_json(&row)))
+    }
+
+    async fn update(&self, id: &str, body: &[u8]) -> Result<Answer, Answer> {
+        let b: PatchBody = parse_body(body)?;
+        let patch = KeyPatch {
+            name: b.name,
+            rate_per_second: b.rate_per_second,
+            expires_at: match b.expires_at {
+                None => None,
+                Some(at) => Some(expires(at.as_deref())?),
+            },
+            routes: b.routes,
+            refill: b.refill.map(|r| r.map(Refill::from)),
+        };
+        if patch.is_empty() {
+            return Err(fail(
+                400,
+                "bad_request",
+                "nothing to change: give name, rate_per_second, expires_at, routes or refill",
+            ));
+        }
+        let row = keyops::update(self.store.as_ref(), self.id(id)?, &patch, &self.routes())
+            .await
+            .map_err(op_error)?;
+        Ok(ok(200, key_json(&row)))
+    }
+
+    async fn topup(&self, id: &str, body: &[u8]) -> Result<Answer, Answer> {
+        let b: TopupBody = parse_body(body)?;
+        let (id, credits) = keyops::topup(self.store.as_ref(), self.id(id)?, b.credits)
+            .await
+            .map_err(op_error)?;
+        Ok(ok(200, Balance { id, credits }))
+    }
+
+    async fn revoke(&self, id: &str) -> Result<Answer, Answer> {
+        let row = keyops::revoke(self.store.as_ref(), self.id(id)?)
+            .await
+            .map_err(op_error)?;
+        Ok(ok(200, key_json(&row)))
+    }
+}

@@ -1,0 +1,816 @@
+//! Key lifecycle (expiry, route scopes, refills) and the admin API (issue
+//! 17), against the real binary on the embedded store and on a real Redis.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+use tollgate::config::keys::{now, Period};
+use tollgate::key::KeyHash;
+
+const TOKEN: &str = "tga_test_admin_token_for_integration";
+
+fn admin_yaml() -> String {
+    format!("admin:\n  token_sha256: \"{}\"\n", KeyHash::of(TOKEN).hex())
+}
+
+/// The two kinds of store every case runs on.
+enum Kind {
+    Embedded,
+    Redis(RedisServer),
+}
+
+impl Kind {
+    fn both() -> Vec<Kind> {
+        vec![Kind::Embedded, Kind::Redis(RedisServer::start())]
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Kind::Embedded => "embedded",
+            Kind::Redis(_) => "redis",
+        }
+    }
+
+    /// A gateway on this store knowing `keys`, with routes `a` and `b`.
+    async fn gateway(&self, origin: &Origin, keys: &str, top: &str) -> Gateway {
+        let routes = [
+            route("a", "/a/", &[origin], ""),
+            route("b", "/b/", &[origin], ""),
+        ];
+        match self {
+            Kind::Embedded => Gateway::start_with_keys(&routes, top, keys).await,
+            Kind::Redis(redis) => {
+                if !keys.trim().is_empty() && keys.contains("- {") {
+                    import_keys_routes(redis, keys);
+                }
+                let store = format!("store:\n  redis_url: {}\n{top}", redis.url());
+                Gateway::start_with_keys(&routes, &store, "").await
+            }
+        }
+    }
+}
+
+/// `keys import` with a config that has routes `a` and `b`.
+fn import_keys_routes(redis: &RedisServer, keys: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys.yaml");
+    std::fs::write(&file, keys).unwrap();
+    let conf = cli_conf(dir.path(), redis);
+    let (code, out, err) = tollgate(&["keys", "import", "--init", file.to_str().unwrap()], &conf);
+    assert_eq!(code, 0, "import failed: {out}{err}");
+}
+
+/// A config for the keys commands on `redis`, with routes `a` and `b`.
+fn cli_conf(dir: &std::path::Path, redis: &RedisServer) -> std::path::PathBuf {
+    let path = dir.join("cli.yaml");
+    let yaml = format!(
+        "store:\n  redis_url: {}\nroutes:\n  - {{name: a, prefix: /a/, backends: [\"http://127.0.0.1:1\"]}}\n  - {{name: b, prefix: /b/, backends: [\"http://127.0.0.1:1\"]}}\n",
+        redis.url()
+    );
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+fn redis_cmd(redis: &RedisServer, args: &[&str]) -> redis::Value {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut c = client.get_connection().unwrap();
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query(&mut c).unwrap()
+}
+
+fn hget(redis: &RedisServer, key: &str, field: &str) -> Option<String> {
+    let name = format!("tollgate:key:{{{}}}", KeyHash::of(key).hex());
+    match redis_cmd(redis, &["HGET", &name, field]) {
+        redis::Value::BulkString(b) => Some(String::from_utf8(b).unwrap()),
+        _ => None,
+    }
+}
+
+fn hset(redis: &RedisServer, key: &str, field: &str, value: &str) {
+    let name = format!("tollgate:key:{{{}}}", KeyHash::of(key).hex());
+    redis_cmd(redis, &["HSET", &name, field, value]);
+}
+
+/// One admin API call: status, JSON body, and the raw headers.
+async fn api(
+    gw: &Gateway,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    token: Option<&str>,
+) -> (u16, Value, reqwest::header::HeaderMap) {
+    let url = format!("http://{}{path}", gw.admin);
+    let mut req = reqwest::Client::new().request(method.parse().unwrap(), url);
+    if let Some(t) = token {
+        req = req.header("Authorization", format!("Bearer {t}"));
+    }
+    if let Some(b) = body {
+        req = req.body(b.to_string());
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let text = resp.text().await.unwrap();
+    let json = serde_json::from_str(&text).unwrap_or(Value::Null);
+    (status, json, headers)
+}
+
+async fn admin(gw: &Gateway, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let (s, j, _) = api(gw, method, path, body, Some(TOKEN)).await;
+    (s, j)
+}
+
+fn id(key: &str) -> String {
+    KeyHash::of(key).id()
+}
+
+/// A request's status and JSON error code (empty for a proxied answer).
+async fn call(gw: &Gateway, path: &str, key: &str) -> (u16, String) {
+    let resp = get_with_key(gw.url(path), key).await;
+    let status = resp.status().as_u16();
+    let www = resp.headers().contains_key("www-authenticate");
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    let code = body["error"].as_str().unwrap_or("").to_string();
+    if status == 401 {
+        assert!(www, "401 without WWW-Authenticate ({code})");
+    }
+    (status, code)
+}
+
+async fn credits(gw: &Gateway, key: &str) -> u64 {
+    let (status, row) = admin(gw, "GET", &format!("/v1/keys/{}", id(key)), None).await;
+    assert_eq!(status, 200, "{row}");
+    row["credits"].as_u64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_route_scopes_and_refill_on_both_stores() {
+    let origin = Origin::json("ok", true, 0).await;
+    let past = "2020-01-01T00:00:00Z";
+    let future = "2999-01-01T00:00:00+02:00";
+    let keys = format!(
+        "keys:\n  \
+         - {{key: k_old, name: old, credits: 10, expires_at: \"{past}\"}}\n  \
+         - {{key: k_later, name: later, credits: 10, expires_at: \"{future}\"}}\n  \
+         - {{key: k_scoped, name: scoped, credits: 10, routes: [a]}}\n  \
+         - {{key: k_monthly, name: monthly, credits: 2, refill: {{credits: 5, period: monthly}}}}\n  \
+         - {{key: k_rich, name: rich, credits: 50, refill: {{credits: 5, period: daily}}}}\n"
+    );
+    for kind in Kind::both() {
+        let gw = kind.gateway(&origin, &keys, &admin_yaml()).await;
+        let k = kind.name();
+        // Expired: 401 expired_api_key (with WWW-Authenticate), charged nothing.
+        assert_eq!(
+            call(&gw, "/a/x", "k_old").await,
+            (401, "expired_api_key".into()),
+            "{k}"
+        );
+        assert_eq!(credits(&gw, "k_old").await, 10, "{k}");
+        assert_eq!(call(&gw, "/a/x", "k_later").await.0, 200, "{k}");
+        // Scoped to route a: b is 403 route_not_allowed and costs nothing.
+        assert_eq!(call(&gw, "/a/x", "k_scoped").await.0, 200, "{k}");
+        assert_eq!(
+            call(&gw, "/b/x", "k_scoped").await,
+            (403, "route_not_allowed".into()),
+            "{k}"
+        );
+        assert_eq!(credits(&gw, "k_scoped").await, 9, "{k}");
+        // Made with a refill: counts as refilled this period, so its starting
+        // 2 credits stand and run out.
+        assert_eq!(call(&gw, "/a/1", "k_monthly").await.0, 200, "{k}");
+        assert_eq!(call(&gw, "/a/2", "k_monthly").await.0, 200, "{k}");
+        assert_eq!(call(&gw, "/a/3", "k_monthly").await.0, 402, "{k}");
+        let (_, row) = admin(&gw, "GET", &format!("/v1/keys/{}", id("k_monthly")), None).await;
+        assert_eq!(
+            row["refill"],
+            json!({"credits": 5, "period": "monthly"}),
+            "{k}"
+        );
+        assert_eq!(row["expires_at"], Value::Null, "{k}");
+        let (_, row) = admin(&gw, "GET", &format!("/v1/keys/{}", id("k_later")), None).await;
+        assert_eq!(
+            row["expires_at"], "2998-12-31T22:00:00Z",
+            "{k}: kept in UTC"
+        );
+
+        if let Kind::Redis(redis) = &kind {
+            let month = Period::Monthly.label(now());
+            assert_eq!(
+                hget(redis, "k_monthly", "refilled_for"),
+                Some(month.clone())
+            );
+            // A new period (moved back by hand): the next charge refills to 5
+            // first, once.
+            hset(redis, "k_monthly", "refilled_for", "2000-01");
+            let resp = get_with_key(gw.url("/a/4"), "k_monthly").await;
+            assert_eq!(resp.status(), 200);
+            assert_eq!(resp.headers()["x-credits-remaining"], "4");
+            assert_eq!(hget(redis, "k_monthly", "refilled_for"), Some(month));
+            assert_eq!(call(&gw, "/a/5", "k_monthly").await.0, 200);
+            assert_eq!(credits(&gw, "k_monthly").await, 3, "refilled once");
+            // A higher balance is never lowered by a refill.
+            hset(redis, "k_rich", "refilled_for", "2000-01-01");
+            assert_eq!(call(&gw, "/a/6", "k_rich").await.0, 200);
+            assert_eq!(credits(&gw, "k_rich").await, 49);
+            assert_eq!(
+                hget(redis, "k_rich", "refilled_for"),
+                Some(Period::Daily.label(now()))
+            );
+            // Nothing in Redis holds a plaintext key.
+            for (name, values) in redis.dump().await {
+                for key in ["k_old", "k_later", "k_scoped", "k_monthly", "k_rich"] {
+                    assert!(
+                        !name.contains(key) && !values.iter().any(|v| v.contains(key)),
+                        "{name}: {values:?}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Two gateways race the first charge of a new period: the refill is applied
+/// once (applied twice, the second would top the balance up again and sell
+/// more than 100 answers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refill_happens_once_across_two_gateways() {
+    let redis = RedisServer::start();
+    let origin = Origin::json("ok", true, 0).await;
+    let keys = "keys:\n  - {key: plan, name: plan, credits: 0, rate_per_second: 100000, refill: {credits: 100, period: daily}}\n";
+    let kind = Kind::Redis(redis);
+    let one = kind.gateway(&origin, keys, "").await;
+    let Kind::Redis(redis) = &kind else {
+        unreachable!()
+    };
+    let two = kind.gateway(&origin, "", "").await;
+    assert_eq!(get_with_key(one.url("/a/x"), "plan").await.status(), 402);
+    hset(redis, "plan", "refilled_for", "2000-01-01");
+    let urls: Vec<String> = (0..160)
+        .map(|i| {
+            let gw = if i % 2 == 0 { &one } else { &two };
+            gw.url(&format!("/a/{i}"))
+        })
+        .collect();
+    let statuses = statuses_at_once(urls, "plan").await;
+    let served = statuses.iter().filter(|&&s| s == 200).count();
+    let refused = statuses.iter().filter(|&&s| s == 402).count();
+    assert_eq!((served, refused), (100, 60), "{statuses:?}");
+    assert_eq!(hget(redis, "plan", "credits").as_deref(), Some("0"));
+    assert_eq!(
+        hget(redis, "plan", "refilled_for"),
+        Some(Period::Daily.label(now()))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_endpoints_and_errors_on_both_stores() {
+    let origin = Origin::json("ok", true, 0).await;
+    let keys = "keys:\n  - {key: first, name: first, credits: 10}\n";
+    for kind in Kind::both() {
+        let k = kind.name();
+        let gw = kind.gateway(&origin, keys, &admin_yaml()).await;
+        // The token: missing, wrong, or not Bearer → 401 with WWW-Authenticate.
+        for token in [None, Some("wrong"), Some("")] {
+            let (status, body, headers) = api(&gw, "GET", "/v1/keys", None, token).await;
+            assert_eq!(
+                (status, &body["error"]),
+                (401, &json!("unauthorized")),
+                "{k}"
+            );
+            assert!(headers.contains_key("www-authenticate"), "{k}");
+        }
+        let url = format!("http://{}/v1/keys", gw.admin);
+        let basic = reqwest::Client::new()
+            .get(&url)
+            .header("Authorization", format!("Basic {TOKEN}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(basic.status(), 401, "{k}");
+        // /metrics and /healthz stay open.
+        assert!(gw.metrics().await.contains("tollgate_admin_requests_total"));
+
+        // Create: 201 with the key, shown only here; it works at once.
+        let (status, made) = admin(
+            &gw,
+            "POST",
+            "/v1/keys",
+            Some(
+                json!({"name": "acme, \"inc\"", "credits": 5, "rate_per_second": 7,
+                        "expires_at": "2999-01-01T00:00:00Z", "routes": ["a"],
+                        "refill": {"credits": 5, "period": "daily"}}),
+            ),
+        )
+        .await;
+        assert_eq!(status, 201, "{k}: {made}");
+        let key = made["key"].as_str().unwrap().to_string();
+        assert_eq!(made["id"], id(&key), "{k}");
+        assert_eq!(made["name"], "acme, \"inc\"");
+        assert_eq!(made["rate_per_second"], 7);
+        assert_eq!(made["routes"], json!(["a"]));
+        assert_eq!(made["state"], "active");
+        assert!(made["created"].as_str().unwrap().ends_with('Z'), "{made}");
+        let resp = get_with_key(gw.url("/a/x"), &key).await;
+        assert_eq!(resp.status(), 200, "{k}");
+        assert_eq!(resp.headers()["x-ratelimit-limit"], "7");
+        assert_eq!(call(&gw, "/b/x", &key).await.0, 403);
+
+        // Bad bodies: 400 naming the field.
+        for (body, field) in [
+            (json!({"name": "x", "credits": 1, "plan": "gold"}), "plan"),
+            (
+                json!({"name": "x", "credits": 1, "routes": ["zz"]}),
+                "routes",
+            ),
+            (json!({"name": "x", "credits": 1, "routes": []}), "routes"),
+            (
+                json!({"name": "x", "credits": 1, "expires_at": "soon"}),
+                "expires_at",
+            ),
+            (json!({"name": "", "credits": 1}), "name"),
+            (json!({"credits": 1}), "name"),
+            (json!({"name": "x", "credits": -1}), "credits"),
+            (
+                json!({"name": "x", "credits": 1, "refill": {"credits": 1, "period": "weekly"}}),
+                "weekly",
+            ),
+        ] {
+            let (status, err) = admin(&gw, "POST", "/v1/keys", Some(body.clone())).await;
+            assert_eq!(status, 400, "{k}: {body}");
+            assert_eq!(err["error"], "bad_request");
+            assert_eq!(err["status"], false);
+            let message = err["message"].as_str().unwrap();
+            assert!(message.contains(field), "{k}: {body} → {message}");
+        }
+        let (status, err) = admin(&gw, "POST", "/v1/keys", None).await;
+        assert_eq!((status, &err["error"]), (400, &json!("bad_request")));
+
+        // Show: by id only; unknown → 404 unknown_key.
+        let path = format!("/v1/keys/{}", id(&key));
+        let (status, row) = admin(&gw, "GET", &path, None).await;
+        assert_eq!((status, &row["credits"]), (200, &json!(4)), "{k}");
+        assert!(row.get("key").is_none(), "{row}");
+        for bad in ["/v1/keys/000000000000", "/v1/keys/first"] {
+            let (status, err) = admin(&gw, "GET", bad, None).await;
+            assert_eq!(
+                (status, &err["error"]),
+                (404, &json!("unknown_key")),
+                "{k} {bad}"
+            );
+        }
+
+        // Update: each field; null clears; unknown field and empty → 400.
+        let (status, row) = admin(
+            &gw,
+            "PATCH",
+            &path,
+            Some(
+                json!({"name": "acme2", "rate_per_second": null, "expires_at": null,
+                        "routes": null, "refill": {"credits": 9, "period": "monthly"}}),
+            ),
+        )
+        .await;
+        assert_eq!(status, 200, "{k}: {row}");
+        assert_eq!(row["name"], "acme2");
+        assert_eq!(row["rate_per_second"], Value::Null);
+        assert_eq!(row["expires_at"], Value::Null);
+        assert_eq!(row["routes"], Value::Null);
+        assert_eq!(row["refill"], json!({"credits": 9, "period": "monthly"}));
+        let (status, row) = admin(&gw, "PATCH", &path, Some(json!({"refill": null}))).await;
+        assert_eq!((status, &row["refill"]), (200, &Value::Null), "{k}");
+        for (body, field) in [
+            (json!({"state": "active"}), "state"),
+            (json!({}), "nothing to change"),
+            (json!({"routes": ["nope"]}), "routes"),
+            (json!({"rate_per_second": 0}), "rate_per_second"),
+        ] {
+            let (status, err) = admin(&gw, "PATCH", &path, Some(body.clone())).await;
+            assert_eq!(status, 400, "{k}: {body}");
+            assert!(err["message"].as_str().unwrap().contains(field), "{err}");
+        }
+        let (status, _) = admin(
+            &gw,
+            "PATCH",
+            "/v1/keys/000000000000",
+            Some(json!({"name": "x"})),
+        )
+        .await;
+        assert_eq!(status, 404);
+
+        // Top-up: the new balance; 0, negative and unknown refused.
+        let (status, topped) = admin(
+            &gw,
+            "POST",
+            &format!("{path}/topup"),
+            Some(json!({"credits": 6})),
+        )
+        .await;
+        assert_eq!(
+            (status, &topped["credits"]),
+            (200, &json!(10)),
+            "{k}: {topped}"
+        );
+        for body in [
+            json!({"credits": 0}),
+            json!({"credits": -3}),
+            json!({"credits": 1, "why": 1}),
+        ] {
+            let (status, _) = admin(&gw, "POST", &format!("{path}/topup"), Some(body)).await;
+            assert_eq!(status, 400, "{k}");
+        }
+        let (status, _) = admin(
+            &gw,
+            "POST",
+            "/v1/keys/000000000000/topup",
+            Some(json!({"credits": 1})),
+        )
+        .await;
+        assert_eq!(status, 404);
+
+        // Revoke: the key is refused from then on (within a second).
+        let (status, row) = admin(&gw, "POST", &format!("{path}/revoke"), None).await;
+        assert_eq!((status, &row["state"]), (200, &json!("revoked")), "{k}");
+        let start = Instant::now();
+        while call(&gw, "/a/x", &key).await.0 != 403 {
+            assert!(
+                start.elapsed() < Duration::from_millis(1500),
+                "{k}: still served"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        // Pagination: four more keys, two per page, each key once.
+        for i in 0..4 {
+            let (status, _) = admin(
+                &gw,
+                "POST",
+                "/v1/keys",
+                Some(json!({"name": format!("p{i}"), "credits": 1})),
+            )
+            .await;
+            assert_eq!(status, 201);
+        }
+        let mut seen = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let q = cursor
+                .as_ref()
+                .map_or(String::new(), |c| format!("&cursor={c}"));
+            let (status, page) = admin(&gw, "GET", &format!("/v1/keys?limit=2{q}"), None).await;
+            assert_eq!(status, 200, "{page}");
+            let keys = page["keys"].as_array().unwrap();
+            assert!(keys.len() <= 2);
+            seen.extend(keys.iter().map(|k| k["id"].as_str().unwrap().to_string()));
+            match page["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_string()),
+                None => break,
+            }
+        }
+        let mut unique = seen.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!((seen.len(), unique.len()), (6, 6), "{k}: {seen:?}");
+        for q in ["limit=0", "limit=1001", "limit=x", "cursor=zz", "page=2"] {
+            let (status, err) = admin(&gw, "GET", &format!("/v1/keys?{q}"), None).await;
+            assert_eq!(status, 400, "{k}: {q}");
+            let field = q.split('=').next().unwrap();
+            assert!(err["message"].as_str().unwrap().contains(field), "{err}");
+        }
+
+        // Bodies over 64 KiB → 413; a wrong method → 405 with Allow; other
+        // paths → 404.
+        let big = json!({"name": "x".repeat(70 * 1024), "credits": 1});
+        let (status, err) = admin(&gw, "POST", "/v1/keys", Some(big)).await;
+        assert_eq!(
+            (status, &err["error"]),
+            (413, &json!("payload_too_large")),
+            "{k}"
+        );
+        let (status, _, headers) = api(&gw, "DELETE", &path, None, Some(TOKEN)).await;
+        assert_eq!(status, 405);
+        assert_eq!(headers["allow"], "GET, PATCH");
+        let (status, err) = admin(&gw, "GET", "/v1/nothing", None).await;
+        assert_eq!((status, &err["error"]), (404, &json!("no_route")));
+
+        // Counted by endpoint and status.
+        let m = gw.metrics().await;
+        assert_eq!(
+            sample(
+                &m,
+                "tollgate_admin_requests_total{endpoint=\"create\",status=\"201\"}"
+            ),
+            5.0
+        );
+        assert_eq!(
+            sample(
+                &m,
+                "tollgate_admin_requests_total{endpoint=\"list\",status=\"401\"}"
+            ),
+            4.0
+        );
+        assert_eq!(
+            sample(
+                &m,
+                "tollgate_admin_requests_total{endpoint=\"create\",status=\"413\"}"
+            ),
+            1.0
+        );
+
+        // Nothing but create's answer showed the key; the logs never.
+        let logs = gw.logs();
+        assert!(
+            !logs.contains(&key) && !logs.contains(&KeyHash::of(&key).hex()),
+            "{k}"
+        );
+        assert!(!logs.contains(TOKEN));
+        if let Kind::Redis(redis) = &kind {
+            for (name, values) in redis.dump().await {
+                assert!(!name.contains(&key) && !values.iter().any(|v| v.contains(&key)));
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_is_off_without_a_token() {
+    let origin = Origin::json("ok", true, 0).await;
+    let gw = Kind::Embedded.gateway(&origin, "keys: []\n", "").await;
+    let (status, err, _) = api(&gw, "GET", "/v1/keys", None, Some(TOKEN)).await;
+    assert_eq!((status, &err["error"]), (404, &json!("no_route")));
+    assert!(err["message"]
+        .as_str()
+        .unwrap()
+        .contains("admin.token_sha256"));
+}
+
+/// A change on one node shows on another within the metadata cache's second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn changes_show_on_every_node_within_a_second() {
+    let origin = Origin::json("ok", true, 0).await;
+    let keys = "keys:\n  - {key: roamer, name: roamer, credits: 1000, rate_per_second: 500}\n";
+    let kind = Kind::Redis(RedisServer::start());
+    let one = kind.gateway(&origin, keys, &admin_yaml()).await;
+    let two = kind.gateway(&origin, "", "").await;
+    let path = format!("/v1/keys/{}", id("roamer"));
+    assert_eq!(call(&two, "/a/x", "roamer").await.0, 200);
+
+    async fn until(what: &str, mut check: impl AsyncFnMut() -> bool) -> Duration {
+        let start = Instant::now();
+        while !check().await {
+            assert!(
+                start.elapsed() < Duration::from_millis(1500),
+                "{what} not seen"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        start.elapsed()
+    }
+    admin(&one, "PATCH", &path, Some(json!({"rate_per_second": 3}))).await;
+    let rate = until("rate", async || {
+        get_with_key(two.url("/a/r"), "roamer").await.headers()["x-ratelimit-limit"] == "3"
+    })
+    .await;
+    admin(
+        &one,
+        "PATCH",
+        &path,
+        Some(json!({"rate_per_second": null, "routes": ["b"]})),
+    )
+    .await;
+    let routes = until("routes", async || {
+        call(&two, "/a/x", "roamer").await.0 == 403
+    })
+    .await;
+    admin(
+        &one,
+        "PATCH",
+        &path,
+        Some(json!({"routes": null, "expires_at": "2020-01-01T00:00:00Z"})),
+    )
+    .await;
+    let expiry = until("expiry", async || {
+        call(&two, "/a/x", "roamer").await.0 == 401
+    })
+    .await;
+    admin(&one, "PATCH", &path, Some(json!({"expires_at": null}))).await;
+    until("un-expiry", async || {
+        call(&two, "/a/x", "roamer").await.0 == 200
+    })
+    .await;
+    admin(&one, "POST", &format!("{path}/revoke"), None).await;
+    let revoked = until("revocation", async || {
+        call(&two, "/a/x", "roamer").await.0 == 403
+    })
+    .await;
+    eprintln!("seen on the other node after: rate {rate:?}, routes {routes:?}, expiry {expiry:?}, revocation {revoked:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_commands_take_the_lifecycle_fields_and_agree_with_the_api() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = cli_conf(dir.path(), &redis);
+    import_keys_routes(&redis, "keys: []\n");
+    let (code, out, err) = tollgate(
+        &[
+            "keys",
+            "create",
+            "--name",
+            "trial",
+            "--credits",
+            "100",
+            "--rate",
+            "4",
+            "--expires",
+            "2031-05-01T12:00:00Z",
+            "--routes",
+            "a,b",
+            "--refill",
+            "100/monthly",
+        ],
+        &conf,
+    );
+    assert_eq!(code, 0, "{err}");
+    let key = out.lines().next().unwrap().to_string();
+    let (_, show, _) = tollgate(&["keys", "show", &id(&key)], &conf);
+    for part in [
+        "trial",
+        " 100 ",
+        " 4 ",
+        "2031-05-01T12:00:00Z",
+        "a,b",
+        "100/monthly",
+    ] {
+        assert!(show.contains(part), "{part}: {show}");
+    }
+    assert!(!show.contains(&key));
+    let (code, out, err) = tollgate(
+        &[
+            "keys",
+            "update",
+            &id(&key),
+            "--routes",
+            "all",
+            "--refill",
+            "none",
+            "--expires",
+            "never",
+            "--rate",
+            "default",
+            "--name",
+            "paid",
+        ],
+        &conf,
+    );
+    assert_eq!(code, 0, "{err}");
+    for part in ["paid", "default", "never", "all", "none"] {
+        assert!(out.contains(part), "{part}: {out}");
+    }
+    // Bad values name the flag or field; nothing changes.
+    for (args, says) in [
+        (vec!["--expires", "tomorrow"], "--expires"),
+        (vec!["--routes", "zz"], "routes"),
+        (vec!["--refill", "5/weekly"], "--refill"),
+        (vec!["--rate", "fast"], "--rate"),
+        (vec![], "nothing to change"),
+    ] {
+        let mut all = vec!["keys", "update", &key];
+        all.extend(args.iter());
+        let (code, _, err) = tollgate(&all, &conf);
+        assert_eq!(code, 1, "{args:?}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    let (code, _, err) = tollgate(&["keys", "update", "000000000000", "--name", "x"], &conf);
+    assert!(
+        code == 1 && err.contains("no key with id 000000000000"),
+        "{err}"
+    );
+
+    // The API shows what the CLI made, and the CLI what the API made.
+    let origin = Origin::json("ok", true, 0).await;
+    let kind = Kind::Redis(redis);
+    let gw = kind.gateway(&origin, "", &admin_yaml()).await;
+    let (status, row) = admin(&gw, "GET", &format!("/v1/keys/{}", id(&key)), None).await;
+    assert_eq!(status, 200, "{row}\n{}", gw.logs());
+    assert_eq!(
+        (&row["name"], &row["credits"], &row["routes"]),
+        (&json!("paid"), &json!(100), &Value::Null)
+    );
+    let (_, made) = admin(
+        &gw,
+        "POST",
+        "/v1/keys",
+        Some(json!({"name": "viaapi", "credits": 3, "routes": ["b"]})),
+    )
+    .await;
+    let (_, show, _) = tollgate(&["keys", "show", made["id"].as_str().unwrap()], &conf);
+    assert!(
+        show.contains("viaapi") && show.contains(" 3 ") && show.contains(" b "),
+        "{show}"
+    );
+    let (_, list, _) = tollgate(&["keys", "list"], &conf);
+    assert_eq!(list.lines().count(), 3, "{list}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_keys_file_and_check_name_bad_lifecycle_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.yaml");
+    let conf = dir.path().join("tollgate.yaml");
+    std::fs::write(
+        &conf,
+        format!(
+            "store:\n  keys_file: {}\nroutes:\n  - {{name: a, prefix: /a/, backends: [\"http://127.0.0.1:1\"]}}\n",
+            keys.display()
+        ),
+    )
+    .unwrap();
+    for (entry, field) in [
+        (
+            "{key: k, name: k, credits: 1, expires_at: \"next week\"}",
+            "keys[0].expires_at",
+        ),
+        (
+            "{key: k, name: k, credits: 1, routes: [a, nope]}",
+            "keys[0].routes: no route named nope",
+        ),
+        (
+            "{key: k, name: k, credits: 1, refill: {credits: 1, period: yearly}}",
+            "keys[0].refill.period",
+        ),
+        (
+            "{key: k, name: k, credits: 1, refill: {credits: 1}}",
+            "keys[0].refill",
+        ),
+    ] {
+        std::fs::write(&keys, format!("keys:\n  - {entry}\n")).unwrap();
+        let (code, out, err) = tollgate(&["check"], &conf);
+        assert_eq!(code, 1, "{entry}");
+        assert!(format!("{out}{err}").contains(field), "{field}: {out}{err}");
+    }
+    // `keys create` writes the fields into the keys file, which then checks.
+    std::fs::write(&keys, "keys:\n  - {key: k, name: k, credits: 1}\n").unwrap();
+    let (code, out, err) = tollgate(
+        &[
+            "keys",
+            "create",
+            "--name",
+            "t",
+            "--credits",
+            "9",
+            "--expires",
+            "2030-01-01T00:00:00Z",
+            "--routes",
+            "a",
+            "--refill",
+            "9/daily",
+        ],
+        &conf,
+    );
+    assert_eq!(code, 0, "{err}");
+    let text = std::fs::read_to_string(&keys).unwrap();
+    assert!(
+        text.contains("expires_at: \"2030-01-01T00:00:00Z\", routes: [\"a\"], refill: {credits: 9, period: daily}"),
+        "{text}"
+    );
+    assert!(!text.contains(out.lines().next().unwrap()));
+    let (code, out, err) = tollgate(&["check"], &conf);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, _, err) = tollgate(
+        &[
+            "keys",
+            "create",
+            "--name",
+            "t",
+            "--credits",
+            "1",
+            "--routes",
+            "zz",
+        ],
+        &conf,
+    );
+    assert!(code == 1 && err.contains("no route named zz"), "{err}");
+    let (code, _, err) = tollgate(&["keys", "update", "k", "--name", "x"], &conf);
+    assert!(code == 1 && err.contains("Redis"), "{err}");
+    // A bad admin token hash is named.
+    std::fs::write(
+        &conf,
+        format!(
+            "{}admin:\n  token_sha256: \"abc\"\n",
+            std::fs::read_to_string(&conf).unwrap()
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = tollgate(&["check"], &conf);
+    assert!(
+        code == 1 && format!("{out}{err}").contains("admin.token_sha256"),
+        "{out}{err}"
+    );
+}
