@@ -9,10 +9,15 @@
 //! process share this listener for a while and `tollgate reload` must hear
 //! the new one.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use http::Response;
-use pingora::apps::http_app::{HttpServer, ServeHttp};
+use pingora::apps::http_app::ServeHttp;
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
+use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
+use pingora::server::ShutdownWatch;
 use pingora::services::listening::Service;
 use pingora_prometheus::PrometheusHttpApp;
 
@@ -55,8 +60,59 @@ fn simple(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
     resp
 }
 
+/// Write a whole answer.
+async fn write(session: &mut ServerSession, resp: Response<Vec<u8>>) -> pingora::Result<()> {
+    let (parts, body) = resp.into_parts();
+    let header: ResponseHeader = parts.into();
+    session.write_response_header(Box::new(header)).await?;
+    if !body.is_empty() {
+        session.write_response_body(body.into(), true).await?;
+    }
+    Ok(())
+}
+
+/// Pingora's HTTP server loop for one request, as its `ServeHttp` apps get
+/// it, except that `/v1/usage` streams its answer (a whole month's export
+/// is never held in memory).
 #[async_trait]
-impl ServeHttp for AdminApp {
+impl HttpServerApp for AdminApp {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        match session.read_request().await {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(e) => {
+                log::debug!("admin: cannot read a request: {e}");
+                return None;
+            }
+        }
+        session.set_keepalive((!*shutdown.borrow()).then_some(60));
+        let written = match (&self.keys, session.req_header().uri.path()) {
+            (Some(api), "/v1/usage") => api.usage(&mut session).await,
+            _ => {
+                let resp = self.response(&mut session).await;
+                write(&mut session, resp).await
+            }
+        };
+        if let Err(e) = written {
+            log::debug!("admin: cannot answer: {e}");
+            return None;
+        }
+        let settings = HttpPersistentSettings::for_session(&session);
+        match session.finish().await {
+            Ok(reusable) => reusable.map(|s| ReusedHttpStream::from_reusable_stream(s, settings)),
+            Err(e) => {
+                log::debug!("admin: cannot finish a request: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let req = session.req_header();
         if req.uri.path() == "/v1" || req.uri.path().starts_with("/v1/") {
@@ -90,18 +146,18 @@ impl ServeHttp for AdminApp {
 
 /// The admin service, listening on `addr`, answering `/healthz` from
 /// `health`, and the admin API with `keys` when it is on.
-pub fn service(addr: &str, health: Health, keys: Option<KeyApi>) -> Service<HttpServer<AdminApp>> {
+pub fn service(addr: &str, health: Health, keys: Option<KeyApi>) -> Service<AdminApp> {
     if let Some(api) = &keys {
         // Every endpoint's series exists (at 0) before the first request.
         for endpoint in api::ENDPOINTS {
             api.requests.with_label_values(&[endpoint, "200"]);
         }
     }
-    let app = HttpServer::new_app(AdminApp {
+    let app = AdminApp {
         metrics: PrometheusHttpApp,
         health,
         keys,
-    });
+    };
     let mut service = Service::new("tollgate admin".to_string(), app);
     service.add_tcp(addr);
     service

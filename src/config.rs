@@ -86,6 +86,8 @@ pub struct Config {
     /// SHA-256 of the admin API's bearer token; `None`: the `/v1` API is off.
     pub admin_token_sha256: Option<[u8; 32]>,
     pub store: StoreConfig,
+    /// `usage.retention_days`: how long the usage ledger keeps a day; 0: no ledger.
+    pub usage_retention_days: u32,
     pub auth: AuthConfig,
     pub rate_limit: RateLimitConfig,
     pub credits: CreditsConfig,
@@ -279,6 +281,8 @@ impl TryFrom<FileConfig> for Config {
         let (listen, admin_listen) = server::convert_listeners(&file.listen, &file.admin_listen, e);
         let admin_token_sha256 = convert_admin(&file.admin, e);
         let store = convert_store(file.store, e);
+        let usage_retention_days = file.usage.retention_days;
+        limits::USAGE_RETENTION_DAYS.check("usage.retention_days", usage_retention_days.into(), e);
         let auth = convert_auth(file.auth, e);
         let per_second = file.rate_limit.per_second;
         limits::RATE_PER_SECOND.check("rate_limit.per_second", per_second.into(), e);
@@ -297,6 +301,7 @@ impl TryFrom<FileConfig> for Config {
                 admin_listen,
                 admin_token_sha256,
                 store,
+                usage_retention_days,
                 auth,
                 rate_limit: RateLimitConfig { per_second },
                 credits: CreditsConfig {

@@ -2,7 +2,9 @@
 //! refusal), and the hold itself, kept in the request's context until the
 //! request's fate is known: kept when the answer was delivered, returned when
 //! the gateway answered with a failure (and `refund_on_failure` is on), and
-//! returned anyway if the request is dropped before either happened.
+//! returned anyway if the request is dropped before either happened. The
+//! hold knows its usage ledger row, so a refund comes off the row the charge
+//! went to, and a delivered cache hit is counted there.
 
 use std::sync::Arc;
 
@@ -10,7 +12,7 @@ use pingora_prometheus::prometheus::IntCounter;
 
 use crate::key::KeyHash;
 use crate::reject::Reject;
-use crate::store::{Charge, Store, StoreError};
+use crate::store::{Charge, Store, StoreError, Usage};
 
 /// A route's credit series: what its charges take and its refunds give back.
 #[derive(Clone)]
@@ -26,6 +28,7 @@ pub fn hold(
     store: &Arc<dyn Store>,
     hash: KeyHash,
     cost: u64,
+    usage: Usage,
     counters: &CreditCounters,
 ) -> Result<CreditHold, Reject> {
     match charge {
@@ -36,6 +39,7 @@ pub fn hold(
                 hash,
                 cost,
                 remaining,
+                usage,
                 counters.refunded.clone(),
             ))
         }
@@ -52,18 +56,23 @@ pub struct CreditHold {
     cost: u64,
     /// The balance after the charge (or refund).
     remaining: u64,
+    /// The ledger row the charge was counted in.
+    usage: Usage,
     settled: bool,
     refunded: IntCounter,
 }
 
 impl CreditHold {
-    /// A charge of `cost` already taken, leaving `remaining`; `refunded`
-    /// counts what is given back.
+    /// A charge of `cost` already taken, leaving `remaining`, counted in
+    /// the ledger at `usage`; `refunded` counts what is given back. A free
+    /// charge is held too: its ledger request comes off if it is not
+    /// delivered.
     pub fn new(
         store: Arc<dyn Store>,
         hash: KeyHash,
         cost: u64,
         remaining: u64,
+        usage: Usage,
         refunded: IntCounter,
     ) -> Self {
         CreditHold {
@@ -71,7 +80,8 @@ impl CreditHold {
             hash,
             cost,
             remaining,
-            settled: cost == 0,
+            usage,
+            settled: false,
             refunded,
         }
     }
@@ -89,13 +99,23 @@ impl CreditHold {
         self.settled = true;
     }
 
-    /// Give the charge back now.
-    pub async fn refund(&mut self) -> Result<(), StoreError> {
+    /// A cached answer was delivered for this charge: the ledger counts it.
+    pub fn cache_hit(&self) {
+        self.store.cache_hit(&self.hash, self.usage);
+    }
+
+    /// Give the charge back now: for an answer that will not be delivered
+    /// (a failure), or one that is delivered free (a cache hit without
+    /// `charge_cache_hits`), which the ledger still counts as a request.
+    pub async fn refund(&mut self, delivered: bool) -> Result<(), StoreError> {
         if self.settled {
             return Ok(());
         }
         self.settled = true;
-        let balance = self.store.refund(&self.hash, self.cost).await?;
+        let balance = self
+            .store
+            .refund(&self.hash, self.cost, self.usage, delivered)
+            .await?;
         self.refunded.inc_by(self.cost);
         self.remaining = balance.unwrap_or(self.remaining + self.cost);
         self.cost = 0;
@@ -117,14 +137,15 @@ impl Drop for CreditHold {
             );
             return;
         };
-        let (store, hash, cost, refunded) = (
+        let (store, hash, cost, usage, refunded) = (
             self.store.clone(),
             self.hash,
             self.cost,
+            self.usage,
             self.refunded.clone(),
         );
         runtime.spawn(async move {
-            match store.refund(&hash, cost).await {
+            match store.refund(&hash, cost, usage, false).await {
                 Ok(_) => refunded.inc_by(cost),
                 Err(e) => log::warn!("credits: refund of {cost} to key {} failed: {e}", hash.id()),
             }
@@ -145,7 +166,11 @@ mod tests {
             refunded: IntCounter::new("r", "r").unwrap(),
         };
         let hash = KeyHash::of("k");
-        let refused = |charge| hold(charge, &store, hash, 3, &counters).err();
+        let usage = Usage {
+            route: "r",
+            day: 20_000,
+        };
+        let refused = |charge| hold(charge, &store, hash, 3, usage, &counters).err();
         assert_eq!(
             refused(Charge::Insufficient { remaining: 2 }),
             Some(Reject::InsufficientCredits)
@@ -153,7 +178,15 @@ mod tests {
         assert_eq!(refused(Charge::Unknown), Some(Reject::InvalidKey));
         assert_eq!(refused(Charge::Revoked), Some(Reject::RevokedKey));
         assert_eq!(counters.charged.get(), 0);
-        let mut held = hold(Charge::Charged { remaining: 7 }, &store, hash, 3, &counters).unwrap();
+        let mut held = hold(
+            Charge::Charged { remaining: 7 },
+            &store,
+            hash,
+            3,
+            usage,
+            &counters,
+        )
+        .unwrap();
         assert_eq!(
             (held.cost(), held.remaining(), counters.charged.get()),
             (3, 7, 3)

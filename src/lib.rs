@@ -33,3 +33,4 @@ pub mod router;
 pub mod store;
 pub mod target;
 pub mod tls;
+pub mod usage;

@@ -20,7 +20,7 @@ use tollgate::metrics::Metrics;
 use tollgate::proxy::Gateway;
 use tollgate::store::memory::MemoryStore;
 use tollgate::store::redis::{Maintenance, RedisStore, StoreCounters};
-use tollgate::store::{KeyAdmin, SharedCache, Store};
+use tollgate::store::{KeyAdmin, SharedCache, Store, UsageLedger};
 use tollgate::tls::TlsListeners;
 use tollgate::{admin, logging, notify, reload};
 
@@ -74,6 +74,21 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// The usage ledger, for billing: one row per key, route and UTC day.
+    Usage {
+        /// First day, YYYY-MM-DD (default today, UTC).
+        #[arg(long)]
+        from: Option<String>,
+        /// Last day, included, YYYY-MM-DD (default today, UTC).
+        #[arg(long)]
+        to: Option<String>,
+        /// Only this key (the key or its id).
+        #[arg(long, value_name = "KEY_OR_ID")]
+        key: Option<String>,
+        /// jsonl (JSON lines) or csv (with a header row).
+        #[arg(long, default_value = "jsonl")]
+        format: String,
+    },
 }
 
 fn load(conf: Option<&PathBuf>) -> Result<Config, ExitCode> {
@@ -97,8 +112,9 @@ fn load(conf: Option<&PathBuf>) -> Result<Config, ExitCode> {
 /// The configured store, and what comes with a Redis one.
 struct Stores {
     keys: Arc<dyn Store>,
-    /// The same store, for the admin API.
+    /// The same store, for the admin API: its keys and its usage ledger.
     admin: Arc<dyn KeyAdmin>,
+    ledger: Arc<dyn UsageLedger>,
     /// The Redis cache tier, when the store is Redis.
     shared_cache: Option<Arc<dyn SharedCache>>,
     /// The Redis store's settlement service.
@@ -112,10 +128,13 @@ fn open_store(config: &Config, metrics: &Metrics) -> Result<Stores, String> {
                 "the embedded store has no keys (store.keys_file): every request will get 401"
             );
         }
-        let memory = Arc::new(MemoryStore::new(&config.store.keys));
+        let memory = Arc::new(
+            MemoryStore::new(&config.store.keys).with_usage_retention(config.usage_retention_days),
+        );
         return Ok(Stores {
             keys: memory.clone(),
-            admin: memory,
+            admin: memory.clone(),
+            ledger: memory,
             shared_cache: None,
             maintenance: None,
         });
@@ -123,6 +142,7 @@ fn open_store(config: &Config, metrics: &Metrics) -> Result<Stores, String> {
     // Connects on first use, inside the service, after Pingora daemonized.
     let redis = RedisStore::new(redis, &config.store.key_prefix, config.store.timeout)
         .map_err(|e| format!("{}: {e}", redis.field()))?;
+    let redis = redis.with_usage_retention(config.usage_retention_days);
     let redis = Arc::new(redis.with_counters(StoreCounters {
         settle: metrics.store_error_counter("settle"),
         setup: metrics.store_error_counter("setup"),
@@ -131,6 +151,7 @@ fn open_store(config: &Config, metrics: &Metrics) -> Result<Stores, String> {
     Ok(Stores {
         keys: redis.clone(),
         admin: redis.clone(),
+        ledger: redis.clone(),
         shared_cache: Some(redis.clone()),
         maintenance: Some(Maintenance(redis)),
     })
@@ -216,6 +237,7 @@ fn serve(mut config: Config, opt: Opt) -> ExitCode {
     server.add_service(Guarded::new(proxy, "proxy", &health));
     let key_api = config.admin_token_sha256.map(|token_sha256| admin::KeyApi {
         store: stores.admin.clone(),
+        ledger: stores.ledger.clone(),
         token_sha256,
         routes: config.routes.iter().map(|r| r.name.clone()).collect(),
         requests: admin_requests,
@@ -304,24 +326,40 @@ fn main() -> ExitCode {
             serve(config, Opt::default())
         }
         Command::Keys { command } => {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("tollgate keys: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
             let mut out = std::io::stdout().lock();
-            match runtime.block_on(tollgate::keys::run(&config, command, &mut out)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("tollgate keys: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            cli_run("keys", tollgate::keys::run(&config, command, &mut out))
+        }
+        Command::Usage {
+            from,
+            to,
+            key,
+            format,
+        } => {
+            let mut out = std::io::stdout().lock();
+            let range = (from.as_deref(), to.as_deref());
+            let run = tollgate::usage::run(&config, range, key.as_deref(), &format, &mut out);
+            cli_run("usage", run)
+        }
+    }
+}
+
+/// Run a command's work on a one-thread runtime; its error on stderr.
+fn cli_run(name: &str, work: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tollgate {name}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(work) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tollgate {name}: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -90,6 +90,25 @@ async fn balance(redis: &RedisServer) -> i64 {
         .unwrap()
 }
 
+/// The usage ledger's row of key `payer` on route `t` today: (requests,
+/// credits, refunded).
+async fn ledger(redis: &RedisServer) -> (i64, i64, i64) {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let key = format!(
+        "tollgate:usage:{{{}}}:{}",
+        tollgate::key::KeyHash::of("payer").hex(),
+        tollgate::store::Usage::now("").date()
+    );
+    let fields: std::collections::HashMap<String, i64> = redis::cmd("HGETALL")
+        .arg(key)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let get = |f: &str| fields.get(&format!("t:{f}")).copied().unwrap_or(0);
+    (get("requests"), get("credits"), get("refunded"))
+}
+
 /// Answers seen by the load: (status, X-Credits-Cost), in order.
 type Seen = Arc<Mutex<Vec<(u16, u64)>>>;
 
@@ -205,6 +224,18 @@ async fn a_stalled_redis_takes_exactly_what_the_answers_said(on_error: &str) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The usage ledger agrees: a charge given back after the stall came off
+    // its row too.
+    let charged_answers = seen.iter().filter(|&&(s, c)| s == 200 && c == 1).count();
+    let (requests, credits, refunded) = ledger(&redis).await;
+    assert_eq!(
+        (requests, credits, refunded),
+        (
+            i64::try_from(charged_answers).unwrap(),
+            i64::try_from(paid).unwrap(),
+            0
+        )
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -445,6 +476,8 @@ async fn a_refund_that_timed_out_is_applied_once() {
         let now = balance(&redis).await;
         if unsettled == 0.0 {
             assert_eq!(now, start, "refunded more or less than once");
+            // Two requests charged and refunded: nothing delivered.
+            assert_eq!(ledger(&redis).await, (0, 0, 2));
             break;
         }
         assert!(

@@ -1,4 +1,4 @@
-//! The admin API (`/v1/keys…` on the admin listener), on when
+//! The admin API (`/v1/keys…`, `/v1/usage` on the admin listener), on when
 //! `admin.token_sha256` is set: each endpoint parses its input, calls the one
 //! implementation of the key operation in `keyops` (which `tollgate keys`
 //! calls too), and answers JSON; errors have the gateway's error shape.
@@ -17,7 +17,8 @@ use sha2::{Digest, Sha256};
 use super::simple;
 use crate::config::keys::{self, Lifecycle, Period, Refill};
 use crate::keyops::{self, NewKey, OpError};
-use crate::store::{KeyAdmin, KeyPatch, KeyRow};
+use crate::store::{KeyAdmin, KeyPatch, KeyRow, UsageLedger};
+use crate::usage::{self, Export, Format};
 
 /// The largest request body the admin API reads.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -29,6 +30,7 @@ const MAX_PAGE: usize = 1000;
 /// configuration's route names, and its counter.
 pub struct KeyApi {
     pub store: Arc<dyn KeyAdmin>,
+    pub ledger: Arc<dyn UsageLedger>,
     pub token_sha256: [u8; 32],
     pub routes: Vec<String>,
     pub requests: IntCounterVec,
@@ -324,8 +326,8 @@ impl Endpoint<'_> {
 }
 
 /// The endpoints' labels, for setting up the series at start.
-pub const ENDPOINTS: [&str; 7] = [
-    "create", "list", "show", "update", "topup", "revoke", "other",
+pub const ENDPOINTS: [&str; 8] = [
+    "create", "list", "show", "update", "topup", "revoke", "usage", "other",
 ];
 
 impl KeyApi {
@@ -350,6 +352,125 @@ impl KeyApi {
         openssl::memcmp::eq(&presented, &self.token_sha256)
     }
 
+    /// Answer `GET /v1/usage?from=&to=&key=`: the ledger export as JSON
+    /// lines, or CSV for `Accept: text/csv`, streamed a day at a time. A store
+    /// failure after the first chunk ends the connection without the
+    /// chunked body's end, so a client cannot take a cut export for whole.
+    pub async fn usage(&self, session: &mut ServerSession) -> pingora::Result<()> {
+        let started = self.start_usage(session).await;
+        let (mut export_of, format) = match started {
+            Ok(found) => found,
+            Err(answer) => {
+                self.count("usage", answer.status);
+                let mut resp = simple(answer.status, "application/json", answer.body);
+                if answer.status == 401 {
+                    resp.headers_mut().insert(
+                        http::header::WWW_AUTHENTICATE,
+                        http::HeaderValue::from_static("Bearer realm=\"tollgate admin\""),
+                    );
+                }
+                if let Some(allow) = answer.allow {
+                    resp.headers_mut()
+                        .insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
+                }
+                return super::write(session, resp).await;
+            }
+        };
+        self.count("usage", 200);
+        let mut header = pingora::http::ResponseHeader::build(200, None)?;
+        header.insert_header(http::header::CONTENT_TYPE, format.content_type())?;
+        header.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+        session.write_response_header(Box::new(header)).await?;
+        let mut export = Export::new(
+            self.ledger.as_ref(),
+            export_of.0,
+            export_of.1.take(),
+            format,
+        );
+        loop {
+            match export.next_chunk().await {
+                Ok(Some(chunk)) => session.write_response_body(chunk.into(), false).await?,
+                Ok(None) => break,
+                Err(e) => {
+                    log::warn!("admin API: usage export failed part way: {e}");
+                    session.set_keepalive(None);
+                    return pingora::Error::e_explain(
+                        pingora::ErrorType::InternalError,
+                        "usage export failed part way",
+                    );
+                }
+            }
+        }
+        session.finish_body().await
+    }
+
+    /// Check the token and the query of a usage export: the day range and
+    /// the key, and the format the client accepts.
+    #[allow(clippy::type_complexity)]
+    async fn start_usage(
+        &self,
+        session: &ServerSession,
+    ) -> Result<(((i64, i64), Option<crate::key::KeyHash>), Format), Answer> {
+        let req = session.req_header();
+        if req.method != Method::GET {
+            return Err(Answer {
+                allow: Some("GET"),
+                ..fail(405, "method_not_allowed", "this path takes GET")
+            });
+        }
+        if !self.authorized(session) {
+            return Err(fail(
+                401,
+                "unauthorized",
+                "the admin API needs Authorization: Bearer TOKEN",
+            ));
+        }
+        let (mut from, mut to, mut key) = (None, None, None);
+        let query = req.uri.query().unwrap_or("");
+        for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+            let slot = match &*name {
+                "from" => &mut from,
+                "to" => &mut to,
+                "key" => &mut key,
+                other => {
+                    return Err(fail(
+                        400,
+                        "bad_request",
+                        format!("unknown query parameter `{other}`, expected from, to or key"),
+                    ))
+                }
+            };
+            *slot = Some(value.into_owned());
+        }
+        let days = usage::range(from.as_deref(), to.as_deref())
+            .map_err(|e| fail(400, "bad_request", e))?;
+        let key = match key {
+            None => None,
+            Some(id) => {
+                let id = self.id(&id)?;
+                Some(
+                    keyops::find(self.store.as_ref(), id)
+                        .await
+                        .map_err(op_error)?,
+                )
+            }
+        };
+        let csv = req
+            .headers
+            .get_all(http::header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.contains("text/csv"));
+        let format = if csv { Format::Csv } else { Format::Jsonl };
+        Ok(((days, key), format))
+    }
+
+    fn count(&self, endpoint: &str, status: u16) {
+        self.requests
+            .with_label_values(&[endpoint, &status.to_string()])
+            .inc();
+    }
+
     /// Answer one `/v1` request.
     pub async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let method = session.req_header().method.clone();
@@ -365,9 +486,7 @@ impl KeyApi {
                 "the admin API needs Authorization: Bearer TOKEN",
             )
         };
-        self.requests
-            .with_label_values(&[endpoint.label(), &answer.status.to_string()])
-            .inc();
+        self.count(endpoint.label(), answer.status);
         let mut resp = simple(answer.status, "application/json", answer.body);
         if answer.status == 401 {
             resp.headers_mut().insert(

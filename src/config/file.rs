@@ -16,6 +16,7 @@ pub(super) struct FileConfig {
     pub(super) admin_listen: String,
     pub(super) admin: FileAdmin,
     pub(super) store: FileStore,
+    pub(super) usage: FileUsage,
     pub(super) auth: FileAuth,
     pub(super) rate_limit: FileRateLimit,
     pub(super) credits: FileCredits,
@@ -34,6 +35,7 @@ impl Default for FileConfig {
             listen: vec![Value::String("0.0.0.0:8080".to_string())],
             admin_listen: "127.0.0.1:9091".to_string(),
             admin: FileAdmin::default(),
+            usage: FileUsage::default(),
             store: FileStore::default(),
             auth: FileAuth::default(),
             rate_limit: FileRateLimit::default(),
@@ -261,4 +263,19 @@ impl Default for FileNotify {
 #[serde(default, deny_unknown_fields)]
 pub(super) struct FileAdmin {
     pub(super) token_sha256: Option<String>,
+}
+
+/// `usage:` — the usage ledger.
+#[derive(Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub(super) struct FileUsage {
+    pub(super) retention_days: u32,
+}
+
+impl Default for FileUsage {
+    fn default() -> Self {
+        FileUsage {
+            retention_days: 400,
+        }
+    }
 }

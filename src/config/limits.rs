@@ -92,6 +92,7 @@ pub const KEY_CREDITS: Bound = bound(
     "Redis scripts count credits exactly only below 2^53",
 );
 pub const KEY_RATE: Bound = bound("keys[].rate_per_second", 1, 1_000_000_000, "");
+pub const USAGE_RETENTION_DAYS: Bound = bound("usage.retention_days", 0, 3650, "");
 
 /// tollgate's default for `server.grace_period_seconds` (Pingora's is 300 s).
 pub const DEFAULT_GRACE_PERIOD_SECONDS: u64 = 5;
@@ -160,6 +161,7 @@ pub const BOUNDS: &[Bound] = &[
     LOCK_TIMEOUT_MS,
     KEY_CREDITS,
     KEY_RATE,
+    USAGE_RETENTION_DAYS,
 ];
 
 /// Every bound: tollgate's own, then the `server` section's.

@@ -43,8 +43,12 @@ enum Settle {
     /// Kept once the answer is written; a request dropped before that
     /// costs nothing (the hold refunds when dropped).
     OnDelivery,
-    /// Given back before the answer is written.
+    /// Given back before the answer is written, which will not be
+    /// delivered (a failure).
     Refund,
+    /// Given back before the answer is written, which is delivered free (a
+    /// cache hit without `charge_cache_hits`).
+    Free,
     /// Stands whether or not the answer goes out.
     Keep,
     /// Left to the hold: a reject before the charge has none, and an
@@ -82,7 +86,7 @@ impl Reply {
             settle: if charge {
                 Settle::OnDelivery
             } else {
-                Settle::Refund
+                Settle::Free
             },
         }
     }
@@ -180,8 +184,8 @@ impl Gateway {
             return;
         };
         match reply.settle {
-            Settle::Refund => {
-                if let Err(e) = hold.refund().await {
+            Settle::Refund | Settle::Free => {
+                if let Err(e) = hold.refund(reply.settle == Settle::Free).await {
                     self.metrics.store_error("refund");
                     log::warn!("store refund failed: {e}");
                 }
@@ -191,10 +195,21 @@ impl Gateway {
         }
     }
 
-    /// The reply was written: a delivered answer's charge stands.
+    /// The reply was written: a delivered answer's charge stands, and a
+    /// cached one counts as a cache hit in the usage ledger.
     pub(super) fn delivered(ctx: &mut Ctx, reply: &Reply) {
-        if let (Settle::OnDelivery, Some(hold)) = (reply.settle, ctx.admit.hold.as_mut()) {
+        let Some(hold) = ctx.admit.hold.as_mut() else {
+            return;
+        };
+        if reply.settle == Settle::OnDelivery {
             hold.keep();
+        }
+        if let Kind::Proxied {
+            answer: Served::Cached(_),
+            ..
+        } = reply.kind
+        {
+            hold.cache_hit();
         }
     }
 }

@@ -15,14 +15,14 @@ use crate::credits;
 use crate::key::KeyHash;
 use crate::race::{RaceReport, UpstreamRequest};
 use crate::reject::Reject;
-use crate::store::StoreError;
+use crate::store::{StoreError, Usage};
 use crate::target::Target;
 
 impl Gateway {
     /// auth → rate limit → credits. A refused request costs nothing.
     pub(super) async fn admit(
         &self,
-        route: &RouteRuntime,
+        route: &'static RouteRuntime,
         target: &Target,
         key: Option<String>,
         admit: &mut Admit,
@@ -44,10 +44,12 @@ impl Gateway {
         }
 
         let cost = route.config.cost_for(target.upstream());
-        match within(deadline, self.store.charge(&hash, cost)).await {
+        let usage = Usage::now(&route.config.name);
+        match within(deadline, self.store.charge(&hash, cost, usage)).await {
             Ok(charge) => {
                 let counters = route.series.credits();
-                admit.hold = Some(credits::hold(charge, &self.store, hash, cost, counters)?);
+                let hold = credits::hold(charge, &self.store, hash, cost, usage, counters)?;
+                admit.hold = Some(hold);
                 Ok(())
             }
             Err(e) => self.store_failed("charge", e),

@@ -101,7 +101,16 @@ impl World {
     }
 
     async fn balance(&self) -> u64 {
-        match self.store.charge(&KeyHash::of(KEY), 0).await.unwrap() {
+        let probe = crate::store::Usage {
+            route: "probe",
+            day: 0,
+        };
+        match self
+            .store
+            .charge(&KeyHash::of(KEY), 0, probe)
+            .await
+            .unwrap()
+        {
             Charge::Charged { remaining } | Charge::Insufficient { remaining } => remaining,
             other => panic!("{other:?}"),
         }

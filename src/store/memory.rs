@@ -3,14 +3,18 @@
 //! compare-and-swap loop and never overspends; they start again from the keys
 //! file when the process restarts. The admin API changes keys here too
 //! (lost at restart, as balances are): a key's metadata is swapped whole.
+//! The usage ledger is kept per key, in memory, for `usage.retention_days`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
 
-use super::{Charge, KeyAdmin, KeyInfo, KeyPatch, KeyRecord, KeyRow, KeyState, Store, StoreError};
+use super::{
+    Charge, KeyAdmin, KeyInfo, KeyPatch, KeyRecord, KeyRow, KeyState, Store, StoreError, Usage,
+    UsageLedger, UsageRow,
+};
 use crate::config::keys::{self, Lifecycle};
 use crate::key::KeyHash;
 
@@ -21,6 +25,17 @@ struct Entry {
     /// The refill period last applied; locked while a refill is decided, so
     /// one charge per period refills.
     refilled_for: Mutex<Option<String>>,
+    /// The key's usage ledger rows by (day, route).
+    usage: Mutex<BTreeMap<(i64, &'static str), Counts>>,
+}
+
+/// One ledger row's numbers.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counts {
+    requests: u64,
+    credits: u64,
+    refunded: u64,
+    cache_hits: u64,
 }
 
 impl Entry {
@@ -37,7 +52,21 @@ impl Entry {
             credits: AtomicU64::new(r.credits),
             created: u64::try_from(now).unwrap_or(0),
             refilled_for: Mutex::new(current_period(&r.lifecycle, now)),
+            usage: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Change the ledger row of `usage`, dropping days past `keep_days`.
+    fn count(&self, usage: Usage, keep_days: i64, change: impl FnOnce(&mut Counts)) {
+        if keep_days == 0 {
+            return;
+        }
+        let mut rows = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        if !rows.contains_key(&(usage.day, usage.route)) {
+            let oldest = usage.day - keep_days + 1;
+            rows.retain(|(day, _), _| *day >= oldest);
+        }
+        change(rows.entry((usage.day, usage.route)).or_default());
     }
 
     fn info(&self) -> Arc<KeyInfo> {
@@ -63,8 +92,13 @@ fn current_period(lifecycle: &Lifecycle, now: i64) -> Option<String> {
     lifecycle.refill.map(|r| r.period.label(now))
 }
 
+/// `usage.retention_days` unless configured.
+const DEFAULT_RETENTION_DAYS: i64 = 400;
+
 pub struct MemoryStore {
     keys: RwLock<HashMap<KeyHash, Arc<Entry>>>,
+    /// `usage.retention_days`; 0: no ledger.
+    keep_days: i64,
 }
 
 impl MemoryStore {
@@ -76,7 +110,14 @@ impl MemoryStore {
             .collect();
         MemoryStore {
             keys: RwLock::new(keys),
+            keep_days: DEFAULT_RETENTION_DAYS,
         }
+    }
+
+    /// Keep the usage ledger this many days (0: none).
+    pub fn with_usage_retention(mut self, days: u32) -> MemoryStore {
+        self.keep_days = i64::from(days);
+        self
     }
 
     fn entry(&self, hash: &KeyHash) -> Option<Arc<Entry>> {
@@ -99,7 +140,7 @@ impl Store for MemoryStore {
         Ok(self.entry(hash).map(|e| e.info()))
     }
 
-    async fn charge(&self, hash: &KeyHash, cost: u64) -> Result<Charge, StoreError> {
+    async fn charge(&self, hash: &KeyHash, cost: u64, usage: Usage) -> Result<Charge, StoreError> {
         let Some(entry) = self.entry(hash) else {
             return Ok(Charge::Unknown);
         };
@@ -112,19 +153,81 @@ impl Store for MemoryStore {
             .credits
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| c.checked_sub(cost));
         Ok(match taken {
-            Ok(before) => Charge::Charged {
-                remaining: before - cost,
-            },
+            Ok(before) => {
+                entry.count(usage, self.keep_days, |c| {
+                    c.requests += 1;
+                    c.credits += cost;
+                });
+                Charge::Charged {
+                    remaining: before - cost,
+                }
+            }
             Err(balance) => Charge::Insufficient { remaining: balance },
         })
     }
 
-    async fn refund(&self, hash: &KeyHash, amount: u64) -> Result<Option<u64>, StoreError> {
+    async fn refund(
+        &self,
+        hash: &KeyHash,
+        amount: u64,
+        usage: Usage,
+        delivered: bool,
+    ) -> Result<Option<u64>, StoreError> {
         Ok(self.entry(hash).map(|e| {
+            e.count(usage, self.keep_days, |c| {
+                c.credits = c.credits.saturating_sub(amount);
+                c.refunded += amount;
+                if !delivered {
+                    c.requests = c.requests.saturating_sub(1);
+                }
+            });
             e.credits
                 .fetch_add(amount, Ordering::AcqRel)
                 .saturating_add(amount)
         }))
+    }
+
+    fn cache_hit(&self, hash: &KeyHash, usage: Usage) {
+        if let Some(e) = self.entry(hash) {
+            e.count(usage, self.keep_days, |c| c.cache_hits += 1);
+        }
+    }
+}
+
+#[async_trait]
+impl UsageLedger for MemoryStore {
+    async fn usage_day(
+        &self,
+        day: i64,
+        key: Option<&KeyHash>,
+    ) -> Result<Vec<UsageRow>, StoreError> {
+        let entries: Vec<(KeyHash, Arc<Entry>)> = {
+            let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
+            keys.iter()
+                .filter(|(h, _)| key.is_none_or(|k| k == *h))
+                .map(|(h, e)| (*h, e.clone()))
+                .collect()
+        };
+        let date = Usage { route: "", day }.date();
+        let mut rows = Vec::new();
+        for (hash, entry) in entries {
+            let name = entry.info().name.clone();
+            let usage = entry.usage.lock().unwrap_or_else(|p| p.into_inner());
+            for ((_, route), c) in usage.range((day, "")..(day + 1, "")) {
+                rows.push(UsageRow {
+                    date: date.clone(),
+                    key_id: hash.id(),
+                    name: name.clone(),
+                    route: route.to_string(),
+                    requests: c.requests,
+                    credits: c.credits,
+                    refunded: c.refunded,
+                    cache_hits: c.cache_hits,
+                });
+            }
+        }
+        rows.sort_by(|a, b| a.key_id.cmp(&b.key_id).then(a.route.cmp(&b.route)));
+        Ok(rows)
     }
 }
 
@@ -196,7 +299,11 @@ impl KeyAdmin for MemoryStore {
     }
 
     async fn add_credits(&self, hash: &KeyHash, credits: u64) -> Result<Option<u64>, StoreError> {
-        self.refund(hash, credits).await
+        Ok(self.entry(hash).map(|e| {
+            e.credits
+                .fetch_add(credits, Ordering::AcqRel)
+                .saturating_add(credits)
+        }))
     }
 
     async fn set_state(&self, hash: &KeyHash, state: KeyState) -> Result<bool, StoreError> {
@@ -215,6 +322,11 @@ impl KeyAdmin for MemoryStore {
 mod tests {
     use super::*;
 
+    const U: Usage = Usage {
+        route: "r",
+        day: 20_000,
+    };
+
     fn store(credits: u64, state: KeyState) -> (MemoryStore, KeyHash) {
         let hash = KeyHash::of("k");
         let rec = KeyRecord {
@@ -232,20 +344,20 @@ mod tests {
     async fn charge_refund_and_states() {
         let (s, h) = store(3, KeyState::Active);
         assert_eq!(
-            s.charge(&h, 2).await.unwrap(),
+            s.charge(&h, 2, U).await.unwrap(),
             Charge::Charged { remaining: 1 }
         );
         assert_eq!(
-            s.charge(&h, 2).await.unwrap(),
+            s.charge(&h, 2, U).await.unwrap(),
             Charge::Insufficient { remaining: 1 }
         );
-        assert_eq!(s.refund(&h, 2).await.unwrap(), Some(3));
+        assert_eq!(s.refund(&h, 2, U, false).await.unwrap(), Some(3));
         assert_eq!(
-            s.charge(&KeyHash::of("other"), 1).await.unwrap(),
+            s.charge(&KeyHash::of("other"), 1, U).await.unwrap(),
             Charge::Unknown
         );
         let (s, h) = store(3, KeyState::Revoked);
-        assert_eq!(s.charge(&h, 1).await.unwrap(), Charge::Revoked);
+        assert_eq!(s.charge(&h, 1, U).await.unwrap(), Charge::Revoked);
     }
 
     #[test]
@@ -301,7 +413,7 @@ mod tests {
                 .map(|_| {
                     let s = s.clone();
                     tokio::spawn(async move {
-                        matches!(s.charge(&h, 1).await, Ok(Charge::Charged { .. }))
+                        matches!(s.charge(&h, 1, U).await, Ok(Charge::Charged { .. }))
                     })
                 })
                 .collect();

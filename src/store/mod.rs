@@ -79,6 +79,47 @@ impl KeyPatch {
     }
 }
 
+/// The usage ledger row a charge, its refund and its cache hit are written
+/// to: the route, and the UTC day of the charge (a request counts once, in
+/// the day it was charged, even when refunded after midnight).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Usage {
+    pub route: &'static str,
+    /// Days since 1970-01-01, UTC.
+    pub day: i64,
+}
+
+impl Usage {
+    /// A charge on `route` now.
+    pub fn now(route: &'static str) -> Usage {
+        Usage {
+            route,
+            day: crate::config::keys::now().div_euclid(86_400),
+        }
+    }
+
+    /// The day as `YYYY-MM-DD`.
+    pub fn date(&self) -> String {
+        crate::config::keys::Period::Daily.label(self.day * 86_400)
+    }
+}
+
+/// One row of the usage ledger: a key's use of a route on a UTC day.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsageRow {
+    /// `YYYY-MM-DD`.
+    pub date: String,
+    pub key_id: String,
+    pub name: String,
+    pub route: String,
+    /// Answers delivered (charged and not refunded as undelivered).
+    pub requests: u64,
+    /// Credits charged, net of refunds.
+    pub credits: u64,
+    pub refunded: u64,
+    pub cache_hits: u64,
+}
+
 /// The outcome of an atomic check-and-charge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Charge {
@@ -106,12 +147,33 @@ pub trait Store: Send + Sync + 'static {
     async fn key(&self, hash: &KeyHash) -> Result<Option<Arc<KeyInfo>>, StoreError>;
     /// Check state and balance and take `cost` credits, atomically: N credits
     /// buy exactly N unit-cost charges under any concurrency. An error means
-    /// not charged, even if the store learns of the call later.
-    async fn charge(&self, hash: &KeyHash, cost: u64) -> Result<Charge, StoreError>;
-    /// Give `amount` credits back; returns the new balance if the key exists
-    /// and it is known now (`None` also for a refund queued until the store
-    /// answers again, which then applies it once).
-    async fn refund(&self, hash: &KeyHash, amount: u64) -> Result<Option<u64>, StoreError>;
+    /// not charged, even if the store learns of the call later. The usage
+    /// ledger counts the request and its credits in the same step.
+    async fn charge(&self, hash: &KeyHash, cost: u64, usage: Usage) -> Result<Charge, StoreError>;
+    /// Give `amount` credits of a charge back (and take them off its ledger
+    /// row, counted as refunded; `delivered: false` takes the request off
+    /// too); returns the new balance if the key exists and it is known now
+    /// (`None` also for a refund queued until the store answers again, which
+    /// then applies it once).
+    async fn refund(
+        &self,
+        hash: &KeyHash,
+        amount: u64,
+        usage: Usage,
+        delivered: bool,
+    ) -> Result<Option<u64>, StoreError>;
+    /// A cached answer of a charged request was delivered: counted in the
+    /// ledger's `cache_hits` (on Redis within a second, batched).
+    fn cache_hit(&self, hash: &KeyHash, usage: Usage);
+}
+
+/// Reading the usage ledger (`tollgate usage`, `GET /v1/usage`).
+#[async_trait]
+pub trait UsageLedger: Send + Sync + 'static {
+    /// The rows of one UTC day (days since 1970-01-01), of one key or all,
+    /// sorted by key id, then route.
+    async fn usage_day(&self, day: i64, key: Option<&KeyHash>)
+        -> Result<Vec<UsageRow>, StoreError>;
 }
 
 /// Managing keys: what `tollgate keys` and the admin API do to a store,

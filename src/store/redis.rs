@@ -23,7 +23,7 @@
 //! marker `{prefix}store`; while it is missing, an unknown key is a store
 //! error (`on_error` decides), counted as `tollgate_store_errors_total{op="setup"}`.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -36,7 +36,9 @@ use tokio::sync::Notify;
 
 mod admin;
 mod conn;
+mod scripts;
 mod upkeep;
+mod usage;
 
 use conn::{Conn, Connector};
 
@@ -45,7 +47,7 @@ pub use upkeep::{
     Maintenance, Marker, StoreCounters, OP_MEMORY, SETTLE_QUEUE_MAX, SETUP_CHECK_EVERY,
 };
 
-use super::{Charge, KeyInfo, SharedCache, Store, StoreError};
+use super::{Charge, KeyInfo, SharedCache, Store, StoreError, Usage};
 use crate::config::keys::{self, Period};
 use crate::config::RedisConfig;
 use crate::key::KeyHash;
@@ -63,58 +65,8 @@ const META_CACHE_ENTRIES: usize = 10_000;
 /// `on_error: allow` the key keeps its own rate limit and a revoked key stays
 /// refused; a key not read here recently gets the default rate.
 const META_IF_ERROR: Duration = Duration::from_secs(300);
-
-/// Check state and balance, refill at the first charge of a new period
-/// (ARGV[3] today, ARGV[4] this month, UTC; never lowering a balance), take
-/// the cost, and remember the charge by its id (KEYS[2]) unless it was
-/// cancelled before it ran. Returns {code, balance}:
-/// 0 unknown, 1 revoked, 2 insufficient, 3 charged, 4 cancelled.
-const CHARGE_LUA: &str = r"
-local h = redis.call('HMGET', KEYS[1], 'state', 'credits', 'refill_credits', 'refill_period', 'refilled_for')
-if not h[1] then return {0, 0} end
-if h[1] ~= 'active' then return {1, 0} end
-local credits = tonumber(h[2]) or 0
-if h[3] then
-  local period = ARGV[4]
-  if h[4] == 'daily' then period = ARGV[3] end
-  if h[5] ~= period then
-    local n = tonumber(h[3]) or 0
-    if credits < n then
-      credits = n
-      redis.call('HSET', KEYS[1], 'credits', n)
-    end
-    redis.call('HSET', KEYS[1], 'refilled_for', period)
-  end
-end
-local cost = tonumber(ARGV[1])
-if credits < cost then return {2, credits} end
-if cost == 0 then return {3, credits} end
-if not redis.call('SET', KEYS[2], 'c' .. cost, 'NX', 'PX', ARGV[2]) then return {4, credits} end
-return {3, redis.call('HINCRBY', KEYS[1], 'credits', -cost)}
-";
-
-/// Cancel the charge remembered at KEYS[2]: give it back if it ran, make it a
-/// no-op if it has not. Returns the credits given back, 0 if it was cancelled
-/// already, -1 if Redis has no record of it (not run yet, or forgotten).
-const CANCEL_LUA: &str = r"
-local m = redis.call('GET', KEYS[2])
-redis.call('SET', KEYS[2], 'x', 'PX', ARGV[1])
-if not m then return -1 end
-if string.sub(m, 1, 1) ~= 'c' then return 0 end
-local cost = tonumber(string.sub(m, 2)) or 0
-if cost > 0 and redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HINCRBY', KEYS[1], 'credits', cost)
-end
-return cost
-";
-
-/// Give credits back once per id (KEYS[2]). Returns the new balance, -1 if
-/// the key is unknown, -2 if this refund was applied already.
-const REFUND_LUA: &str = r"
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-if not redis.call('SET', KEYS[2], 'r', 'NX', 'PX', ARGV[2]) then return -2 end
-return redis.call('HINCRBY', KEYS[1], 'credits', ARGV[1])
-";
+/// `usage.retention_days` unless configured.
+const DEFAULT_RETENTION_DAYS: u64 = 400;
 
 /// The fields a key lookup reads, in [`INFO_FIELDS`]' order.
 type Fields = Vec<Option<String>>;
@@ -157,6 +109,10 @@ pub struct RedisStore {
     add: Script,
     set_state: Script,
     update: Script,
+    /// `usage.retention_days` in seconds, as the scripts take it ("0": no ledger).
+    usage_ttl: String,
+    /// Cache hits not yet written to the ledger (see `usage`).
+    hits: Mutex<HashMap<(KeyHash, Usage), u64>>,
     unsettled: Mutex<VecDeque<Unsettled>>,
     settle_wake: Notify,
     counters: Option<StoreCounters>,
@@ -182,18 +138,26 @@ impl RedisStore {
             prefix: prefix.to_string(),
             timeout,
             meta: MemoryCache::new(META_CACHE_ENTRIES),
-            charge: Script::new(CHARGE_LUA),
-            cancel: Script::new(CANCEL_LUA),
-            refund: Script::new(REFUND_LUA),
+            charge: Script::new(scripts::CHARGE),
+            cancel: Script::new(scripts::CANCEL),
+            refund: Script::new(scripts::REFUND),
             add: Script::new(admin::ADD_LUA),
             set_state: Script::new(admin::STATE_LUA),
             update: Script::new(admin::UPDATE_LUA),
+            usage_ttl: (DEFAULT_RETENTION_DAYS * 86_400).to_string(),
+            hits: Mutex::new(HashMap::new()),
             unsettled: Mutex::new(VecDeque::new()),
             settle_wake: Notify::new(),
             counters: None,
             setup: AtomicU8::new(SETUP_UNKNOWN),
             seen_key: AtomicBool::new(false),
         })
+    }
+
+    /// Keep the usage ledger this many days (0: none).
+    pub fn with_usage_retention(mut self, days: u32) -> RedisStore {
+        self.usage_ttl = (u64::from(days) * 86_400).to_string();
+        self
     }
 
     /// Count what the store does on its own in these series.
@@ -260,17 +224,20 @@ impl RedisStore {
         format!("{}store", self.prefix)
     }
 
-    /// Run a script on a key and the marker of operation `id`.
+    /// Run a script on a key, the marker of operation `id` and the key's
+    /// ledger row for `usage`.
     async fn script_op<T: redis::FromRedisValue>(
         &self,
         script: &Script,
         hash: &KeyHash,
         id: u64,
-        args: &[String],
+        usage: Usage,
+        args: &[&str],
     ) -> Result<T, Failure> {
         let mut c = self.conn().await?;
         let mut call = script.key(self.redis_key(hash));
         call.key(self.op_key(hash, id));
+        call.key(self.usage_key(hash, &usage.date()));
         for a in args {
             call.arg(a);
         }
@@ -290,15 +257,13 @@ impl RedisStore {
         hash: &KeyHash,
         id: u64,
         amount: u64,
+        usage: Usage,
+        delivered: bool,
     ) -> Result<Option<u64>, Failure> {
-        let balance: i64 = self
-            .script_op(
-                &self.refund,
-                hash,
-                id,
-                &[amount.to_string(), Self::op_memory_ms()],
-            )
-            .await?;
+        let (amount, memory) = (amount.to_string(), Self::op_memory_ms());
+        let delivered = if delivered { "1" } else { "0" };
+        let args = [&amount, &memory, usage.route, &self.usage_ttl, delivered];
+        let balance: i64 = self.script_op(&self.refund, hash, id, usage, &args).await?;
         Ok(u64::try_from(balance).ok())
     }
 
@@ -399,16 +364,10 @@ fn is_key_name(name: &str, prefix: &str) -> bool {
     key_hash_of(name, prefix).is_some()
 }
 
-/// The charge script's arguments: the cost, how long its id is remembered,
-/// and today's and this month's refill periods (UTC).
-fn charge_args(cost: u64) -> [String; 4] {
+/// Today's and this month's refill periods (UTC), for the charge script.
+fn periods() -> [String; 2] {
     let now = keys::now();
-    [
-        cost.to_string(),
-        RedisStore::op_memory_ms(),
-        Period::Daily.label(now),
-        Period::Monthly.label(now),
-    ]
+    [Period::Daily.label(now), Period::Monthly.label(now)]
 }
 
 #[async_trait]
@@ -452,19 +411,21 @@ impl Store for RedisStore {
         Ok(info)
     }
 
-    async fn charge(&self, hash: &KeyHash, cost: u64) -> Result<Charge, StoreError> {
+    async fn charge(&self, hash: &KeyHash, cost: u64, usage: Usage) -> Result<Charge, StoreError> {
         let id = rand::random::<u64>();
         let in_flight = InFlight {
             store: self,
             op: Some(Unsettled::Charge {
                 hash: *hash,
                 id,
+                usage,
                 sent: Instant::now(),
             }),
         };
-        let result = self
-            .script_op(&self.charge, hash, id, &charge_args(cost))
-            .await;
+        let [day, month] = periods();
+        let (price, memory) = (cost.to_string(), Self::op_memory_ms());
+        let args = [&price, &memory, &day, &month, usage.route, &self.usage_ttl];
+        let result = self.script_op(&self.charge, hash, id, usage, &args).await;
         let (code, balance): (i64, i64) = match result {
             Ok(answer) => {
                 in_flight.seen();
@@ -502,7 +463,13 @@ impl Store for RedisStore {
     /// Applied once, even when retried; a refund whose outcome was not seen
     /// is queued and applied when Redis answers again (`Ok(None)`: the new
     /// balance is not known yet).
-    async fn refund(&self, hash: &KeyHash, amount: u64) -> Result<Option<u64>, StoreError> {
+    async fn refund(
+        &self,
+        hash: &KeyHash,
+        amount: u64,
+        usage: Usage,
+        delivered: bool,
+    ) -> Result<Option<u64>, StoreError> {
         let id = rand::random::<u64>();
         let in_flight = InFlight {
             store: self,
@@ -510,10 +477,12 @@ impl Store for RedisStore {
                 hash: *hash,
                 id,
                 amount,
+                usage,
+                delivered,
                 maybe_ran: Some(Instant::now()),
             }),
         };
-        match self.apply_refund(hash, id, amount).await {
+        match self.apply_refund(hash, id, amount, usage, delivered).await {
             Ok(balance) => {
                 in_flight.seen();
                 Ok(balance)
@@ -537,6 +506,10 @@ impl Store for RedisStore {
                 }
             }
         }
+    }
+
+    fn cache_hit(&self, hash: &KeyHash, usage: Usage) {
+        self.note_hit(hash, usage);
     }
 }
 

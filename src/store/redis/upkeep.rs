@@ -14,7 +14,7 @@ use redis::AsyncCommands;
 
 use super::{is_key_name, RedisStore};
 use crate::key::KeyHash;
-use crate::store::StoreError;
+use crate::store::{StoreError, Usage};
 
 /// How long Redis remembers a charge or refund by its id. A call whose answer
 /// was not seen is settled exactly when Redis answers this node again within
@@ -82,6 +82,7 @@ pub(super) enum Unsettled {
     Charge {
         hash: KeyHash,
         id: u64,
+        usage: Usage,
         sent: Instant,
     },
     /// A refund: apply it, once.
@@ -89,6 +90,8 @@ pub(super) enum Unsettled {
         hash: KeyHash,
         id: u64,
         amount: u64,
+        usage: Usage,
+        delivered: bool,
         /// When an attempt that may have run was first sent.
         maybe_ran: Option<Instant>,
     },
@@ -148,9 +151,16 @@ impl RedisStore {
     /// Settle one call; `Err` gives it back to be tried again.
     async fn settle(&self, op: Unsettled) -> Result<(), Unsettled> {
         match op {
-            Unsettled::Charge { hash, id, sent } => {
+            Unsettled::Charge {
+                hash,
+                id,
+                usage,
+                sent,
+            } => {
+                let memory = Self::op_memory_ms();
+                let args = [&memory, usage.route, &self.usage_ttl];
                 let given: i64 = self
-                    .script_op(&self.cancel, &hash, id, &[Self::op_memory_ms()])
+                    .script_op(&self.cancel, &hash, id, usage, &args)
                     .await
                     .map_err(|_| op)?;
                 if given > 0 {
@@ -167,6 +177,8 @@ impl RedisStore {
                 hash,
                 id,
                 amount,
+                usage,
+                delivered,
                 maybe_ran,
             } => {
                 if maybe_ran.is_some_and(|t| t.elapsed() >= OP_MEMORY) {
@@ -177,12 +189,14 @@ impl RedisStore {
                     return Ok(());
                 }
                 let sent = Instant::now();
-                match self.apply_refund(&hash, id, amount).await {
+                match self.apply_refund(&hash, id, amount, usage, delivered).await {
                     Ok(_) => Ok(()),
                     Err(f) => Err(Unsettled::Refund {
                         hash,
                         id,
                         amount,
+                        usage,
+                        delivered,
                         maybe_ran: maybe_ran.or(f.maybe_ran.then_some(sent)),
                     }),
                 }
@@ -358,8 +372,9 @@ impl RedisStore {
 
 /// The store's own background work, started with the service (after Pingora
 /// daemonized): look for the store marker at start and every
-/// [`SETUP_CHECK_EVERY`], and settle calls whose outcome was not seen as soon
-/// as Redis answers.
+/// [`SETUP_CHECK_EVERY`], write the usage ledger's cache hits as often, and
+/// settle calls whose outcome was not seen as soon as Redis answers. At stop
+/// it settles and writes what it can once more.
 pub struct Maintenance(pub Arc<RedisStore>);
 
 #[async_trait]
@@ -372,6 +387,7 @@ impl BackgroundService for Maintenance {
                 if let Err(e) = store.check_setup().await {
                     log::debug!("store: marker check failed: {e}");
                 }
+                store.flush_hits().await;
                 next_check = Instant::now() + SETUP_CHECK_EVERY;
             }
             let failed = store.settle_waiting().await;
@@ -385,6 +401,9 @@ impl BackgroundService for Maintenance {
                 () = tokio::time::sleep(wait) => {}
                 _ = shutdown.changed() => {
                     store.settle_waiting().await;
+                    if !store.flush_hits().await {
+                        log::error!("store: stopping with cache hits not written to the usage ledger");
+                    }
                     let left = store.unsettled();
                     if left > 0 {
                         log::error!("store: stopping with {left} charge(s)/refund(s) not settled");
