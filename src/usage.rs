@@ -45,6 +45,9 @@ impl Format {
 
 /// A day (`YYYY-MM-DD`) as days since 1970-01-01.
 pub fn parse_date(s: &str) -> Option<i64> {
+    if s.len() != 10 {
+        return None;
+    }
     let date = NaiveDate::parse_from_str(s, "%Y-%m-%d").ok()?;
     let epoch = NaiveDate::from_ymd_opt(1970, 1, 1)?;
     Some((date - epoch).num_days())
@@ -213,12 +216,12 @@ mod tests {
     #[test]
     fn dates_and_ranges() {
         assert_eq!(parse_date("1970-01-02"), Some(1));
-        assert_eq!(parse_date("2026-11-01"), Some(20_393));
+        assert_eq!(parse_date("2026-11-01"), Some(20_758));
         assert_eq!(parse_date("2026-11-31"), None);
         assert_eq!(parse_date("26-11-01"), None);
         assert_eq!(
             range(Some("2026-11-01"), Some("2026-11-30")),
-            Ok((20_393, 20_422))
+            Ok((20_758, 20_787))
         );
         assert!(range(Some("2026-12-01"), Some("2026-11-30"))
             .unwrap_err()

@@ -75,12 +75,19 @@ async fn redis_never_holds_a_plaintext_key() {
     assert_eq!(status_of(&gw, "plain-secret-two").await.0, 200);
 
     let dump = redis.dump().await;
-    // Three keys, the store marker, and the markers of the two charges.
+    // Three keys, the store marker, the markers of the two charges, and
+    // the two keys' usage ledger rows for today.
     let keys = dump
         .iter()
-        .filter(|(name, _)| !name.contains(":op:") && name != "tollgate:store")
+        .filter(|(name, _)| {
+            !name.contains(":op:") && !name.contains(":usage:") && name != "tollgate:store"
+        })
         .count();
-    assert_eq!((dump.len(), keys), (6, 3), "{dump:?}");
+    let usage = dump
+        .iter()
+        .filter(|(name, _)| name.contains(":usage:"))
+        .count();
+    assert_eq!((dump.len(), keys, usage), (8, 3, 2), "{dump:?}");
     for (name, values) in &dump {
         assert!(name.starts_with("tollgate:"), "{name}");
         for secret in ["plain-secret-one", "plain-secret-two", created.as_str()] {
