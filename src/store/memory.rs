@@ -215,7 +215,7 @@ impl UsageLedger for MemoryStore {
             let usage = entry.usage.lock().unwrap_or_else(|p| p.into_inner());
             for ((_, route), c) in usage.range((day, "")..(day + 1, "")) {
                 rows.push(UsageRow {
-                    date: date.clone(),
+                    date: date.to_string(),
                     key_id: hash.id(),
                     name: name.clone(),
                     route: route.to_string(),

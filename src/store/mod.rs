@@ -99,8 +99,8 @@ impl Usage {
     }
 
     /// The day as `YYYY-MM-DD`.
-    pub fn date(&self) -> String {
-        crate::config::keys::Period::Daily.label(self.day * 86_400)
+    pub fn date(&self) -> Arc<str> {
+        crate::config::keys::day_labels(self.day).0
     }
 }
 

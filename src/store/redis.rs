@@ -48,7 +48,7 @@ pub use upkeep::{
 };
 
 use super::{Charge, KeyInfo, SharedCache, Store, StoreError, Usage};
-use crate::config::keys::{self, Period};
+use crate::config::keys;
 use crate::config::RedisConfig;
 use crate::key::KeyHash;
 
@@ -214,12 +214,6 @@ impl RedisStore {
         }
     }
 
-    /// Where the script that applies operation `id` on a key remembers it:
-    /// beside the key, so that a Redis Cluster hash tag on the key covers it.
-    fn op_key(&self, hash: &KeyHash, id: u64) -> String {
-        format!("{}:op:{id:016x}", self.redis_key(hash))
-    }
-
     fn marker(&self) -> String {
         format!("{}store", self.prefix)
     }
@@ -235,9 +229,14 @@ impl RedisStore {
         args: &[&str],
     ) -> Result<T, Failure> {
         let mut c = self.conn().await?;
-        let mut call = script.key(self.redis_key(hash));
-        call.key(self.op_key(hash, id));
-        call.key(self.usage_key(hash, &usage.date()));
+        // The three names from one hex encoding of the hash: the key
+        // (`redis_key`), where the script remembers operation `id` (beside
+        // the key, under its hash tag) and the ledger row (`usage_key`).
+        let hex = hash.hex();
+        let prefix = &self.prefix;
+        let mut call = script.key(format!("{prefix}key:{{{hex}}}"));
+        call.key(format!("{prefix}key:{{{hex}}}:op:{id:016x}"));
+        call.key(format!("{prefix}usage:{{{hex}}}:{}", usage.date()));
         for a in args {
             call.arg(a);
         }
@@ -365,9 +364,8 @@ fn is_key_name(name: &str, prefix: &str) -> bool {
 }
 
 /// Today's and this month's refill periods (UTC), for the charge script.
-fn periods() -> [String; 2] {
-    let now = keys::now();
-    [Period::Daily.label(now), Period::Monthly.label(now)]
+fn periods() -> (Arc<str>, Arc<str>) {
+    keys::day_labels(keys::now().div_euclid(86_400))
 }
 
 #[async_trait]
@@ -422,9 +420,9 @@ impl Store for RedisStore {
                 sent: Instant::now(),
             }),
         };
-        let [day, month] = periods();
+        let (day, month) = periods();
         let (price, memory) = (cost.to_string(), Self::op_memory_ms());
-        let args = [&price, &memory, &day, &month, usage.route, &self.usage_ttl];
+        let args: [&str; 6] = [&price, &memory, &day, &month, usage.route, &self.usage_ttl];
         let result = self.script_op(&self.charge, hash, id, usage, &args).await;
         let (code, balance): (i64, i64) = match result {
             Ok(answer) => {

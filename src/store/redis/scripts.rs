@@ -2,9 +2,9 @@
 //! slot: KEYS[1] the key's hash, KEYS[2] the operation's marker (its id,
 //! remembered for `OP_MEMORY`), KEYS[3] the key's usage ledger row for the
 //! charge's day (`{prefix}usage:{<sha256>}:YYYY-MM-DD`, fields
-//! `<route>:requests|credits|refunded|cache_hits`, expiring
-//! `usage.retention_days` after its last write; a TTL argument of 0 writes
-//! no ledger). The ledger is written by the same script as the balance, so
+//! `<route>:requests|credits|refunded|cache_hits`, given its TTL of
+//! `usage.retention_days` when a route's first request of the day creates
+//! its counter; a TTL argument of 0 writes no ledger). The ledger is written by the same script as the balance, so
 //! the two cannot drift apart.
 
 /// Check state and balance, refill at the first charge of a new period
@@ -34,9 +34,10 @@ local cost = tonumber(ARGV[1])
 if credits < cost then return {2, credits} end
 if not redis.call('SET', KEYS[2], 'c' .. cost, 'NX', 'PX', ARGV[2]) then return {4, credits} end
 if ARGV[6] ~= '0' then
-  redis.call('HINCRBY', KEYS[3], ARGV[5] .. ':requests', 1)
+  if redis.call('HINCRBY', KEYS[3], ARGV[5] .. ':requests', 1) == 1 then
+    redis.call('EXPIRE', KEYS[3], ARGV[6])
+  end
   if cost > 0 then redis.call('HINCRBY', KEYS[3], ARGV[5] .. ':credits', cost) end
-  redis.call('EXPIRE', KEYS[3], ARGV[6])
 end
 if cost == 0 then return {3, credits} end
 return {3, redis.call('HINCRBY', KEYS[1], 'credits', -cost)}
@@ -77,7 +78,6 @@ if ARGV[4] ~= '0' then
     redis.call('HINCRBY', KEYS[3], ARGV[3] .. ':refunded', amount)
   end
   if ARGV[5] ~= '1' then redis.call('HINCRBY', KEYS[3], ARGV[3] .. ':requests', -1) end
-  redis.call('EXPIRE', KEYS[3], ARGV[4])
 end
 return redis.call('HINCRBY', KEYS[1], 'credits', ARGV[1])
 ";
