@@ -20,7 +20,7 @@ fn admin_yaml() -> String {
 }
 
 fn today() -> String {
-    Usage::now("").date()
+    Usage::now("").date().to_string()
 }
 
 /// Routes: `a` cached (cost 1), `b` whose backend fails (cost 3, refunded),

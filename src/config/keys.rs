@@ -67,8 +67,10 @@ impl Period {
 /// made once per day and thread: every charge on Redis passes both, and
 /// formatting them each time cost a few percent of the hit path's CPU.
 pub fn day_labels(day: i64) -> (Arc<str>, Arc<str>) {
+    /// A day, its label and its month's.
+    type Labels = (i64, Arc<str>, Arc<str>);
     thread_local! {
-        static LAST: RefCell<Option<(i64, Arc<str>, Arc<str>)>> = const { RefCell::new(None) };
+        static LAST: RefCell<Option<Labels>> = const { RefCell::new(None) };
     }
     LAST.with(|last| {
         let mut last = last.borrow_mut();
