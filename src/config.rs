@@ -147,6 +147,17 @@ pub struct StoreConfig {
     /// The keys file's entries, hashed; read by [`Config::load`] for the
     /// embedded store (with Redis, keys live in Redis).
     pub keys: Vec<KeyRecord>,
+    /// `store.leases`: charge from blocks of credits held in process.
+    pub leases: Option<LeaseConfig>,
+}
+
+/// `store.leases`.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseConfig {
+    /// The most credits one node holds of one key.
+    pub max_credits: u64,
+    /// A lease not renewed this long goes back to its key.
+    pub ttl: Duration,
 }
 
 #[derive(Debug, Clone)]

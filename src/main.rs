@@ -18,6 +18,7 @@ use tollgate::keys::KeysCommand;
 use tollgate::listeners::{Guarded, Health};
 use tollgate::metrics::Metrics;
 use tollgate::proxy::Gateway;
+use tollgate::store::leases::{LeaseKeeper, LeasedStore};
 use tollgate::store::memory::MemoryStore;
 use tollgate::store::redis::{Maintenance, RedisStore, StoreCounters};
 use tollgate::store::{KeyAdmin, SharedCache, Store, UsageLedger};
@@ -119,6 +120,8 @@ struct Stores {
     shared_cache: Option<Arc<dyn SharedCache>>,
     /// The Redis store's settlement service.
     maintenance: Option<Maintenance>,
+    /// With `store.leases`: reports and ends the leases.
+    lease_keeper: Option<LeaseKeeper>,
 }
 
 fn open_store(config: &Config, metrics: &Metrics) -> Result<Stores, String> {
@@ -137,6 +140,7 @@ fn open_store(config: &Config, metrics: &Metrics) -> Result<Stores, String> {
             ledger: memory,
             shared_cache: None,
             maintenance: None,
+            lease_keeper: None,
         });
     };
     // Connects on first use, inside the service, after Pingora daemonized.
@@ -148,8 +152,16 @@ fn open_store(config: &Config, metrics: &Metrics) -> Result<Stores, String> {
         setup: metrics.store_error_counter("setup"),
         unsettled: metrics.store_unsettled(),
     }));
+    let (keys, lease_keeper): (Arc<dyn Store>, _) = match config.store.leases {
+        Some(leases) => {
+            let leased = Arc::new(LeasedStore::new(redis.clone(), leases));
+            (leased.clone(), Some(LeaseKeeper(leased)))
+        }
+        None => (redis.clone(), None),
+    };
     Ok(Stores {
-        keys: redis.clone(),
+        keys,
+        lease_keeper,
         admin: redis.clone(),
         ledger: redis.clone(),
         shared_cache: Some(redis.clone()),
@@ -251,6 +263,9 @@ fn serve(mut config: Config, opt: Opt) -> ExitCode {
         "allocator purge",
         tollgate::memory::Purger,
     ));
+    if let Some(k) = stores.lease_keeper {
+        server.add_service(background_service("leases", k));
+    }
     if let Some(m) = stores.maintenance {
         server.add_service(background_service("store", m));
     }

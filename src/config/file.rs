@@ -92,6 +92,15 @@ pub(super) struct FileStore {
     pub(super) keys_file: Option<String>,
     pub(super) on_error: String,
     pub(super) timeout_ms: u64,
+    pub(super) leases: Option<FileLeases>,
+}
+
+/// `store.leases`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileLeases {
+    pub(super) max_credits: u64,
+    pub(super) ttl_seconds: u64,
 }
 
 /// `store.redis_sentinel`.
@@ -116,6 +125,7 @@ impl Default for FileStore {
             keys_file: None,
             on_error: "deny".to_string(),
             timeout_ms: 250,
+            leases: None,
         }
     }
 }

@@ -92,6 +92,15 @@ pub const KEY_CREDITS: Bound = bound(
     "Redis scripts count credits exactly only below 2^53",
 );
 pub const KEY_RATE: Bound = bound("keys[].rate_per_second", 1, 1_000_000_000, "");
+/// `store.leases` (Redis only, so not in [`BOUNDS`], whose test sets every
+/// field on an embedded store; tests/leases.rs checks these).
+pub const LEASE_MAX_CREDITS: Bound = bound("store.leases.max_credits", 1, 1_000_000_000, "");
+pub const LEASE_TTL_SECONDS: Bound = bound(
+    "store.leases.ttl_seconds",
+    5,
+    3600,
+    "a node stops spending a lease 2 s before Redis may take it back",
+);
 pub const USAGE_RETENTION_DAYS: Bound = bound("usage.retention_days", 0, 3650, "");
 
 /// tollgate's default for `server.grace_period_seconds` (Pingora's is 300 s).

@@ -3,7 +3,7 @@
 //! TLS, verified against the system's roots or `redis_ca`.
 
 use super::file::{FileSentinel, FileStore};
-use super::{choice, err, limits, ConfigError, OnStoreError, StoreConfig};
+use super::{choice, err, limits, ConfigError, LeaseConfig, OnStoreError, StoreConfig};
 use std::time::Duration;
 
 /// Where the Redis store is.
@@ -81,6 +81,21 @@ pub(super) fn convert_store(store: FileStore, errors: &mut Vec<ConfigError>) -> 
         errors.push(err("store.redis_ca", "only with a Redis store (rediss://)"));
     }
     let ca_pem = store.redis_ca.as_deref().and_then(|file| ca(file, errors));
+    let leases = store.leases.and_then(|l| {
+        if given.is_empty() {
+            errors.push(err(
+                "store.leases",
+                "only with a Redis store (redis_url, redis_sentinel or redis_cluster): the embedded store charges in process already",
+            ));
+            return None;
+        }
+        let ok = limits::LEASE_MAX_CREDITS.check("store.leases.max_credits", l.max_credits, errors)
+            & limits::LEASE_TTL_SECONDS.check("store.leases.ttl_seconds", l.ttl_seconds, errors);
+        ok.then(|| LeaseConfig {
+            max_credits: l.max_credits,
+            ttl: Duration::from_secs(l.ttl_seconds),
+        })
+    });
     StoreConfig {
         redis: target.map(|target| RedisConfig { target, ca_pem }),
         key_prefix: store.key_prefix,
@@ -88,6 +103,7 @@ pub(super) fn convert_store(store: FileStore, errors: &mut Vec<ConfigError>) -> 
         on_error,
         timeout: Duration::from_millis(store.timeout_ms),
         keys: Vec::new(),
+        leases,
     }
 }
 

@@ -45,6 +45,7 @@ impl Gateway {
 
         let cost = route.config.cost_for(target.upstream());
         let usage = Usage::now(&route.config.name);
+        let deadline = deadline + self.store.charge_wait();
         match within(deadline, self.store.charge(&hash, cost, usage)).await {
             Ok(charge) => {
                 let counters = route.series.credits();

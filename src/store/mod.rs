@@ -7,6 +7,7 @@
 //! [`SharedCache`]: only the Redis store has one, and the cache sees nothing
 //! of keys and balances.
 
+pub mod leases;
 pub mod memory;
 pub mod redis;
 
@@ -82,7 +83,7 @@ impl KeyPatch {
 /// The usage ledger row a charge, its refund and its cache hit are written
 /// to: the route, and the UTC day of the charge (a request counts once, in
 /// the day it was charged, even when refunded after midnight).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Usage {
     pub route: &'static str,
     /// Days since 1970-01-01, UTC.
@@ -165,6 +166,11 @@ pub trait Store: Send + Sync + 'static {
     /// A cached answer of a charged request was delivered: counted in the
     /// ledger's `cache_hits` (on Redis within a second, batched).
     fn cache_hit(&self, hash: &KeyHash, usage: Usage);
+    /// How much longer than `store.timeout_ms` a charge may take on
+    /// purpose (leases: waiting for other nodes to give credits back).
+    fn charge_wait(&self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 /// Reading the usage ledger (`tollgate usage`, `GET /v1/usage`).

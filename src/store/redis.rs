@@ -36,6 +36,7 @@ use tokio::sync::Notify;
 
 mod admin;
 mod conn;
+pub mod lease;
 mod scripts;
 mod upkeep;
 mod usage;

@@ -81,3 +81,119 @@ if ARGV[4] ~= '0' then
 end
 return redis.call('HINCRBY', KEYS[1], 'credits', ARGV[1])
 ";
+
+/// The start of the lease scripts (KEYS[1] the key, KEYS[2] its leases
+/// `{prefix}key:{<sha256>}:leases`, a hash of node → "outstanding
+/// expires_ms"): the time, and the leases past their expiry taken back,
+/// their outstanding credits returned to the key (`leased` is what the
+/// key's leases hold). Leaves `now` and `back` (what went back) defined.
+macro_rules! lease_prelude {
+    () => {
+        r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local back = 0
+local all = redis.call('HGETALL', KEYS[2])
+for i = 1, #all, 2 do
+  local out, exp = string.match(all[i + 1], '^(%-?%d+) (%d+)$')
+  if not exp or tonumber(exp) < now then
+    back = back + (tonumber(out) or 0)
+    redis.call('HDEL', KEYS[2], all[i])
+  end
+end
+if back ~= 0 and redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HINCRBY', KEYS[1], 'leased', -back)
+end
+"
+    };
+}
+
+/// Take a lease of up to ARGV[2] credits for node ARGV[1], expiring ARGV[3]
+/// ms from now, after applying a refill as the charge does (ARGV[4] today,
+/// ARGV[5] this month). A node's lease grows by what it is granted; only
+/// credits not held by any lease are granted. Returns {code, granted,
+/// credits, leased, the node's outstanding}: code 0 unknown, 1 revoked, 2
+/// taken.
+pub(super) const LEASE_TAKE: &str = concat!(
+    lease_prelude!(),
+    r"
+local h = redis.call('HMGET', KEYS[1], 'state', 'credits', 'refill_credits', 'refill_period', 'refilled_for', 'leased')
+if not h[1] then return {0, 0, 0, 0, 0} end
+local credits = tonumber(h[2]) or 0
+local leased = tonumber(h[6]) or 0
+if h[1] ~= 'active' then return {1, 0, credits, leased, 0} end
+if h[3] then
+  local period = ARGV[5]
+  if h[4] == 'daily' then period = ARGV[4] end
+  if h[5] ~= period then
+    local n = tonumber(h[3]) or 0
+    if credits < n then
+      redis.call('HINCRBY', KEYS[1], 'credits', n - credits)
+      credits = n
+    end
+    redis.call('HSET', KEYS[1], 'refilled_for', period)
+  end
+end
+local out = 0
+local mine = redis.call('HGET', KEYS[2], ARGV[1])
+if mine then out = tonumber(string.match(mine, '^(%-?%d+)')) or 0 end
+local grant = math.min(tonumber(ARGV[2]), math.max(credits - leased, 0))
+if grant > 0 then
+  leased = redis.call('HINCRBY', KEYS[1], 'leased', grant)
+end
+out = out + grant
+redis.call('HSET', KEYS[2], ARGV[1], string.format('%d %d', out, now + tonumber(ARGV[3])))
+return {2, grant, credits, leased, out}
+"
+);
+
+/// Node ARGV[1] reports: it spent ARGV[2] credits of its lease since its
+/// last report (negative: refunds came back into it); the key is charged
+/// them and the lease holds that much less; the lease is renewed for
+/// ARGV[3] ms, and keeps at most ARGV[4] credits (-1: all), the rest going
+/// back to the key (0: the lease ends). A lease already taken back (the node
+/// was silent past its expiry) is charged its late spending all the same.
+/// Then the ledger deltas: from ARGV[6], triples (index of the usage key
+/// among KEYS from 3, field, delta); a new counter's row gets the TTL
+/// ARGV[5] seconds. Returns {credits, leased, outstanding (-1: no lease),
+/// active (1/0), known (1/0)}.
+pub(super) const LEASE_REPORT: &str = concat!(
+    lease_prelude!(),
+    r"
+local known = redis.call('EXISTS', KEYS[1]) == 1
+local spent = tonumber(ARGV[2])
+local out = -1
+local mine = redis.call('HGET', KEYS[2], ARGV[1])
+if known and spent ~= 0 then redis.call('HINCRBY', KEYS[1], 'credits', -spent) end
+if mine then
+  out = (tonumber(string.match(mine, '^(%-?%d+)')) or 0) - spent
+  local giving = 0
+  local keep = tonumber(ARGV[4])
+  if keep >= 0 and out > keep then
+    giving = out - keep
+    out = keep
+  end
+  if known then redis.call('HINCRBY', KEYS[1], 'leased', -(spent + giving)) end
+  if keep == 0 and out <= 0 then
+    if known and out < 0 then redis.call('HINCRBY', KEYS[1], 'leased', -out) end
+    redis.call('HDEL', KEYS[2], ARGV[1])
+    out = -1
+  else
+    redis.call('HSET', KEYS[2], ARGV[1], string.format('%d %d', out, now + tonumber(ARGV[3])))
+  end
+end
+for i = 6, #ARGV, 3 do
+  local row = KEYS[2 + tonumber(ARGV[i])]
+  local n = redis.call('HINCRBY', row, ARGV[i + 1], tonumber(ARGV[i + 2]))
+  if ARGV[5] ~= '0' and n == tonumber(ARGV[i + 2]) and redis.call('TTL', row) < 0 then
+    redis.call('EXPIRE', row, ARGV[5])
+  end
+end
+local h = redis.call('HMGET', KEYS[1], 'credits', 'leased', 'state')
+local active = 0
+if h[3] == 'active' then active = 1 end
+local k = 0
+if known then k = 1 end
+return {tonumber(h[1]) or 0, tonumber(h[2]) or 0, out, active, k}
+"
+);

@@ -1,0 +1,409 @@
+//! Credit leases, the node's side (`store.leases`): a [`Store`] in front of
+//! the Redis store that charges a key's requests from a block of its credits
+//! held in process, so that a charged request needs no Redis round trip.
+//!
+//! - A node takes a lease (`store::redis::lease`: one script on the key's
+//!   slot) when a key's first request comes, and the next one ahead of need,
+//!   off the request path, when less than half of the wanted size is left.
+//!   The size is a quarter of what the key has not leased out, between one
+//!   request and `max_credits`, so leases shrink as the balance runs low.
+//! - [`LeaseKeeper`] reports each lease every second: what was spent (the key
+//!   is charged it), the usage ledger's deltas, refunds (back into the
+//!   lease); the report renews the lease, gives back what is above the
+//!   current size, and ends a lease idle for [`IDLE`]. At stop it ends every
+//!   lease, giving the unspent credits back.
+//! - A lease not renewed within `ttl_seconds` is taken back by Redis (a
+//!   node that died); a node stops spending from a lease [`MARGIN`] before
+//!   that, so a live node cut off from Redis never spends what Redis may give
+//!   to another.
+//! - When a charge finds too little to lease while other nodes hold leases,
+//!   it waits up to [`WAIT_FOR_RETURNS`] for them to give back (they do
+//!   within a report or two) before answering 402.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+
+use super::redis::lease::{Deltas, LeaseScripts, Report, Reported, Taken};
+use super::redis::RedisStore;
+use super::{Charge, KeyInfo, Store, StoreError, Usage};
+use crate::config::LeaseConfig;
+use crate::key::KeyHash;
+
+/// How often each lease is reported.
+pub const REPORT_EVERY: Duration = Duration::from_secs(1);
+/// A lease unused this long is ended (its credits go back to the key).
+pub const IDLE: Duration = Duration::from_secs(2);
+/// A node stops spending a lease this long before Redis may take it back.
+pub const MARGIN: Duration = Duration::from_secs(2);
+/// How long a charge waits for other nodes to give credits back.
+pub const WAIT_FOR_RETURNS: Duration = Duration::from_millis(2500);
+
+/// One key's lease on this node.
+#[derive(Debug)]
+struct Lease {
+    /// Credits held and not spent.
+    unspent: u64,
+    /// Spent since the last report (net of refunds).
+    spent: i64,
+    /// Ledger deltas since the last report.
+    ledger: BTreeMap<Usage, Deltas>,
+    /// The key's balance and what its leases held, at the last take or report.
+    balance: i64,
+    leased: i64,
+    /// The last take or report that Redis answered.
+    renewed: Option<Instant>,
+    used: Instant,
+    /// A take ahead of need is under way.
+    taking: bool,
+}
+
+impl Lease {
+    fn new() -> Lease {
+        Lease {
+            unspent: 0,
+            spent: 0,
+            ledger: BTreeMap::new(),
+            balance: 0,
+            leased: 0,
+            renewed: None,
+            used: Instant::now(),
+            taking: false,
+        }
+    }
+
+    /// Whether its credits may be spent: renewed recently enough.
+    fn valid(&self, ttl: Duration) -> bool {
+        self.renewed.is_some_and(|r| r.elapsed() + MARGIN < ttl)
+    }
+
+    /// What is left as this node sees it.
+    fn remaining(&self) -> u64 {
+        u64::try_from(self.balance - self.spent).unwrap_or(0)
+    }
+
+    fn count(&mut self, usage: Usage, deltas: Deltas) {
+        let row = self.ledger.entry(usage).or_default();
+        for (r, d) in row.iter_mut().zip(deltas) {
+            *r += d;
+        }
+    }
+}
+
+/// What a node may spend of a lease Redis says holds `outstanding`, with
+/// `unreported` spent since (negative: refunds).
+fn held(outstanding: u64, unreported: i64) -> u64 {
+    u64::try_from(i64::try_from(outstanding).unwrap_or(i64::MAX) - unreported).unwrap_or(0)
+}
+
+/// The lease store.
+pub struct LeasedStore {
+    redis: Arc<RedisStore>,
+    scripts: Arc<LeaseScripts>,
+    node: String,
+    config: LeaseConfig,
+    book: Mutex<HashMap<KeyHash, Arc<tokio::sync::Mutex<Lease>>>>,
+    /// Stopping: new charges go to Redis one by one.
+    closing: AtomicBool,
+}
+
+impl LeasedStore {
+    pub fn new(redis: Arc<RedisStore>, config: LeaseConfig) -> LeasedStore {
+        LeasedStore {
+            redis,
+            scripts: Arc::new(LeaseScripts::default()),
+            node: format!("{:016x}", rand::random::<u64>()),
+            config,
+            book: Mutex::new(HashMap::new()),
+            closing: AtomicBool::new(false),
+        }
+    }
+
+    fn lease(&self, hash: &KeyHash) -> Arc<tokio::sync::Mutex<Lease>> {
+        let mut book = self.book.lock().unwrap_or_else(|p| p.into_inner());
+        book.entry(*hash)
+            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(Lease::new())))
+            .clone()
+    }
+
+    /// The size to hold of a key: a quarter of what it has not leased out,
+    /// between `cost` and `max_credits`.
+    fn want(&self, l: &Lease, cost: u64) -> u64 {
+        let free = u64::try_from(l.balance - l.leased).unwrap_or(0);
+        (free / 4).clamp(cost.max(1), self.config.max_credits.max(cost))
+    }
+
+    /// Take credits into `l` now; the take's answer.
+    async fn take(&self, hash: &KeyHash, l: &mut Lease, want: u64) -> Result<Taken, StoreError> {
+        let taken = self
+            .redis
+            .take_lease(&self.scripts, hash, &self.node, want, self.config.ttl)
+            .await?;
+        if let Taken::Granted {
+            credits,
+            leased,
+            outstanding,
+            ..
+        } = taken
+        {
+            l.balance = credits;
+            l.leased = leased;
+            l.unspent = held(outstanding, l.spent);
+            l.renewed = Some(Instant::now());
+        }
+        Ok(taken)
+    }
+
+    /// Start a take ahead of need if the lease runs low.
+    fn refill_ahead(
+        &self,
+        hash: KeyHash,
+        lease: &Arc<tokio::sync::Mutex<Lease>>,
+        l: &mut Lease,
+        cost: u64,
+    ) {
+        let want = self.want(l, cost);
+        if l.taking || l.unspent >= want / 2 || self.closing.load(Ordering::Relaxed) {
+            return;
+        }
+        l.taking = true;
+        let (redis, scripts, node, ttl) = (
+            self.redis.clone(),
+            self.scripts.clone(),
+            self.node.clone(),
+            self.config.ttl,
+        );
+        let lease = lease.clone();
+        let more = want.saturating_sub(l.unspent);
+        tokio::spawn(async move {
+            let taken = redis.take_lease(&scripts, &hash, &node, more, ttl).await;
+            let mut l = lease.lock().await;
+            l.taking = false;
+            if let Ok(Taken::Granted {
+                credits,
+                leased,
+                outstanding,
+                ..
+            }) = taken
+            {
+                l.balance = credits;
+                l.leased = leased;
+                l.unspent = held(outstanding, l.spent);
+                l.renewed = Some(Instant::now());
+            }
+        });
+    }
+
+    /// Report every lease once; `end` ends them all (stop).
+    pub async fn report_all(&self, end: bool) -> usize {
+        let leases: Vec<(KeyHash, Arc<tokio::sync::Mutex<Lease>>)> = {
+            let book = self.book.lock().unwrap_or_else(|p| p.into_inner());
+            book.iter().map(|(h, l)| (*h, l.clone())).collect()
+        };
+        let mut failed = 0;
+        for (hash, lease) in leases {
+            if self.report(&hash, &lease, end).await.is_err() {
+                failed += 1;
+            }
+        }
+        failed
+    }
+
+    /// Report one lease: what it spent and its ledger, keeping what its
+    /// size allows (nothing when idle, ending, or the key was revoked).
+    async fn report(
+        &self,
+        hash: &KeyHash,
+        lease: &Arc<tokio::sync::Mutex<Lease>>,
+        end: bool,
+    ) -> Result<(), StoreError> {
+        let (spent, ledger, keep) = {
+            let mut l = lease.lock().await;
+            let idle = l.used.elapsed() >= IDLE;
+            let want = self.want(&l, 1);
+            let keep = if end || idle {
+                Some(0)
+            } else {
+                (l.unspent > want).then_some(want)
+            };
+            let quiet = l.spent == 0 && l.ledger.is_empty() && keep.is_none();
+            let fresh = l.renewed.is_some_and(|r| r.elapsed() * 3 < self.config.ttl);
+            if quiet && fresh {
+                return Ok(());
+            }
+            if l.renewed.is_none() && l.spent == 0 && l.ledger.is_empty() {
+                // Never taken: nothing to report.
+                drop(l);
+                self.forget(hash, lease);
+                return Ok(());
+            }
+            (l.spent, std::mem::take(&mut l.ledger), keep)
+        };
+        let report = Report {
+            spent,
+            keep,
+            ledger: &ledger,
+        };
+        let reported = self
+            .redis
+            .report_lease(&self.scripts, hash, &self.node, self.config.ttl, report)
+            .await;
+        let mut l = lease.lock().await;
+        match reported {
+            Ok(Reported {
+                credits,
+                leased,
+                outstanding,
+                active,
+                ..
+            }) => {
+                l.spent -= spent;
+                l.balance = credits;
+                l.leased = leased;
+                l.renewed = Some(Instant::now());
+                l.unspent = match outstanding {
+                    Some(out) if active => held(out, l.spent),
+                    _ => 0,
+                };
+                let gone = outstanding.is_none() && l.spent == 0 && l.ledger.is_empty();
+                drop(l);
+                if gone {
+                    self.forget(hash, lease);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // Kept for the next report.
+                for (usage, deltas) in ledger {
+                    l.count(usage, deltas);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Drop a lease from the book if nothing took it up meanwhile.
+    fn forget(&self, hash: &KeyHash, lease: &Arc<tokio::sync::Mutex<Lease>>) {
+        let mut book = self.book.lock().unwrap_or_else(|p| p.into_inner());
+        if book.get(hash).is_some_and(|l| Arc::ptr_eq(l, lease)) && Arc::strong_count(lease) <= 2 {
+            book.remove(hash);
+        }
+    }
+
+    /// How many leases this node holds.
+    pub fn held(&self) -> usize {
+        self.book.lock().map_or(0, |b| b.len())
+    }
+}
+
+#[async_trait]
+impl Store for LeasedStore {
+    async fn key(&self, hash: &KeyHash) -> Result<Option<Arc<KeyInfo>>, StoreError> {
+        self.redis.key(hash).await
+    }
+
+    async fn charge(&self, hash: &KeyHash, cost: u64, usage: Usage) -> Result<Charge, StoreError> {
+        if self.closing.load(Ordering::Relaxed) {
+            return self.redis.charge(hash, cost, usage).await;
+        }
+        let lease = self.lease(hash);
+        let deadline = Instant::now() + WAIT_FOR_RETURNS;
+        loop {
+            let mut l = lease.lock().await;
+            l.used = Instant::now();
+            let ttl = self.config.ttl;
+            if !(l.valid(ttl) && l.unspent >= cost) {
+                let want = self.want(&l, cost).max(cost);
+                let more = if l.valid(ttl) {
+                    want.saturating_sub(l.unspent)
+                } else {
+                    want
+                };
+                match self.take(hash, &mut l, more.max(1)).await? {
+                    Taken::Unknown => return Ok(Charge::Unknown),
+                    Taken::Revoked => return Ok(Charge::Revoked),
+                    Taken::Granted { .. } => {}
+                }
+            }
+            if l.unspent >= cost {
+                l.unspent -= cost;
+                l.spent += i64::try_from(cost).unwrap_or(i64::MAX);
+                l.count(usage, [1, i64::try_from(cost).unwrap_or(0), 0, 0]);
+                let remaining = l.remaining();
+                self.refill_ahead(*hash, &lease, &mut l, cost);
+                return Ok(Charge::Charged { remaining });
+            }
+            // Too little free: other nodes may hold the rest, and give it
+            // back within a report or two.
+            let mine = i64::try_from(l.unspent).unwrap_or(0) + l.spent.max(0);
+            let others_hold = l.leased - mine > 0;
+            let remaining = l.remaining();
+            drop(l);
+            if !others_hold || Instant::now() >= deadline {
+                return Ok(Charge::Insufficient { remaining });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn refund(
+        &self,
+        hash: &KeyHash,
+        amount: u64,
+        usage: Usage,
+        delivered: bool,
+    ) -> Result<Option<u64>, StoreError> {
+        let lease = self.lease(hash);
+        let mut l = lease.lock().await;
+        l.unspent += amount;
+        let amount = i64::try_from(amount).unwrap_or(i64::MAX);
+        l.spent -= amount;
+        let requests = if delivered { 0 } else { -1 };
+        l.count(usage, [requests, -amount, amount, 0]);
+        Ok(Some(l.remaining()))
+    }
+
+    fn cache_hit(&self, hash: &KeyHash, usage: Usage) {
+        self.redis.cache_hit(hash, usage);
+    }
+
+    fn charge_wait(&self) -> Duration {
+        WAIT_FOR_RETURNS
+    }
+}
+
+/// Reports every lease each second; at stop ends them all.
+pub struct LeaseKeeper(pub Arc<LeasedStore>);
+
+#[async_trait]
+impl BackgroundService for LeaseKeeper {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let store = &self.0;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(REPORT_EVERY) => {
+                    store.report_all(false).await;
+                }
+                _ = shutdown.changed() => break,
+            }
+        }
+        // Stopping: charges go to Redis one by one from now on; the leases
+        // are ended, and refunds of earlier lease charges reported, until the
+        // process exits.
+        store.closing.store(true, Ordering::Relaxed);
+        let mut said = false;
+        loop {
+            let failed = store.report_all(true).await;
+            if failed == 0 && store.held() == 0 && !said {
+                log::info!("leases: every lease given back");
+                said = true;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}

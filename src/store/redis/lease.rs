@@ -1,0 +1,169 @@
+//! The Redis side of credit leases: one script to take a lease, one to
+//! report what a node spent (renewing, shrinking or ending its lease, and
+//! writing its usage ledger deltas), each on the key's slot. See
+//! `store::leases` for the node's side.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use redis::Script;
+
+use super::{scripts, RedisStore};
+use crate::config::keys;
+use crate::key::KeyHash;
+use crate::store::{StoreError, Usage};
+
+/// The ledger's four numbers of one row, as deltas.
+pub type Deltas = [i64; 4];
+const FIELDS: [&str; 4] = ["requests", "credits", "refunded", "cache_hits"];
+
+/// What a take found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    Unknown,
+    Revoked,
+    /// Granted this many credits; the key's balance, what its leases hold,
+    /// and what this node's lease holds now.
+    Granted {
+        granted: u64,
+        credits: i64,
+        leased: i64,
+        outstanding: u64,
+    },
+}
+
+/// What a report found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reported {
+    pub credits: i64,
+    pub leased: i64,
+    /// What the node's lease holds now; `None`: it has none (ended, or
+    /// taken back after its expiry).
+    pub outstanding: Option<u64>,
+    pub active: bool,
+    pub known: bool,
+}
+
+/// What a node reports of one lease.
+pub struct Report<'a> {
+    /// Spent since the last report (negative: refunds came back into it).
+    pub spent: i64,
+    /// Keep at most this much of the lease (`None`: all; `Some(0)`: end it).
+    pub keep: Option<u64>,
+    /// The usage ledger's deltas since the last report.
+    pub ledger: &'a BTreeMap<Usage, Deltas>,
+}
+
+/// The scripts, loaded once per store.
+pub struct LeaseScripts {
+    take: Script,
+    report: Script,
+}
+
+impl Default for LeaseScripts {
+    fn default() -> Self {
+        LeaseScripts {
+            take: Script::new(scripts::LEASE_TAKE),
+            report: Script::new(scripts::LEASE_REPORT),
+        }
+    }
+}
+
+fn ms(d: Duration) -> String {
+    d.as_millis().to_string()
+}
+
+impl RedisStore {
+    fn leases_key(&self, hash: &KeyHash) -> String {
+        format!("{}:leases", self.redis_key(hash))
+    }
+
+    /// Take up to `want` more credits of `hash` into `node`'s lease.
+    pub async fn take_lease(
+        &self,
+        scripts: &LeaseScripts,
+        hash: &KeyHash,
+        node: &str,
+        want: u64,
+        ttl: Duration,
+    ) -> Result<Taken, StoreError> {
+        let mut c = self.conn().await?;
+        let (day, month) = keys::day_labels(keys::now().div_euclid(86_400));
+        let mut call = scripts.take.key(self.redis_key(hash));
+        call.key(self.leases_key(hash))
+            .arg(node)
+            .arg(want)
+            .arg(ms(ttl))
+            .arg(&*day)
+            .arg(&*month);
+        let (code, granted, credits, leased, outstanding): (i64, i64, i64, i64, i64) =
+            self.bounded(call.invoke_async(&mut c)).await?;
+        Ok(match code {
+            0 => Taken::Unknown,
+            1 => Taken::Revoked,
+            _ => Taken::Granted {
+                granted: u64::try_from(granted).unwrap_or(0),
+                credits,
+                leased,
+                outstanding: u64::try_from(outstanding).unwrap_or(0),
+            },
+        })
+    }
+
+    /// Report what `node` spent of its lease and its ledger deltas; renew
+    /// the lease for `ttl`, keeping what the report says.
+    pub async fn report_lease(
+        &self,
+        scripts: &LeaseScripts,
+        hash: &KeyHash,
+        node: &str,
+        ttl: Duration,
+        report: Report<'_>,
+    ) -> Result<Reported, StoreError> {
+        let Report {
+            spent,
+            keep,
+            ledger,
+        } = report;
+        let mut c = self.conn().await?;
+        let mut call = scripts.report.key(self.redis_key(hash));
+        call.key(self.leases_key(hash));
+        let mut days: Vec<i64> = ledger.keys().map(|u| u.day).collect();
+        days.sort_unstable();
+        days.dedup();
+        for day in &days {
+            let date = Usage {
+                route: "",
+                day: *day,
+            }
+            .date();
+            call.key(self.usage_key(hash, &date));
+        }
+        call.arg(node)
+            .arg(spent)
+            .arg(ms(ttl))
+            .arg(keep.map_or(-1, |k| i64::try_from(k).unwrap_or(i64::MAX)))
+            .arg(&self.usage_ttl);
+        if self.usage_ttl != "0" {
+            for (usage, deltas) in ledger {
+                let index = days.iter().position(|d| *d == usage.day).unwrap_or(0) + 1;
+                for (field, delta) in FIELDS.iter().zip(deltas) {
+                    if *delta != 0 {
+                        call.arg(index)
+                            .arg(format!("{}:{field}", usage.route))
+                            .arg(*delta);
+                    }
+                }
+            }
+        }
+        let (credits, leased, outstanding, active, known): (i64, i64, i64, i64, i64) =
+            self.bounded(call.invoke_async(&mut c)).await?;
+        Ok(Reported {
+            credits,
+            leased,
+            outstanding: u64::try_from(outstanding).ok(),
+            active: active == 1,
+            known: known == 1,
+        })
+    }
+}
