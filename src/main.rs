@@ -18,7 +18,7 @@ use tollgate::keys::KeysCommand;
 use tollgate::listeners::{Guarded, Health};
 use tollgate::metrics::Metrics;
 use tollgate::proxy::Gateway;
-use tollgate::store::leases::{LeaseKeeper, LeasedStore};
+use tollgate::store::leases::{LeaseCounters, LeaseKeeper, LeasedStore};
 use tollgate::store::memory::MemoryStore;
 use tollgate::store::redis::{Maintenance, RedisStore, StoreCounters};
 use tollgate::store::{KeyAdmin, SharedCache, Store, UsageLedger};
@@ -154,7 +154,10 @@ fn open_store(config: &Config, metrics: &Metrics) -> Result<Stores, String> {
     }));
     let (keys, lease_keeper): (Arc<dyn Store>, _) = match config.store.leases {
         Some(leases) => {
-            let leased = Arc::new(LeasedStore::new(redis.clone(), leases));
+            let (credits, requests) = metrics.leases();
+            let leased = LeasedStore::new(redis.clone(), leases)
+                .with_counters(LeaseCounters { credits, requests });
+            let leased = Arc::new(leased);
             (leased.clone(), Some(LeaseKeeper(leased)))
         }
         None => (redis.clone(), None),

@@ -49,6 +49,8 @@ pub struct Metrics {
     rejections: IntCounterVec,
     store_errors: IntCounterVec,
     store_unsettled: IntGauge,
+    lease_credits: IntGauge,
+    lease_requests: IntCounterVec,
     cache: IntCounterVec,
     /// `cache` at each of [`CACHE_RESULTS`], looked up once at start.
     cache_results: [IntCounter; 4],
@@ -78,6 +80,9 @@ struct BackendSeries {
     duration: Histogram,
     wins: IntCounter,
 }
+
+/// `tollgate_lease_requests_total`'s outcomes.
+pub const LEASE_OUTCOMES: [&str; 4] = ["granted", "partial", "empty", "error"];
 
 const FAILURES: [Failure; 3] = [Failure::NoData, Failure::UpstreamFailed, Failure::Timeout];
 
@@ -196,6 +201,23 @@ impl Metrics {
                 "tollgate_store_unsettled",
                 "Charges and refunds whose outcome Redis has not confirmed, waiting to be settled.",
             )?,
+            lease_credits: gauge(
+                r,
+                "tollgate_lease_credits",
+                "Credits this node holds in leases (store.leases), not yet spent.",
+            )?,
+            lease_requests: {
+                let c = counter(
+                    r,
+                    "tollgate_lease_requests_total",
+                    "Leases asked of Redis by outcome: granted (all asked), partial (less), empty (none free), error (Redis did not answer).",
+                    &["outcome"],
+                )?;
+                for outcome in LEASE_OUTCOMES {
+                    c.with_label_values(&[outcome]);
+                }
+                c
+            },
             cache_results: CACHE_RESULTS.map(|result| cache.with_label_values(&[result])),
             cache,
             notifications: counter(
@@ -382,6 +404,11 @@ impl Metrics {
     /// The series of one store operation, for the store to count itself.
     pub fn store_error_counter(&self, op: &'static str) -> IntCounter {
         self.store_errors.with_label_values(&[op])
+    }
+
+    /// The lease store's series: credits held, and leases asked by outcome.
+    pub fn leases(&self) -> (IntGauge, IntCounterVec) {
+        (self.lease_credits.clone(), self.lease_requests.clone())
     }
 
     pub fn store_unsettled(&self) -> IntGauge {

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
+use pingora_prometheus::prometheus::{IntCounterVec, IntGauge};
 
 use super::redis::lease::{Deltas, LeaseScripts, Report, Reported, Taken};
 use super::redis::RedisStore;
@@ -110,6 +111,27 @@ pub struct LeasedStore {
     book: Mutex<HashMap<KeyHash, Arc<tokio::sync::Mutex<Lease>>>>,
     /// Stopping: new charges go to Redis one by one.
     closing: AtomicBool,
+    counters: Option<LeaseCounters>,
+}
+
+/// The lease store's series (`tollgate_lease_credits`,
+/// `tollgate_lease_requests_total{outcome}`).
+#[derive(Clone)]
+pub struct LeaseCounters {
+    pub credits: IntGauge,
+    pub requests: IntCounterVec,
+}
+
+impl LeaseCounters {
+    fn taken(&self, asked: u64, taken: &Result<Taken, StoreError>) {
+        let outcome = match taken {
+            Ok(Taken::Granted { granted, .. }) if *granted >= asked => "granted",
+            Ok(Taken::Granted { granted, .. }) if *granted > 0 => "partial",
+            Ok(_) => "empty",
+            Err(_) => "error",
+        };
+        self.requests.with_label_values(&[outcome]).inc();
+    }
 }
 
 impl LeasedStore {
@@ -121,6 +143,19 @@ impl LeasedStore {
             config,
             book: Mutex::new(HashMap::new()),
             closing: AtomicBool::new(false),
+            counters: None,
+        }
+    }
+
+    /// Count in these series.
+    pub fn with_counters(mut self, counters: LeaseCounters) -> LeasedStore {
+        self.counters = Some(counters);
+        self
+    }
+
+    fn count_take(&self, asked: u64, taken: &Result<Taken, StoreError>) {
+        if let Some(c) = &self.counters {
+            c.taken(asked, taken);
         }
     }
 
@@ -143,7 +178,9 @@ impl LeasedStore {
         let taken = self
             .redis
             .take_lease(&self.scripts, hash, &self.node, want, self.config.ttl)
-            .await?;
+            .await;
+        self.count_take(want, &taken);
+        let taken = taken?;
         if let Taken::Granted {
             credits,
             leased,
@@ -180,8 +217,12 @@ impl LeasedStore {
         );
         let lease = lease.clone();
         let more = want.saturating_sub(l.unspent);
+        let counters = self.counters.clone();
         tokio::spawn(async move {
             let taken = redis.take_lease(&scripts, &hash, &node, more, ttl).await;
+            if let Some(c) = &counters {
+                c.taken(more, &taken);
+            }
             let mut l = lease.lock().await;
             l.taking = false;
             if let Ok(Taken::Granted {
@@ -199,17 +240,23 @@ impl LeasedStore {
         });
     }
 
-    /// Report every lease once; `end` ends them all (stop).
+    /// Report every lease once; `end` ends them all (stop). Updates the
+    /// credits-held gauge.
     pub async fn report_all(&self, end: bool) -> usize {
         let leases: Vec<(KeyHash, Arc<tokio::sync::Mutex<Lease>>)> = {
             let book = self.book.lock().unwrap_or_else(|p| p.into_inner());
             book.iter().map(|(h, l)| (*h, l.clone())).collect()
         };
         let mut failed = 0;
+        let mut held = 0;
         for (hash, lease) in leases {
             if self.report(&hash, &lease, end).await.is_err() {
                 failed += 1;
             }
+            held += lease.lock().await.unspent;
+        }
+        if let Some(c) = &self.counters {
+            c.credits.set(i64::try_from(held).unwrap_or(i64::MAX));
         }
         failed
     }
