@@ -399,7 +399,7 @@ async fn reloads_under_load(reloads: usize, leases: &str) {
         .await;
     }
     // Reload i ran confs[(i + 1) % 2]: the last one (i = 9) backend a.
-    let last_from = if reloads % 2 == 0 { "a" } else { "b" };
+    let last_from = if reloads.is_multiple_of(2) { "a" } else { "b" };
     let before = count_from(last_from);
     wait_until("traffic after the reloads", Duration::from_secs(10), || {
         count_from(last_from) >= before + 50
