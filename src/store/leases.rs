@@ -52,6 +52,8 @@ struct Lease {
     unspent: u64,
     /// Spent since the last report (net of refunds).
     spent: i64,
+    /// Spent and sent in a report not yet answered.
+    reporting: i64,
     /// Ledger deltas since the last report.
     ledger: BTreeMap<Usage, Deltas>,
     /// The key's balance and what its leases held, at the last take or report.
@@ -69,6 +71,7 @@ impl Lease {
         Lease {
             unspent: 0,
             spent: 0,
+            reporting: 0,
             ledger: BTreeMap::new(),
             balance: 0,
             leased: 0,
@@ -85,7 +88,7 @@ impl Lease {
 
     /// What is left as this node sees it.
     fn remaining(&self) -> u64 {
-        u64::try_from(self.balance - self.spent).unwrap_or(0)
+        u64::try_from(self.balance - self.spent - self.reporting).unwrap_or(0)
     }
 
     fn count(&mut self, usage: Usage, deltas: Deltas) {
@@ -94,12 +97,6 @@ impl Lease {
             *r += d;
         }
     }
-}
-
-/// What a node may spend of a lease Redis says holds `outstanding`, with
-/// `unreported` spent since (negative: refunds).
-fn held(outstanding: u64, unreported: i64) -> u64 {
-    u64::try_from(i64::try_from(outstanding).unwrap_or(i64::MAX) - unreported).unwrap_or(0)
 }
 
 /// The lease store.
@@ -182,15 +179,15 @@ impl LeasedStore {
         self.count_take(want, &taken);
         let taken = taken?;
         if let Taken::Granted {
+            granted,
             credits,
             leased,
-            outstanding,
             ..
         } = taken
         {
             l.balance = credits;
             l.leased = leased;
-            l.unspent = held(outstanding, l.spent);
+            l.unspent += granted;
             l.renewed = Some(Instant::now());
         }
         Ok(taken)
@@ -226,15 +223,15 @@ impl LeasedStore {
             let mut l = lease.lock().await;
             l.taking = false;
             if let Ok(Taken::Granted {
+                granted,
                 credits,
                 leased,
-                outstanding,
                 ..
             }) = taken
             {
                 l.balance = credits;
                 l.leased = leased;
-                l.unspent = held(outstanding, l.spent);
+                l.unspent += granted;
                 l.renewed = Some(Instant::now());
             }
         });
@@ -261,24 +258,26 @@ impl LeasedStore {
         failed
     }
 
-    /// Report one lease: what it spent and its ledger, keeping what its
-    /// size allows (nothing when idle, ending, or the key was revoked).
+    /// Report one lease: what it spent and its ledger, giving back what is
+    /// above its size (everything when idle or ending). The node counts
+    /// what it holds itself: Redis' record of the lease changes by exactly
+    /// what the node sends, so takes and reports may cross.
     async fn report(
         &self,
         hash: &KeyHash,
         lease: &Arc<tokio::sync::Mutex<Lease>>,
         end: bool,
     ) -> Result<(), StoreError> {
-        let (spent, ledger, keep) = {
+        let (spent, give, end, ledger) = {
             let mut l = lease.lock().await;
-            let idle = l.used.elapsed() >= IDLE;
+            let end = end || l.used.elapsed() >= IDLE;
             let want = self.want(&l, 1);
-            let keep = if end || idle {
-                Some(0)
+            let give = if end {
+                l.unspent
             } else {
-                (l.unspent > want).then_some(want)
+                l.unspent.saturating_sub(want)
             };
-            let quiet = l.spent == 0 && l.ledger.is_empty() && keep.is_none();
+            let quiet = l.spent == 0 && l.ledger.is_empty() && give == 0 && !end;
             let fresh = l.renewed.is_some_and(|r| r.elapsed() * 3 < self.config.ttl);
             if quiet && fresh {
                 return Ok(());
@@ -289,11 +288,15 @@ impl LeasedStore {
                 self.forget(hash, lease);
                 return Ok(());
             }
-            (l.spent, std::mem::take(&mut l.ledger), keep)
+            let spent = std::mem::take(&mut l.spent);
+            l.reporting += spent;
+            l.unspent -= give;
+            (spent, give, end, std::mem::take(&mut l.ledger))
         };
         let report = Report {
             spent,
-            keep,
+            give,
+            end,
             ledger: &ledger,
         };
         let reported = self
@@ -301,6 +304,7 @@ impl LeasedStore {
             .report_lease(&self.scripts, hash, &self.node, self.config.ttl, report)
             .await;
         let mut l = lease.lock().await;
+        l.reporting -= spent;
         match reported {
             Ok(Reported {
                 credits,
@@ -309,14 +313,13 @@ impl LeasedStore {
                 active,
                 ..
             }) => {
-                l.spent -= spent;
                 l.balance = credits;
                 l.leased = leased;
                 l.renewed = Some(Instant::now());
-                l.unspent = match outstanding {
-                    Some(out) if active => held(out, l.spent),
-                    _ => 0,
-                };
+                if outstanding.is_none() || !active {
+                    // Ended, taken back after its expiry, or the key revoked.
+                    l.unspent = 0;
+                }
                 let gone = outstanding.is_none() && l.spent == 0 && l.ledger.is_empty();
                 drop(l);
                 if gone {
@@ -326,6 +329,8 @@ impl LeasedStore {
             }
             Err(e) => {
                 // Kept for the next report.
+                l.spent += spent;
+                l.unspent += give;
                 for (usage, deltas) in ledger {
                     l.count(usage, deltas);
                 }
@@ -364,7 +369,11 @@ impl Store for LeasedStore {
             let mut l = lease.lock().await;
             l.used = Instant::now();
             let ttl = self.config.ttl;
-            if !(l.valid(ttl) && l.unspent >= cost) {
+            if !l.valid(ttl) {
+                // Too long without a renewal: Redis may have taken it back.
+                l.unspent = 0;
+            }
+            if l.unspent < cost {
                 let want = self.want(&l, cost).max(cost);
                 let more = if l.valid(ttl) {
                     want.saturating_sub(l.unspent)
@@ -387,7 +396,7 @@ impl Store for LeasedStore {
             }
             // Too little free: other nodes may hold the rest, and give it
             // back within a report or two.
-            let mine = i64::try_from(l.unspent).unwrap_or(0) + l.spent.max(0);
+            let mine = i64::try_from(l.unspent).unwrap_or(0) + l.spent.max(0) + l.reporting.max(0);
             let others_hold = l.leased - mine > 0;
             let remaining = l.remaining();
             drop(l);

@@ -48,8 +48,10 @@ pub struct Reported {
 pub struct Report<'a> {
     /// Spent since the last report (negative: refunds came back into it).
     pub spent: i64,
-    /// Keep at most this much of the lease (`None`: all; `Some(0)`: end it).
-    pub keep: Option<u64>,
+    /// Unspent credits given back.
+    pub give: u64,
+    /// End the lease: what it still holds goes back.
+    pub end: bool,
     /// The usage ledger's deltas since the last report.
     pub ledger: &'a BTreeMap<Usage, Deltas>,
 }
@@ -122,7 +124,8 @@ impl RedisStore {
     ) -> Result<Reported, StoreError> {
         let Report {
             spent,
-            keep,
+            give,
+            end,
             ledger,
         } = report;
         let mut c = self.conn().await?;
@@ -142,7 +145,8 @@ impl RedisStore {
         call.arg(node)
             .arg(spent)
             .arg(ms(ttl))
-            .arg(keep.map_or(-1, |k| i64::try_from(k).unwrap_or(i64::MAX)))
+            .arg(give)
+            .arg(if end { "1" } else { "0" })
             .arg(&self.usage_ttl);
         if self.usage_ttl != "0" {
             for (usage, deltas) in ledger {

@@ -148,15 +148,15 @@ return {2, grant, credits, leased, out}
 );
 
 /// Node ARGV[1] reports: it spent ARGV[2] credits of its lease since its
-/// last report (negative: refunds came back into it); the key is charged
-/// them and the lease holds that much less; the lease is renewed for
-/// ARGV[3] ms, and keeps at most ARGV[4] credits (-1: all), the rest going
-/// back to the key (0: the lease ends). A lease already taken back (the node
-/// was silent past its expiry) is charged its late spending all the same.
-/// Then the ledger deltas: from ARGV[6], triples (index of the usage key
-/// among KEYS from 3, field, delta); a new counter's row gets the TTL
-/// ARGV[5] seconds. Returns {credits, leased, outstanding (-1: no lease),
-/// active (1/0), known (1/0)}.
+/// last report (negative: refunds came back into it), and gives ARGV[4]
+/// unspent credits back; the key is charged what was spent and its leases
+/// hold that much less; the lease is renewed for ARGV[3] ms, or ended when
+/// ARGV[5] is 1 (whatever it still holds goes back). A lease already taken
+/// back (the node was silent past its expiry) is charged its late spending
+/// all the same. Then the ledger deltas: from ARGV[7], triples (index of
+/// the usage key among KEYS from 3, field, delta); a new counter's row gets
+/// the TTL ARGV[6] seconds. Returns {credits, leased, outstanding (-1: no
+/// lease), active (1/0), known (1/0)}.
 pub(super) const LEASE_REPORT: &str = concat!(
     lease_prelude!(),
     r"
@@ -166,27 +166,23 @@ local out = -1
 local mine = redis.call('HGET', KEYS[2], ARGV[1])
 if known and spent ~= 0 then redis.call('HINCRBY', KEYS[1], 'credits', -spent) end
 if mine then
-  out = (tonumber(string.match(mine, '^(%-?%d+)')) or 0) - spent
-  local giving = 0
-  local keep = tonumber(ARGV[4])
-  if keep >= 0 and out > keep then
-    giving = out - keep
-    out = keep
-  end
-  if known then redis.call('HINCRBY', KEYS[1], 'leased', -(spent + giving)) end
-  if keep == 0 and out <= 0 then
-    if known and out < 0 then redis.call('HINCRBY', KEYS[1], 'leased', -out) end
+  local give = tonumber(ARGV[4])
+  out = (tonumber(string.match(mine, '^(%-?%d+)')) or 0) - spent - give
+  local back = spent + give
+  if ARGV[5] == '1' then
+    back = back + out
     redis.call('HDEL', KEYS[2], ARGV[1])
     out = -1
   else
     redis.call('HSET', KEYS[2], ARGV[1], string.format('%d %d', out, now + tonumber(ARGV[3])))
   end
+  if known and back ~= 0 then redis.call('HINCRBY', KEYS[1], 'leased', -back) end
 end
-for i = 6, #ARGV, 3 do
+for i = 7, #ARGV, 3 do
   local row = KEYS[2 + tonumber(ARGV[i])]
   local n = redis.call('HINCRBY', row, ARGV[i + 1], tonumber(ARGV[i + 2]))
-  if ARGV[5] ~= '0' and n == tonumber(ARGV[i + 2]) and redis.call('TTL', row) < 0 then
-    redis.call('EXPIRE', row, ARGV[5])
+  if ARGV[6] ~= '0' and n == tonumber(ARGV[i + 2]) and redis.call('TTL', row) < 0 then
+    redis.call('EXPIRE', row, ARGV[6])
   end
 end
 local h = redis.call('HMGET', KEYS[1], 'credits', 'leased', 'state')
