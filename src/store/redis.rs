@@ -387,7 +387,9 @@ impl Store for RedisStore {
     async fn key(&self, hash: &KeyHash) -> Result<Option<Arc<KeyInfo>>, StoreError> {
         if let (Some((cached, info, fresh)), _) = self.meta.get(hash) {
             let stale = fresh.read.elapsed() >= META_REFRESH;
-            if cached == *hash && !(stale && !fresh.refreshing.swap(true, Ordering::AcqRel)) {
+            // Fresh enough, or another request is reading it again.
+            let use_cached = !stale || fresh.refreshing.swap(true, Ordering::AcqRel);
+            if cached == *hash && use_cached {
                 return Ok(info);
             }
         }
