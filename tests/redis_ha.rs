@@ -407,3 +407,57 @@ async fn charges_once_on(store: &str, dir: &std::path::Path) {
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-credits-remaining"], "9");
 }
+
+/// Credit leases and the usage ledger on a Redis Cluster: every lease
+/// script touches one slot (the key, its leases and its ledger rows share
+/// the hash tag); two gateways sell exactly the balance, then give their
+/// leases back at stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_leases_sell_exactly_the_balance() {
+    let cluster = Cluster::start();
+    let store = format!(
+        "{}  leases: {{max_credits: 10, ttl_seconds: 10}}\n",
+        cluster.store_yaml()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let conf = keys_conf_for(dir.path(), &store);
+    import(
+        &conf,
+        "keys:\n  - {key: leased, name: leased, credits: 60, rate_per_second: 100000}\n",
+    );
+    let ok = Origin::json("ok", true, 0).await;
+    let routes = [route("t", "/api/", &[&ok], "")];
+    let one = Gateway::start_with_keys(&routes, &store, "").await;
+    let two = Gateway::start_with_keys(&routes, &store, "").await;
+    let urls = (0..90)
+        .map(|i| (if i % 2 == 0 { &one } else { &two }).url(&format!("/api/{i}")))
+        .collect();
+    let statuses = statuses_at_once(urls, "leased").await;
+    let served = statuses.iter().filter(|&&s| s == 200).count();
+    assert_eq!(served, 60, "{statuses:?}");
+    for gw in [&one, &two] {
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &gw.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+    // Once both have reported and stopped: the balance is spent, the
+    // ledger holds all 60.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (code, show, err) = tollgate(&["keys", "show", "leased"], &conf);
+        assert_eq!(code, 0, "{err}");
+        let (_, usage, _) = tollgate(&["usage", "--key", "leased"], &conf);
+        let credits = show
+            .lines()
+            .nth(1)
+            .and_then(|l| l.split_whitespace().nth(2));
+        if credits == Some("0") && usage.contains("\"credits\":60") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{show}{usage}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
