@@ -470,3 +470,40 @@ async fn changes_show_and_refills_apply_with_leases() {
     assert_eq!(r.status(), 200);
     assert_eq!(remaining(&r), 29);
 }
+
+/// Redis killed (connections refused at once): a node serves from the
+/// lease it holds, then `on_error` (deny: 503) once it is spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_redis_is_served_from_leases_then_on_error() {
+    let mut redis = RedisServer::start();
+    import_keys(
+        &redis,
+        &format!("keys:\n  - {{key: {PAYER}, name: p, credits: 1000, rate_per_second: 100000}}\n"),
+    );
+    let ok = Origin::json("ok", true, 0).await;
+    let routes = [route("t", "/api/", &[&ok], "")];
+    let gw = Gateway::start_with_keys(&routes, &store(&redis, 20, 30, "deny"), "").await;
+    assert_eq!(get_with_key(gw.url("/api/0"), PAYER).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.stop();
+    let mut statuses = Vec::new();
+    for i in 0..40 {
+        statuses.push(
+            get_with_key(gw.url(&format!("/api/k{i}")), PAYER)
+                .await
+                .status()
+                .as_u16(),
+        );
+    }
+    let served = statuses.iter().filter(|&&s| s == 200).count();
+    assert!(served > 0, "nothing served from the lease: {statuses:?}");
+    assert!(served <= 2 * 20, "more than the leases held: {statuses:?}");
+    assert!(
+        statuses.iter().all(|s| [200, 503].contains(s)),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses[statuses.len() - 10..].iter().all(|&s| s == 503),
+        "{statuses:?}"
+    );
+}

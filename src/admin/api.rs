@@ -11,13 +11,17 @@ use std::sync::Arc;
 use http::{Method, Response};
 use pingora::protocols::http::ServerSession;
 use pingora_prometheus::prometheus::IntCounterVec;
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+mod json;
+
+use json::{key_json, Balance, CreateBody, Created, Page, PatchBody, TopupBody};
+
 use super::simple;
-use crate::config::keys::{self, Lifecycle, Period, Refill};
+use crate::config::keys::{self, Lifecycle, Refill};
 use crate::keyops::{self, NewKey, OpError};
-use crate::store::{KeyAdmin, KeyPatch, KeyRow, UsageLedger};
+use crate::store::{KeyAdmin, KeyPatch, UsageLedger};
 use crate::usage::{self, Export, Format};
 
 /// The largest request body the admin API reads.
@@ -94,129 +98,6 @@ fn op_error(e: OpError) -> Answer {
             )
         }
     }
-}
-
-/// A key as JSON: never the key, nor its full hash.
-#[derive(Serialize)]
-struct KeyJson {
-    id: String,
-    name: String,
-    credits: u64,
-    rate_per_second: Option<u32>,
-    state: &'static str,
-    created: Option<String>,
-    expires_at: Option<String>,
-    routes: Option<Vec<String>>,
-    refill: Option<RefillJson>,
-}
-
-/// `POST /v1/keys`' answer: the key, shown only here, then its JSON.
-#[derive(Serialize)]
-struct Created {
-    key: String,
-    #[serde(flatten)]
-    row: KeyJson,
-}
-
-#[derive(Serialize)]
-struct Page {
-    keys: Vec<KeyJson>,
-    next_cursor: Option<String>,
-}
-
-#[derive(Serialize)]
-struct Balance {
-    id: String,
-    credits: u64,
-}
-
-#[derive(Serialize, Deserialize, Clone, Copy)]
-#[serde(deny_unknown_fields)]
-struct RefillJson {
-    credits: u64,
-    period: PeriodJson,
-}
-
-#[derive(Serialize, Deserialize, Clone, Copy)]
-#[serde(rename_all = "lowercase")]
-enum PeriodJson {
-    Daily,
-    Monthly,
-}
-
-impl From<RefillJson> for Refill {
-    fn from(r: RefillJson) -> Refill {
-        let period = match r.period {
-            PeriodJson::Daily => Period::Daily,
-            PeriodJson::Monthly => Period::Monthly,
-        };
-        Refill {
-            credits: r.credits,
-            period,
-        }
-    }
-}
-
-fn key_json(r: &KeyRow) -> KeyJson {
-    KeyJson {
-        id: r.id.clone(),
-        name: r.name.clone(),
-        credits: r.credits,
-        rate_per_second: r.rate_per_second,
-        state: r.state.as_str(),
-        created: r
-            .created
-            .and_then(|c| i64::try_from(c).ok())
-            .map(keys::format_time),
-        expires_at: r.lifecycle.expires_at.map(keys::format_time),
-        routes: r.lifecycle.routes.clone(),
-        refill: r.lifecycle.refill.map(|f| RefillJson {
-            credits: f.credits,
-            period: match f.period {
-                Period::Daily => PeriodJson::Daily,
-                Period::Monthly => PeriodJson::Monthly,
-            },
-        }),
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateBody {
-    name: String,
-    credits: u64,
-    rate_per_second: Option<u32>,
-    expires_at: Option<String>,
-    routes: Option<Vec<String>>,
-    refill: Option<RefillJson>,
-}
-
-/// `null` clears a field; a field left out stays as it is.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PatchBody {
-    name: Option<String>,
-    #[serde(default, deserialize_with = "present")]
-    rate_per_second: Option<Option<u32>>,
-    #[serde(default, deserialize_with = "present")]
-    expires_at: Option<Option<String>>,
-    #[serde(default, deserialize_with = "present")]
-    routes: Option<Option<Vec<String>>>,
-    #[serde(default, deserialize_with = "present")]
-    refill: Option<Option<RefillJson>>,
-}
-
-/// A field that is there, `null` or not.
-fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
-    d: D,
-) -> Result<Option<Option<T>>, D::Error> {
-    Option::<T>::deserialize(d).map(Some)
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TopupBody {
-    credits: u64,
 }
 
 /// A JSON body; a problem names the field it is in.
