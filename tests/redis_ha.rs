@@ -415,10 +415,18 @@ async fn charges_once_on(store: &str, dir: &std::path::Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cluster_leases_sell_exactly_the_balance() {
     let cluster = Cluster::start();
-    let store = format!(
-        "{}  leases: {{max_credits: 10, ttl_seconds: 10}}\n",
-        cluster.store_yaml()
-    );
+    leases_sell_exactly_the_balance(&cluster.store_yaml()).await;
+}
+
+/// The same through Sentinel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sentinel_leases_sell_exactly_the_balance() {
+    let ha = Sentinels::start();
+    leases_sell_exactly_the_balance(&ha.store_yaml()).await;
+}
+
+async fn leases_sell_exactly_the_balance(redis_store: &str) {
+    let store = format!("{redis_store}  leases: {{max_credits: 10, ttl_seconds: 10}}\n");
     let dir = tempfile::tempdir().unwrap();
     let conf = keys_conf_for(dir.path(), &store);
     import(
