@@ -32,6 +32,31 @@ impl KeyHash {
     }
 }
 
+/// A hasher for maps keyed by [`KeyHash`] on the request path (the lease
+/// book): the key's SHA-256 is as random as any hash, so its first 8 bytes
+/// are used as they are rather than hashed again with SipHash.
+#[derive(Default, Clone, Copy)]
+pub struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        if let Some(first) = bytes.first_chunk::<8>() {
+            self.0 ^= u64::from_le_bytes(*first);
+        } else {
+            for b in bytes {
+                self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+            }
+        }
+    }
+}
+
+/// `HashMap<KeyHash, V, KeyHashes>`.
+pub type KeyHashes = std::hash::BuildHasherDefault<KeyHasher>;
+
 /// Never print a key hash in full by accident: Debug shows the id only.
 impl fmt::Debug for KeyHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

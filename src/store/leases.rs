@@ -34,7 +34,7 @@ use super::redis::lease::{Deltas, LeaseScripts, Report, Reported, Taken};
 use super::redis::RedisStore;
 use super::{Charge, KeyInfo, Store, StoreError, Usage};
 use crate::config::LeaseConfig;
-use crate::key::KeyHash;
+use crate::key::{KeyHash, KeyHashes};
 
 /// How often each lease is reported.
 pub const REPORT_EVERY: Duration = Duration::from_secs(1);
@@ -105,7 +105,7 @@ pub struct LeasedStore {
     scripts: Arc<LeaseScripts>,
     node: String,
     config: LeaseConfig,
-    book: Mutex<HashMap<KeyHash, Arc<tokio::sync::Mutex<Lease>>>>,
+    book: Mutex<HashMap<KeyHash, Arc<tokio::sync::Mutex<Lease>>, KeyHashes>>,
     /// Stopping: new charges go to Redis one by one.
     closing: AtomicBool,
     counters: Option<LeaseCounters>,
@@ -138,7 +138,7 @@ impl LeasedStore {
             scripts: Arc::new(LeaseScripts::default()),
             node: format!("{:016x}", rand::random::<u64>()),
             config,
-            book: Mutex::new(HashMap::new()),
+            book: Mutex::new(HashMap::default()),
             closing: AtomicBool::new(false),
             counters: None,
         }
