@@ -55,6 +55,25 @@ fn ok(status: u16, body: impl Serialize) -> Answer {
     }
 }
 
+impl Answer {
+    /// As the HTTP answer: JSON, with `WWW-Authenticate` on a 401 and
+    /// `Allow` on a 405.
+    fn into_response(self) -> Response<Vec<u8>> {
+        let mut resp = simple(self.status, "application/json", self.body);
+        if self.status == 401 {
+            resp.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static("Bearer realm=\"tollgate admin\""),
+            );
+        }
+        if let Some(allow) = self.allow {
+            resp.headers_mut()
+                .insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
+        }
+        resp
+    }
+}
+
 /// The gateway's error shape, in its field order.
 #[derive(Serialize)]
 struct ErrorJson<'a> {
@@ -76,12 +95,12 @@ fn fail(status: u16, code: &str, message: impl Into<String>) -> Answer {
 
 /// The answer to `/v1` while the admin API is off.
 pub(super) fn off() -> Response<Vec<u8>> {
-    let answer = fail(
+    fail(
         404,
         "no_route",
         "the admin API is off: set admin.token_sha256",
-    );
-    simple(answer.status, "application/json", answer.body)
+    )
+    .into_response()
 }
 
 fn op_error(e: OpError) -> Answer {
@@ -233,6 +252,18 @@ impl KeyApi {
         openssl::memcmp::eq(&presented, &self.token_sha256)
     }
 
+    /// The request carries the admin token, or the 401 to answer.
+    fn authorize(&self, session: &ServerSession) -> Result<(), Answer> {
+        if self.authorized(session) {
+            return Ok(());
+        }
+        Err(fail(
+            401,
+            "unauthorized",
+            "the admin API needs Authorization: Bearer TOKEN",
+        ))
+    }
+
     /// Answer `GET /v1/usage?from=&to=&key=`: the ledger export as JSON
     /// lines, or CSV for `Accept: text/csv`, streamed a day at a time. A store
     /// failure after the first chunk ends the connection without the
@@ -243,18 +274,7 @@ impl KeyApi {
             Ok(found) => found,
             Err(answer) => {
                 self.count("usage", answer.status);
-                let mut resp = simple(answer.status, "application/json", answer.body);
-                if answer.status == 401 {
-                    resp.headers_mut().insert(
-                        http::header::WWW_AUTHENTICATE,
-                        http::HeaderValue::from_static("Bearer realm=\"tollgate admin\""),
-                    );
-                }
-                if let Some(allow) = answer.allow {
-                    resp.headers_mut()
-                        .insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
-                }
-                return super::write(session, resp).await;
+                return super::write(session, answer.into_response()).await;
             }
         };
         self.count("usage", 200);
@@ -299,13 +319,7 @@ impl KeyApi {
                 ..fail(405, "method_not_allowed", "this path takes GET")
             });
         }
-        if !self.authorized(session) {
-            return Err(fail(
-                401,
-                "unauthorized",
-                "the admin API needs Authorization: Bearer TOKEN",
-            ));
-        }
+        self.authorize(session)?;
         let (mut from, mut to, mut key) = (None, None, None);
         let query = req.uri.query().unwrap_or("");
         for (name, value) in form_urlencoded::parse(query.as_bytes()) {
@@ -358,28 +372,12 @@ impl KeyApi {
         let path = session.req_header().uri.path().to_string();
         let query = session.req_header().uri.query().unwrap_or("").to_string();
         let endpoint = Endpoint::of(&method, &path);
-        let answer = if self.authorized(session) {
-            self.answer(&endpoint, &query, session).await
-        } else {
-            fail(
-                401,
-                "unauthorized",
-                "the admin API needs Authorization: Bearer TOKEN",
-            )
+        let answer = match self.authorize(session) {
+            Ok(()) => self.answer(&endpoint, &query, session).await,
+            Err(refused) => refused,
         };
         self.count(endpoint.label(), answer.status);
-        let mut resp = simple(answer.status, "application/json", answer.body);
-        if answer.status == 401 {
-            resp.headers_mut().insert(
-                http::header::WWW_AUTHENTICATE,
-                http::HeaderValue::from_static("Bearer realm=\"tollgate admin\""),
-            );
-        }
-        if let Some(allow) = answer.allow {
-            resp.headers_mut()
-                .insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
-        }
-        resp
+        answer.into_response()
     }
 
     async fn answer(
