@@ -73,6 +73,21 @@ impl Entry {
         self.info.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Swap the key's metadata for a changed copy.
+    fn change(&self, edit: impl FnOnce(&mut KeyInfo)) {
+        let mut slot = self.info.write().unwrap_or_else(|p| p.into_inner());
+        let mut info = KeyInfo::clone(&slot);
+        edit(&mut info);
+        *slot = Arc::new(info);
+    }
+
+    /// Add credits; the new balance.
+    fn add(&self, credits: u64) -> u64 {
+        self.credits
+            .fetch_add(credits, Ordering::AcqRel)
+            .saturating_add(credits)
+    }
+
     /// Refill at the first charge of a new period; never lowers a balance.
     fn refill(&self, lifecycle: &Lifecycle, now: i64) {
         let Some(refill) = lifecycle.refill else {
@@ -181,9 +196,7 @@ impl Store for MemoryStore {
                     c.requests = c.requests.saturating_sub(1);
                 }
             });
-            e.credits
-                .fetch_add(amount, Ordering::AcqRel)
-                .saturating_add(amount)
+            e.add(amount)
         }))
     }
 
@@ -275,45 +288,37 @@ impl KeyAdmin for MemoryStore {
         let Some(entry) = self.entry(hash) else {
             return Ok(false);
         };
-        let mut slot = entry.info.write().unwrap_or_else(|p| p.into_inner());
-        let mut info = KeyInfo::clone(&slot);
-        if let Some(name) = &patch.name {
-            info.name = name.clone();
-        }
-        if let Some(rate) = patch.rate_per_second {
-            info.rate_per_second = rate;
-        }
-        if let Some(at) = patch.expires_at {
-            info.lifecycle.expires_at = at;
-        }
-        if let Some(routes) = &patch.routes {
-            info.lifecycle.routes = routes.clone();
-        }
-        if let Some(refill) = patch.refill {
-            info.lifecycle.refill = refill;
-            *entry.refilled_for.lock().unwrap_or_else(|p| p.into_inner()) =
-                current_period(&info.lifecycle, keys::now());
-        }
-        *slot = Arc::new(info);
+        entry.change(|info| {
+            if let Some(name) = &patch.name {
+                info.name = name.clone();
+            }
+            if let Some(rate) = patch.rate_per_second {
+                info.rate_per_second = rate;
+            }
+            if let Some(at) = patch.expires_at {
+                info.lifecycle.expires_at = at;
+            }
+            if let Some(routes) = &patch.routes {
+                info.lifecycle.routes = routes.clone();
+            }
+            if let Some(refill) = patch.refill {
+                info.lifecycle.refill = refill;
+                *entry.refilled_for.lock().unwrap_or_else(|p| p.into_inner()) =
+                    current_period(&info.lifecycle, keys::now());
+            }
+        });
         Ok(true)
     }
 
     async fn add_credits(&self, hash: &KeyHash, credits: u64) -> Result<Option<u64>, StoreError> {
-        Ok(self.entry(hash).map(|e| {
-            e.credits
-                .fetch_add(credits, Ordering::AcqRel)
-                .saturating_add(credits)
-        }))
+        Ok(self.entry(hash).map(|e| e.add(credits)))
     }
 
     async fn set_state(&self, hash: &KeyHash, state: KeyState) -> Result<bool, StoreError> {
         let Some(entry) = self.entry(hash) else {
             return Ok(false);
         };
-        let mut slot = entry.info.write().unwrap_or_else(|p| p.into_inner());
-        let mut info = KeyInfo::clone(&slot);
-        info.state = state;
-        *slot = Arc::new(info);
+        entry.change(|info| info.state = state);
         Ok(true)
     }
 }
