@@ -183,7 +183,12 @@ impl RedisStore {
     /// A key's hash: `{prefix}key:{<sha256>}`, the braces literal (a
     /// Cluster hash tag: the key and its operation markers share a slot).
     fn redis_key(&self, hash: &KeyHash) -> String {
-        format!("{}key:{{{}}}", self.prefix, hash.hex())
+        self.key_name(&hash.hex())
+    }
+
+    /// [`Self::redis_key`] of a hash already in hex.
+    fn key_name(&self, hex: &str) -> String {
+        format!("{}key:{{{hex}}}", self.prefix)
     }
 
     async fn conn(&self) -> Result<Conn, StoreError> {
@@ -243,14 +248,15 @@ impl RedisStore {
         args: &[&str],
     ) -> Result<T, Failure> {
         let mut c = self.conn().await?;
-        // The three names from one hex encoding of the hash: the key
-        // (`redis_key`), where the script remembers operation `id` (beside
-        // the key, under its hash tag) and the ledger row (`usage_key`).
+        // The three names from one hex encoding of the hash: the key, where
+        // the script remembers operation `id` (beside the key, under its
+        // hash tag) and the ledger row.
         let hex = hash.hex();
-        let prefix = &self.prefix;
-        let mut call = script.key(format!("{prefix}key:{{{hex}}}"));
-        call.key(format!("{prefix}key:{{{hex}}}:op:{id:016x}"));
-        call.key(format!("{prefix}usage:{{{hex}}}:{}", usage.date()));
+        let key = self.key_name(&hex);
+        let op = format!("{key}:op:{id:016x}");
+        let mut call = script.key(key);
+        call.key(op);
+        call.key(self.usage_name(&hex, &usage.date()));
         for a in args {
             call.arg(a);
         }

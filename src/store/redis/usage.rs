@@ -24,7 +24,12 @@ const FIELDS: [&str; 4] = ["requests", "credits", "refunded", "cache_hits"];
 impl RedisStore {
     /// A key's ledger row for a day (`YYYY-MM-DD`).
     pub(super) fn usage_key(&self, hash: &KeyHash, date: &str) -> String {
-        format!("{}usage:{{{}}}:{date}", self.prefix, hash.hex())
+        self.usage_name(&hash.hex(), date)
+    }
+
+    /// [`Self::usage_key`] of a hash already in hex.
+    pub(super) fn usage_name(&self, hex: &str, date: &str) -> String {
+        format!("{}usage:{{{hex}}}:{date}", self.prefix)
     }
 
     /// Count a delivered cache hit, to be written within a second.
