@@ -91,6 +91,21 @@ impl Lease {
         u64::try_from(self.balance - self.spent - self.reporting).unwrap_or(0)
     }
 
+    /// A take was answered: what it granted is held, and renewed.
+    fn took(&mut self, taken: &Taken) {
+        if let Taken::Granted {
+            granted,
+            credits,
+            leased,
+        } = *taken
+        {
+            self.balance = credits;
+            self.leased = leased;
+            self.unspent += granted;
+            self.renewed = Some(Instant::now());
+        }
+    }
+
     fn count(&mut self, usage: Usage, deltas: Deltas) {
         let row = self.ledger.entry(usage).or_default();
         for (r, d) in row.iter_mut().zip(deltas) {
@@ -178,18 +193,7 @@ impl LeasedStore {
             .await;
         self.count_take(want, &taken);
         let taken = taken?;
-        if let Taken::Granted {
-            granted,
-            credits,
-            leased,
-            ..
-        } = taken
-        {
-            l.balance = credits;
-            l.leased = leased;
-            l.unspent += granted;
-            l.renewed = Some(Instant::now());
-        }
+        l.took(&taken);
         Ok(taken)
     }
 
@@ -222,17 +226,8 @@ impl LeasedStore {
             }
             let mut l = lease.lock().await;
             l.taking = false;
-            if let Ok(Taken::Granted {
-                granted,
-                credits,
-                leased,
-                ..
-            }) = taken
-            {
-                l.balance = credits;
-                l.leased = leased;
-                l.unspent += granted;
-                l.renewed = Some(Instant::now());
+            if let Ok(taken) = taken {
+                l.took(&taken);
             }
         });
     }

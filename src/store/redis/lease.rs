@@ -22,13 +22,11 @@ const FIELDS: [&str; 4] = ["requests", "credits", "refunded", "cache_hits"];
 pub enum Taken {
     Unknown,
     Revoked,
-    /// Granted this many credits; the key's balance, what its leases hold,
-    /// and what this node's lease holds now.
+    /// Granted this many credits; the key's balance and what its leases hold.
     Granted {
         granted: u64,
         credits: i64,
         leased: i64,
-        outstanding: u64,
     },
 }
 
@@ -41,7 +39,6 @@ pub struct Reported {
     /// taken back after its expiry).
     pub outstanding: Option<u64>,
     pub active: bool,
-    pub known: bool,
 }
 
 /// What a node reports of one lease.
@@ -98,7 +95,7 @@ impl RedisStore {
             .arg(ms(ttl))
             .arg(&*day)
             .arg(&*month);
-        let (code, granted, credits, leased, outstanding): (i64, i64, i64, i64, i64) =
+        let (code, granted, credits, leased): (i64, i64, i64, i64) =
             self.bounded(call.invoke_async(&mut c)).await?;
         Ok(match code {
             0 => Taken::Unknown,
@@ -107,7 +104,6 @@ impl RedisStore {
                 granted: u64::try_from(granted).unwrap_or(0),
                 credits,
                 leased,
-                outstanding: u64::try_from(outstanding).unwrap_or(0),
             },
         })
     }
@@ -160,14 +156,13 @@ impl RedisStore {
                 }
             }
         }
-        let (credits, leased, outstanding, active, known): (i64, i64, i64, i64, i64) =
+        let (credits, leased, outstanding, active): (i64, i64, i64, i64) =
             self.bounded(call.invoke_async(&mut c)).await?;
         Ok(Reported {
             credits,
             leased,
             outstanding: u64::try_from(outstanding).ok(),
             active: active == 1,
-            known: known == 1,
         })
     }
 }

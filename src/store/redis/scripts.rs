@@ -112,16 +112,15 @@ end
 /// ms from now, after applying a refill as the charge does (ARGV[4] today,
 /// ARGV[5] this month). A node's lease grows by what it is granted; only
 /// credits not held by any lease are granted. Returns {code, granted,
-/// credits, leased, the node's outstanding}: code 0 unknown, 1 revoked, 2
-/// taken.
+/// credits, leased}: code 0 unknown, 1 revoked, 2 taken.
 pub(super) const LEASE_TAKE: &str = concat!(
     lease_prelude!(),
     r"
 local h = redis.call('HMGET', KEYS[1], 'state', 'credits', 'refill_credits', 'refill_period', 'refilled_for', 'leased')
-if not h[1] then return {0, 0, 0, 0, 0} end
+if not h[1] then return {0, 0, 0, 0} end
 local credits = tonumber(h[2]) or 0
 local leased = tonumber(h[6]) or 0
-if h[1] ~= 'active' then return {1, 0, credits, leased, 0} end
+if h[1] ~= 'active' then return {1, 0, credits, leased} end
 if h[3] then
   local period = ARGV[5]
   if h[4] == 'daily' then period = ARGV[4] end
@@ -143,7 +142,7 @@ if grant > 0 then
 end
 out = out + grant
 redis.call('HSET', KEYS[2], ARGV[1], string.format('%d %d', out, now + tonumber(ARGV[3])))
-return {2, grant, credits, leased, out}
+return {2, grant, credits, leased}
 "
 );
 
@@ -156,7 +155,7 @@ return {2, grant, credits, leased, out}
 /// all the same. Then the ledger deltas: from ARGV[7], triples (index of
 /// the usage key among KEYS from 3, field, delta); a new counter's row gets
 /// the TTL ARGV[6] seconds. Returns {credits, leased, outstanding (-1: no
-/// lease), active (1/0), known (1/0)}.
+/// lease), active (1/0)}.
 pub(super) const LEASE_REPORT: &str = concat!(
     lease_prelude!(),
     r"
@@ -188,8 +187,6 @@ end
 local h = redis.call('HMGET', KEYS[1], 'credits', 'leased', 'state')
 local active = 0
 if h[3] == 'active' then active = 1 end
-local k = 0
-if known then k = 1 end
-return {tonumber(h[1]) or 0, tonumber(h[2]) or 0, out, active, k}
+return {tonumber(h[1]) or 0, tonumber(h[2]) or 0, out, active}
 "
 );
