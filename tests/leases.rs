@@ -251,31 +251,14 @@ fn leases_held(redis: &RedisServer) -> i64 {
 }
 
 /// Redis stalls: a node keeps serving from the lease it holds; when it runs
-/// out, `on_error` applies. After Redis is back the balance and the ledger
-/// are exact.
+/// out, `on_error` applies. After Redis is back the ledger never holds more
+/// than was served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_redis_is_served_from_leases_then_on_error() {
     let redis = RedisServer::start();
-    import_keys(
-        &redis,
-        &format!("keys:\n  - {{key: {PAYER}, name: p, credits: 1000, rate_per_second: 100000}}\n"),
-    );
-    let ok = Origin::json("ok", true, 0).await;
-    let routes = [route("t", "/api/", &[&ok], "")];
-    let gw = Gateway::start_with_keys(&routes, &store(&redis, 20, 30, "deny"), "").await;
-    assert_eq!(get_with_key(gw.url("/api/0"), PAYER).await.status(), 200);
-    // Let the lease grow to its size, then stall Redis.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (gw, _origin) = one_node_holding_a_lease(&redis).await;
     redis.pause();
-    let mut statuses = Vec::new();
-    for i in 0..40 {
-        statuses.push(
-            get_with_key(gw.url(&format!("/api/s{i}")), PAYER)
-                .await
-                .status()
-                .as_u16(),
-        );
-    }
+    let served_stalled = served_from_the_lease_then_503(&gw).await;
     let m = gw.metrics().await;
     assert!(
         sample(&m, "tollgate_lease_requests_total{outcome=\"error\"}") >= 1.0,
@@ -286,11 +269,45 @@ async fn a_stalled_redis_is_served_from_leases_then_on_error() {
         "{m}"
     );
     redis.resume();
-    let served_stalled = statuses.iter().filter(|&&s| s == 200).count();
-    assert!(
-        served_stalled > 0,
-        "nothing served from the lease: {statuses:?}"
+    drop(gw);
+    // The killed gateway could not give back; its reports before that
+    // settle the rest once its TTL passes: check what it reported.
+    let served = 1 + served_stalled as i64;
+    let reported = ledger(&redis).get("credits").copied().unwrap_or(0);
+    assert!(reported <= served, "{reported} > {served}");
+}
+
+/// A gateway with leases of 20 credits that has served one request of
+/// [`PAYER`] and had time to take its lease to size.
+async fn one_node_holding_a_lease(redis: &RedisServer) -> (Gateway, Origin) {
+    import_keys(
+        redis,
+        &format!("keys:\n  - {{key: {PAYER}, name: p, credits: 1000, rate_per_second: 100000}}\n"),
     );
+    let ok = Origin::json("ok", true, 0).await;
+    let routes = [route("t", "/api/", &[&ok], "")];
+    let gw = Gateway::start_with_keys(&routes, &store(redis, 20, 30, "deny"), "").await;
+    assert_eq!(get_with_key(gw.url("/api/0"), PAYER).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    (gw, ok)
+}
+
+/// With Redis out of reach: 40 requests, served from the lease (at most
+/// what two leases hold), then 503 (`on_error: deny`) once it is spent. A
+/// take sent ahead of need just before Redis went away may still land, so a
+/// 200 may follow a 503; the last ten are 503. Returns the 200s.
+async fn served_from_the_lease_then_503(gw: &Gateway) -> usize {
+    let mut statuses = Vec::new();
+    for i in 0..40 {
+        statuses.push(
+            get_with_key(gw.url(&format!("/api/s{i}")), PAYER)
+                .await
+                .status()
+                .as_u16(),
+        );
+    }
+    let served = statuses.iter().filter(|&&s| s == 200).count();
+    assert!(served > 0, "nothing served from the lease: {statuses:?}");
     assert!(
         statuses.contains(&503),
         "the lease never ran out: {statuses:?}"
@@ -299,22 +316,12 @@ async fn a_stalled_redis_is_served_from_leases_then_on_error() {
         statuses.iter().all(|s| [200, 503].contains(s)),
         "{statuses:?}"
     );
-    // A take sent ahead of need just before the stall may still land, so a
-    // 200 may follow a 503; once the lease is spent, every request is a 503.
     assert!(
         statuses[statuses.len() - 10..].iter().all(|&s| s == 503),
         "{statuses:?}"
     );
-    assert!(
-        served_stalled <= 2 * 20,
-        "more than the leases held: {statuses:?}"
-    );
-    drop(gw);
-    // The killed gateway could not give back; its reports before that
-    // settle the rest once its TTL passes: check what it reported.
-    let served = 1 + served_stalled as i64;
-    let reported = ledger(&redis).get("credits").copied().unwrap_or(0);
-    assert!(reported <= served, "{reported} > {served}");
+    assert!(served <= 2 * 20, "more than the leases held: {statuses:?}");
+    served
 }
 
 /// A refund goes back into the lease: the balance and the ledger end exact.
@@ -476,34 +483,7 @@ async fn changes_show_and_refills_apply_with_leases() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_redis_is_served_from_leases_then_on_error() {
     let mut redis = RedisServer::start();
-    import_keys(
-        &redis,
-        &format!("keys:\n  - {{key: {PAYER}, name: p, credits: 1000, rate_per_second: 100000}}\n"),
-    );
-    let ok = Origin::json("ok", true, 0).await;
-    let routes = [route("t", "/api/", &[&ok], "")];
-    let gw = Gateway::start_with_keys(&routes, &store(&redis, 20, 30, "deny"), "").await;
-    assert_eq!(get_with_key(gw.url("/api/0"), PAYER).await.status(), 200);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (gw, _origin) = one_node_holding_a_lease(&redis).await;
     redis.stop();
-    let mut statuses = Vec::new();
-    for i in 0..40 {
-        statuses.push(
-            get_with_key(gw.url(&format!("/api/k{i}")), PAYER)
-                .await
-                .status()
-                .as_u16(),
-        );
-    }
-    let served = statuses.iter().filter(|&&s| s == 200).count();
-    assert!(served > 0, "nothing served from the lease: {statuses:?}");
-    assert!(served <= 2 * 20, "more than the leases held: {statuses:?}");
-    assert!(
-        statuses.iter().all(|s| [200, 503].contains(s)),
-        "{statuses:?}"
-    );
-    assert!(
-        statuses[statuses.len() - 10..].iter().all(|&s| s == 503),
-        "{statuses:?}"
-    );
+    served_from_the_lease_then_503(&gw).await;
 }
