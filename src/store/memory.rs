@@ -163,7 +163,9 @@ impl Store for MemoryStore {
         if info.state == KeyState::Revoked {
             return Ok(Charge::Revoked);
         }
-        entry.refill(&info.lifecycle, keys::now());
+        if info.lifecycle.refill.is_some() {
+            entry.refill(&info.lifecycle, keys::now());
+        }
         let taken = entry
             .credits
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| c.checked_sub(cost));
