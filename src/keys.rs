@@ -120,32 +120,38 @@ fn print_row(out: &mut impl Write, r: &KeyRow) -> std::io::Result<()> {
     )
 }
 
+/// A flag that sets a value, or clears it when given the word `clear`
+/// (`never`, `all`, `none`, `default`): `None` when the flag is absent.
+fn set_or_clear<T>(
+    flag: Option<&str>,
+    clear: &str,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Result<Option<Option<T>>, String> {
+    match flag {
+        None => Ok(None),
+        Some(text) if text == clear => Ok(Some(None)),
+        Some(text) => parse(text).map(|v| Some(Some(v))),
+    }
+}
+
 /// `--expires`, `--routes`, `--refill` as a patch of those three.
 fn plan_patch(plan: &PlanArgs) -> Result<KeyPatch, String> {
-    let mut patch = KeyPatch::default();
-    if let Some(e) = &plan.expires {
-        patch.expires_at = Some(match e.as_str() {
-            "never" => None,
-            t => Some(keys::parse_time(t).ok_or_else(|| {
+    Ok(KeyPatch {
+        expires_at: set_or_clear(plan.expires.as_deref(), "never", |t| {
+            keys::parse_time(t).ok_or_else(|| {
                 format!("--expires: expected an RFC 3339 time or never, got \"{t}\"")
-            })?),
-        });
-    }
-    if let Some(r) = &plan.routes {
-        patch.routes = Some(match r.as_str() {
-            "all" => None,
-            names => Some(names.split(',').map(|n| n.trim().to_string()).collect()),
-        });
-    }
-    if let Some(r) = &plan.refill {
-        patch.refill = Some(match r.as_str() {
-            "none" => None,
-            text => Some(Refill::parse(text).ok_or_else(|| {
+            })
+        })?,
+        routes: set_or_clear(plan.routes.as_deref(), "all", |names| {
+            Ok(names.split(',').map(|n| n.trim().to_string()).collect())
+        })?,
+        refill: set_or_clear(plan.refill.as_deref(), "none", |text| {
+            Refill::parse(text).ok_or_else(|| {
                 format!("--refill: expected CREDITS/daily, CREDITS/monthly or none, got \"{text}\"")
-            })?),
-        });
-    }
-    Ok(patch)
+            })
+        })?,
+        ..KeyPatch::default()
+    })
 }
 
 fn lifecycle_of(plan: &PlanArgs) -> Result<Lifecycle, String> {
@@ -229,13 +235,10 @@ async fn run_redis(
         } => {
             let mut patch = plan_patch(&plan)?;
             patch.name = name;
-            patch.rate_per_second = match rate.as_deref() {
-                None => None,
-                Some("default") => Some(None),
-                Some(n) => Some(Some(n.parse().map_err(|_| {
-                    format!("--rate: expected a number or default, got \"{n}\"")
-                })?)),
-            };
+            patch.rate_per_second = set_or_clear(rate.as_deref(), "default", |n| {
+                n.parse()
+                    .map_err(|_| format!("--rate: expected a number or default, got \"{n}\""))
+            })?;
             if patch.is_empty() {
                 return Err(
                     "nothing to change: give --name, --rate, --expires, --routes or --refill"
