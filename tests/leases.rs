@@ -155,6 +155,46 @@ async fn traffic_moving_between_nodes_strands_nothing() {
     assert_eq!(hget(&redis, "credits"), 0);
 }
 
+/// The balance runs out while another node holds an idle lease: the
+/// requests that find nothing free wait for that lease, and get it within
+/// about a report (1 s) and a look (0.25 s), before the holder's idle
+/// timeout (2 s) would have returned it: their take marked the key wanted,
+/// and the holder ends its unused lease at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_node_gets_an_idle_lease_back_soon() {
+    let redis = RedisServer::start();
+    import_keys(
+        &redis,
+        &format!("keys:\n  - {{key: {PAYER}, name: p, credits: 20}}\n"),
+    );
+    let ok = Origin::json("ok", true, 0).await;
+    let routes = [route("t", "/api/", &[&ok], "")];
+    let nodes = gateways(2, &store(&redis, 50, 10, "deny"), &routes).await;
+    let start = Instant::now();
+    let first = get_with_key(nodes[0].url("/api/a"), PAYER).await;
+    assert_eq!(first.status(), 200);
+    let held = hget(&redis, "leased");
+    assert!(held > 1, "the first node holds more than it spent: {held}");
+    let urls = (0..19)
+        .map(|i| nodes[1].url(&format!("/api/b{i}")))
+        .collect();
+    let statuses = statuses_at_once(urls, PAYER).await;
+    let took = start.elapsed();
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    assert!(
+        took < Duration::from_millis(1700),
+        "the second node's requests waited until {took:?} for the first node's lease"
+    );
+    assert_eq!(
+        get_with_key(nodes[1].url("/api/last"), PAYER)
+            .await
+            .status(),
+        402
+    );
+    until_settled(&redis, Duration::from_secs(6)).await;
+    assert_eq!(hget(&redis, "credits"), 0);
+}
+
 /// A node stopped (SIGTERM) gives its unspent credits back; one killed
 /// (SIGKILL) loses them only until `ttl_seconds` pass.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,8 +17,11 @@
 //!   that, so a live node cut off from Redis never spends what Redis may give
 //!   to another.
 //! - When a charge finds too little to lease while other nodes hold leases,
-//!   it waits up to [`WAIT_FOR_RETURNS`] for them to give back (they do
-//!   within a report or two) before answering 402.
+//!   it marks the key wanted in Redis and waits up to [`WAIT_FOR_RETURNS`]
+//!   for them to give back before answering 402. A node learns of it from
+//!   its next report and ends its lease of that key as soon as the lease
+//!   has been unused for [`YIELD_IDLE`] (the keeper looks every [`TICK`]),
+//!   so credits are never stranded on a node that stopped using them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,6 +47,10 @@ pub const IDLE: Duration = Duration::from_secs(2);
 pub const MARGIN: Duration = Duration::from_secs(2);
 /// How long a charge waits for other nodes to give credits back.
 pub const WAIT_FOR_RETURNS: Duration = Duration::from_millis(2500);
+/// A lease another node waits for is ended once unused this long.
+pub const YIELD_IDLE: Duration = Duration::from_millis(250);
+/// How often the keeper looks at each lease (it reports one when due).
+pub const TICK: Duration = Duration::from_millis(250);
 
 /// One key's lease on this node.
 #[derive(Debug)]
@@ -61,7 +68,11 @@ struct Lease {
     leased: i64,
     /// The last take or report that Redis answered.
     renewed: Option<Instant>,
+    /// The last report sent.
+    reported: Instant,
     used: Instant,
+    /// Another node waits for this key's credits (as of the last report).
+    wanted: bool,
     /// A take ahead of need is under way.
     taking: bool,
 }
@@ -76,7 +87,9 @@ impl Lease {
             balance: 0,
             leased: 0,
             renewed: None,
+            reported: Instant::now(),
             used: Instant::now(),
+            wanted: false,
             taking: false,
         }
     }
@@ -97,6 +110,7 @@ impl Lease {
             granted,
             credits,
             leased,
+            ..
         } = *taken
         {
             self.balance = credits;
@@ -112,6 +126,15 @@ impl Lease {
             *r += d;
         }
     }
+}
+
+/// What a report says to do with its lease next.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    /// Report again when due.
+    Wait,
+    /// Another node wants the credits this idle lease holds: end it now.
+    Yield,
 }
 
 /// The lease store.
@@ -242,7 +265,12 @@ impl LeasedStore {
         let mut failed = 0;
         let mut held = 0;
         for (hash, lease) in leases {
-            if self.report(&hash, &lease, end).await.is_err() {
+            let mut reported = self.report(&hash, &lease, end).await;
+            if matches!(reported, Ok(Next::Yield)) {
+                // Wanted elsewhere, and idle here: give it back now.
+                reported = self.report(&hash, &lease, true).await;
+            }
+            if reported.is_err() {
                 failed += 1;
             }
             held += lease.lock().await.unspent;
@@ -253,19 +281,26 @@ impl LeasedStore {
         failed
     }
 
-    /// Report one lease: what it spent and its ledger, giving back what is
-    /// above its size (everything when idle or ending). The node counts
-    /// what it holds itself: Redis' record of the lease changes by exactly
-    /// what the node sends, so takes and reports may cross.
+    /// Report one lease when due (each [`REPORT_EVERY`], or at once when
+    /// another node wants its idle credits): what it spent and its ledger,
+    /// giving back what is above its size (everything when idle, wanted or
+    /// ending). The node counts what it holds itself: Redis' record of the
+    /// lease changes by exactly what the node sends, so takes and reports
+    /// may cross.
     async fn report(
         &self,
         hash: &KeyHash,
         lease: &Arc<tokio::sync::Mutex<Lease>>,
         end: bool,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Next, StoreError> {
         let (spent, give, end, ledger) = {
             let mut l = lease.lock().await;
-            let end = end || l.used.elapsed() >= IDLE;
+            let idle = l.used.elapsed();
+            let yielding = l.wanted && l.unspent > 0 && idle >= YIELD_IDLE;
+            if !end && !yielding && l.reported.elapsed() < REPORT_EVERY {
+                return Ok(Next::Wait);
+            }
+            let end = end || yielding || idle >= IDLE;
             let want = self.want(&l, 1);
             let give = if end {
                 l.unspent
@@ -275,16 +310,17 @@ impl LeasedStore {
             let quiet = l.spent == 0 && l.ledger.is_empty() && give == 0 && !end;
             let fresh = l.renewed.is_some_and(|r| r.elapsed() * 3 < self.config.ttl);
             if quiet && fresh {
-                return Ok(());
+                return Ok(Next::Wait);
             }
             if l.renewed.is_none() && l.spent == 0 && l.ledger.is_empty() {
                 // Never taken: nothing to report.
                 drop(l);
                 self.forget(hash, lease);
-                return Ok(());
+                return Ok(Next::Wait);
             }
             let spent = std::mem::take(&mut l.spent);
             l.reporting += spent;
+            l.reported = Instant::now();
             l.unspent -= give;
             (spent, give, end, std::mem::take(&mut l.ledger))
         };
@@ -306,21 +342,27 @@ impl LeasedStore {
                 leased,
                 outstanding,
                 active,
-                ..
+                wanted,
             }) => {
                 l.balance = credits;
                 l.leased = leased;
+                l.wanted = wanted;
                 l.renewed = Some(Instant::now());
                 if outstanding.is_none() || !active {
                     // Ended, taken back after its expiry, or the key revoked.
                     l.unspent = 0;
                 }
                 let gone = outstanding.is_none() && l.spent == 0 && l.ledger.is_empty();
+                let next = if wanted && l.unspent > 0 && l.used.elapsed() >= YIELD_IDLE {
+                    Next::Yield
+                } else {
+                    Next::Wait
+                };
                 drop(l);
                 if gone {
                     self.forget(hash, lease);
                 }
-                Ok(())
+                Ok(next)
             }
             Err(e) => {
                 // Kept for the next report.
@@ -361,6 +403,8 @@ impl Store for LeasedStore {
         let lease = self.lease(hash);
         let deadline = Instant::now() + WAIT_FOR_RETURNS;
         loop {
+            // What other nodes' leases hold, as the take below found.
+            let mut others = 0;
             let mut l = lease.lock().await;
             l.used = Instant::now();
             let ttl = self.config.ttl;
@@ -378,7 +422,7 @@ impl Store for LeasedStore {
                 match self.take(hash, &mut l, more.max(1)).await? {
                     Taken::Unknown => return Ok(Charge::Unknown),
                     Taken::Revoked => return Ok(Charge::Revoked),
-                    Taken::Granted { .. } => {}
+                    Taken::Granted { others: o, .. } => others = o,
                 }
             }
             if l.unspent >= cost {
@@ -389,13 +433,11 @@ impl Store for LeasedStore {
                 self.refill_ahead(*hash, &lease, &mut l, cost);
                 return Ok(Charge::Charged { remaining });
             }
-            // Too little free: other nodes may hold the rest, and give it
-            // back within a report or two.
-            let mine = i64::try_from(l.unspent).unwrap_or(0) + l.spent.max(0) + l.reporting.max(0);
-            let others_hold = l.leased - mine > 0;
+            // Too little free: other nodes hold the rest; the take marked
+            // the key wanted, and they give back what they do not use.
             let remaining = l.remaining();
             drop(l);
-            if !others_hold || Instant::now() >= deadline {
+            if others <= 0 || Instant::now() >= deadline {
                 return Ok(Charge::Insufficient { remaining });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -437,7 +479,7 @@ impl BackgroundService for LeaseKeeper {
         let store = &self.0;
         loop {
             tokio::select! {
-                () = tokio::time::sleep(REPORT_EVERY) => {
+                () = tokio::time::sleep(TICK) => {
                     store.report_all(false).await;
                 }
                 _ = shutdown.changed() => break,

@@ -22,11 +22,13 @@ const FIELDS: [&str; 4] = ["requests", "credits", "refunded", "cache_hits"];
 pub enum Taken {
     Unknown,
     Revoked,
-    /// Granted this many credits; the key's balance and what its leases hold.
+    /// Granted this many credits; the key's balance, what its leases hold,
+    /// and what other nodes' leases hold.
     Granted {
         granted: u64,
         credits: i64,
         leased: i64,
+        others: i64,
     },
 }
 
@@ -39,6 +41,8 @@ pub struct Reported {
     /// taken back after its expiry).
     pub outstanding: Option<u64>,
     pub active: bool,
+    /// Another node waits for this key's credits.
+    pub wanted: bool,
 }
 
 /// What a node reports of one lease.
@@ -77,6 +81,11 @@ impl RedisStore {
         format!("{}:leases", self.redis_key(hash))
     }
 
+    /// Set for a few seconds when a node could not lease what it needed.
+    fn wanted_key(&self, hash: &KeyHash) -> String {
+        format!("{}:wanted", self.redis_key(hash))
+    }
+
     /// Take up to `want` more credits of `hash` into `node`'s lease.
     pub async fn take_lease(
         &self,
@@ -90,12 +99,13 @@ impl RedisStore {
         let (day, month) = keys::day_labels(keys::now().div_euclid(86_400));
         let mut call = scripts.take.key(self.redis_key(hash));
         call.key(self.leases_key(hash))
+            .key(self.wanted_key(hash))
             .arg(node)
             .arg(want)
             .arg(ms(ttl))
             .arg(&*day)
             .arg(&*month);
-        let (code, granted, credits, leased): (i64, i64, i64, i64) =
+        let (code, granted, credits, leased, others): (i64, i64, i64, i64, i64) =
             self.bounded(call.invoke_async(&mut c)).await?;
         Ok(match code {
             0 => Taken::Unknown,
@@ -104,6 +114,7 @@ impl RedisStore {
                 granted: u64::try_from(granted).unwrap_or(0),
                 credits,
                 leased,
+                others,
             },
         })
     }
@@ -126,7 +137,7 @@ impl RedisStore {
         } = report;
         let mut c = self.conn().await?;
         let mut call = scripts.report.key(self.redis_key(hash));
-        call.key(self.leases_key(hash));
+        call.key(self.leases_key(hash)).key(self.wanted_key(hash));
         let mut days: Vec<i64> = ledger.keys().map(|u| u.day).collect();
         days.sort_unstable();
         days.dedup();
@@ -156,13 +167,14 @@ impl RedisStore {
                 }
             }
         }
-        let (credits, leased, outstanding, active): (i64, i64, i64, i64) =
+        let (credits, leased, outstanding, active, wanted): (i64, i64, i64, i64, i64) =
             self.bounded(call.invoke_async(&mut c)).await?;
         Ok(Reported {
             credits,
             leased,
             outstanding: u64::try_from(outstanding).ok(),
             active: active == 1,
+            wanted: wanted == 1,
         })
     }
 }

@@ -111,8 +111,11 @@ end
 /// Take a lease of up to ARGV[2] credits for node ARGV[1], expiring ARGV[3]
 /// ms from now, after applying a refill as the charge does (ARGV[4] today,
 /// ARGV[5] this month). A node's lease grows by what it is granted; only
-/// credits not held by any lease are granted. Returns {code, granted,
-/// credits, leased}: code 0 unknown, 1 revoked, 2 taken.
+/// credits not held by any lease are granted. A take granted less than it
+/// asked while other nodes hold leases marks the key wanted (KEYS[3], for
+/// 3 s): nodes holding its credits idle then give them back at once.
+/// Returns {code, granted, credits, leased, others}: code 0 unknown, 1
+/// revoked, 2 taken; `others` what the other nodes' leases hold.
 pub(super) const LEASE_TAKE: &str = concat!(
     lease_prelude!(),
     r"
@@ -142,7 +145,11 @@ if grant > 0 then
 end
 out = out + grant
 redis.call('HSET', KEYS[2], ARGV[1], string.format('%d %d', out, now + tonumber(ARGV[3])))
-return {2, grant, credits, leased}
+local others = leased - out
+if grant < tonumber(ARGV[2]) and others > 0 then
+  redis.call('SET', KEYS[3], '1', 'PX', 3000)
+end
+return {2, grant, credits, leased, others}
 "
 );
 
@@ -153,9 +160,10 @@ return {2, grant, credits, leased}
 /// ARGV[5] is 1 (whatever it still holds goes back). A lease already taken
 /// back (the node was silent past its expiry) is charged its late spending
 /// all the same. Then the ledger deltas: from ARGV[7], triples (index of
-/// the usage key among KEYS from 3, field, delta); a new counter's row gets
+/// the usage key among KEYS from 4, field, delta); a new counter's row gets
 /// the TTL ARGV[6] seconds. Returns {credits, leased, outstanding (-1: no
-/// lease), active (1/0)}.
+/// lease), active (1/0), wanted (1/0: another node waits for credits,
+/// KEYS[3])}.
 pub(super) const LEASE_REPORT: &str = concat!(
     lease_prelude!(),
     r"
@@ -178,7 +186,7 @@ if mine then
   if known and back ~= 0 then redis.call('HINCRBY', KEYS[1], 'leased', -back) end
 end
 for i = 7, #ARGV, 3 do
-  local row = KEYS[2 + tonumber(ARGV[i])]
+  local row = KEYS[3 + tonumber(ARGV[i])]
   local n = redis.call('HINCRBY', row, ARGV[i + 1], tonumber(ARGV[i + 2]))
   if ARGV[6] ~= '0' and n == tonumber(ARGV[i + 2]) and redis.call('TTL', row) < 0 then
     redis.call('EXPIRE', row, ARGV[6])
@@ -187,6 +195,6 @@ end
 local h = redis.call('HMGET', KEYS[1], 'credits', 'leased', 'state')
 local active = 0
 if h[3] == 'active' then active = 1 end
-return {tonumber(h[1]) or 0, tonumber(h[2]) or 0, out, active}
+return {tonumber(h[1]) or 0, tonumber(h[2]) or 0, out, active, redis.call('EXISTS', KEYS[3])}
 "
 );
