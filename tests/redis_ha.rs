@@ -107,21 +107,32 @@ async fn cluster_spreads_keys_and_keeps_credits_exact_across_two_gateways() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sentinel_failover_under_load_serves_again_soon_after_the_promotion() {
-    failover_under_load("deny", &[200, 503]).await;
+    failover_under_load("deny", "", &[200, 503]).await;
 }
 
 /// With `on_error: allow` the gap costs the customer nothing visible: every
 /// answer is a 200 (those the store could not decide are served uncharged).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sentinel_failover_with_on_error_allow_answers_every_request() {
-    failover_under_load("allow", &[200]).await;
+    failover_under_load("allow", "", &[200]).await;
 }
 
-/// Kill the master of a Sentinel setup under eight clients; the answers in
-/// the gap may only be `expected` statuses.
-async fn failover_under_load(on_error: &str, expected: &[u16]) {
+/// With credit leases (and `on_error: deny`) the gap costs nothing
+/// visible: the node serves from the lease it holds while there is no
+/// master, reports its spending to the promoted one, and gives its lease
+/// back there when it stops; the balance is never charged more than was
+/// answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sentinel_failover_with_leases_held_serves_from_them() {
+    let leases = "  leases: {max_credits: 10000, ttl_seconds: 10}\n";
+    failover_under_load("deny", leases, &[200]).await;
+}
+
+/// Kill the master of a Sentinel setup under eight clients (`extra`: more
+/// store settings); the answers in the gap may only be `expected` statuses.
+async fn failover_under_load(on_error: &str, extra: &str, expected: &[u16]) {
     let mut ha = Sentinels::start();
-    let store = format!("{}  on_error: {on_error}\n", ha.store_yaml());
+    let store = format!("{}  on_error: {on_error}\n{extra}", ha.store_yaml());
     let dir = tempfile::tempdir().unwrap();
     let conf = keys_conf_for(dir.path(), &store);
     import(
@@ -216,6 +227,31 @@ async fn failover_under_load(on_error: &str, expected: &[u16]) {
     // The failover window: acknowledged charges the promoted replica lacks.
     let hex = tollgate::key::KeyHash::of("payer").hex();
     let name = format!("tollgate:key:{{{hex}}}");
+    if !extra.is_empty() {
+        // Leases: the node reports what it spent to the promoted master
+        // and, stopping, gives its lease back there.
+        let ok = std::process::Command::new("kill")
+            .args(["-TERM", &gw.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let leased = || {
+            common::redis_ha::cli(ha.replica.port, &["HGET", &name, "leased"])
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        };
+        while leased() != "0" {
+            assert!(
+                Instant::now() < deadline,
+                "lease not given back: {}",
+                leased()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     let balance: u64 = common::redis_ha::cli(ha.replica.port, &["HGET", &name, "credits"])
         .unwrap()
         .trim()
