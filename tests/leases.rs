@@ -527,3 +527,58 @@ async fn a_killed_redis_is_served_from_leases_then_on_error() {
     redis.stop();
     served_from_the_lease_then_503(&gw).await;
 }
+
+/// With leases: a change of `rate_per_second`, `expires_at` or `routes`
+/// shows on a node holding a lease of the key within about a second (the
+/// key's metadata is read as without leases; the lease does not keep it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_expiry_and_route_changes_show_with_leases() {
+    let redis = RedisServer::start();
+    import_keys(
+        &redis,
+        &format!("keys:\n  - {{key: {PAYER}, name: p, credits: 1000}}\n"),
+    );
+    let ok = Origin::json("ok", true, 0).await;
+    let routes = [
+        route("t", "/api/", &[&ok], ""),
+        route("u", "/other/", &[&ok], ""),
+    ];
+    let gw = Gateway::start_with_keys(&routes, &store(&redis, 100, 10, "deny"), "").await;
+    assert_eq!(get_with_key(gw.url("/api/0"), PAYER).await.status(), 200);
+    assert!(hget(&redis, "leased") > 0, "the node holds a lease");
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("keys-cli.yaml");
+    std::fs::write(
+        &conf,
+        format!(
+            "store:\n  redis_url: {}\nroutes:\n  - {{name: t, prefix: /api/, backends: [\"http://127.0.0.1:1\"]}}\n  - {{name: u, prefix: /other/, backends: [\"http://127.0.0.1:1\"]}}\n",
+            redis.url()
+        ),
+    )
+    .unwrap();
+    // Each change, then the status it must bring within 1.5 s.
+    for (flag, value, status) in [
+        ("--routes", "u", 403),
+        ("--routes", "all", 200),
+        ("--rate", "1", 429),
+        ("--rate", "default", 200),
+        ("--expires", "2001-01-01T00:00:00Z", 401),
+    ] {
+        let (code, _, err) = tollgate(&["keys", "update", PAYER, flag, value], &conf);
+        assert_eq!(code, 0, "{flag} {value}: {err}");
+        let start = Instant::now();
+        loop {
+            // Two at once, so that a rate of 1 per second shows.
+            let urls = (0..2).map(|i| gw.url(&format!("/api/{i}"))).collect();
+            let statuses = statuses_at_once(urls, PAYER).await;
+            if statuses.contains(&status) && (status != 200 || statuses == [200, 200]) {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_millis(1500),
+                "{flag} {value}: still {statuses:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
