@@ -582,3 +582,87 @@ async fn rate_expiry_and_route_changes_show_with_leases() {
         }
     }
 }
+
+/// One node cut off from Redis while another still reaches it, for longer
+/// than `ttl_seconds`: the cut-off node serves from its lease only until
+/// `MARGIN` before Redis may take it back (then `on_error`), Redis takes
+/// the lease back at its expiry and lets the other node spend it, and the
+/// cut-off node's late report bills every answer it gave. So the billing
+/// stays exact, and the key's balance ends below zero by at most what
+/// that node spent unreported (within its lease): the one case where
+/// leases can overspend, documented in the README.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_past_the_ttl_is_billed_late_within_its_lease() {
+    let redis = RedisServer::start();
+    import_keys(
+        &redis,
+        &format!("keys:\n  - {{key: {PAYER}, name: p, credits: 100, rate_per_second: 100000}}\n"),
+    );
+    let relay = common::relay::Relay::start(redis.port).await;
+    let ok = Origin::json("ok", true, 0).await;
+    let routes = [route("t", "/api/", &[&ok], "")];
+    let cut_off_store = format!(
+        "store:\n  redis_url: {}\n  on_error: deny\n  timeout_ms: 300\n  leases: {{max_credits: 40, ttl_seconds: 5}}\n",
+        relay.url()
+    );
+    let a = Gateway::start_with_keys(&routes, &cut_off_store, "").await;
+    let b = Gateway::start_with_keys(&routes, &store(&redis, 40, 5, "deny"), "").await;
+    assert_eq!(get_with_key(a.url("/api/a0"), PAYER).await.status(), 200);
+    let lease = hget(&redis, "leased");
+    assert!(lease > 10, "the first node holds a lease: {lease}");
+
+    relay.cut();
+    let cut = Instant::now();
+    let mut served_a = 1;
+    for i in 1..=10 {
+        let status = get_with_key(a.url(&format!("/api/a{i}")), PAYER)
+            .await
+            .status();
+        assert_eq!(status, 200, "served from the lease while cut off");
+        served_a += 1;
+    }
+    // The other node spends what is free, then what Redis takes back from
+    // the silent node's lease once it expires.
+    let mut served_b = 0;
+    while served_b + served_a < 100 + lease {
+        let status = get_with_key(b.url(&format!("/api/b{served_b}")), PAYER)
+            .await
+            .status();
+        if status == 200 {
+            served_b += 1;
+        } else {
+            assert_eq!(status, 402);
+            if hget(&redis, "leased") == 0 && cut.elapsed() > Duration::from_secs(6) {
+                break; // nothing left to take back
+            }
+        }
+        assert!(cut.elapsed() < Duration::from_secs(20), "served {served_b}");
+    }
+    assert!(cut.elapsed() > Duration::from_secs(3));
+    // Past MARGIN before the lease's expiry, the cut-off node stops.
+    assert_eq!(get_with_key(a.url("/api/late"), PAYER).await.status(), 503);
+
+    relay.heal();
+    let total = served_a + served_b;
+    let start = Instant::now();
+    while hget(&redis, "credits") != 100 - total {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "late report not billed: credits {} after {total} answers",
+            hget(&redis, "credits")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let over = total - 100;
+    eprintln!("cut off: {served_a} answers from the lease, {served_b} on the other node, {over} over the balance (lease {lease})");
+    assert!(
+        over <= lease,
+        "overspent {over}, beyond the lease of {lease}"
+    );
+    assert!(
+        over <= served_a,
+        "overspent {over}, beyond the cut-off node's {served_a}"
+    );
+    until_settled(&redis, Duration::from_secs(6)).await;
+    assert_eq!(ledger(&redis)["requests"], total);
+}

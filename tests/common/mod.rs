@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 mod origin;
 pub mod pki;
 pub mod redis_ha;
+pub mod relay;
 
 use origin::{serve, Handler};
 pub use origin::{Reply, Request};
