@@ -14,9 +14,15 @@ use tollgate::store::Usage;
 
 const PAYER: &str = "k_lease_payer";
 
+/// A store on `redis` with leases; `timeout_ms` 1000, so that a loaded
+/// machine does not turn a slow take into `on_error`.
 fn store(redis: &RedisServer, max: u64, ttl: u64, on_error: &str) -> String {
+    store_timing_out(redis, max, ttl, on_error, 1000)
+}
+
+fn store_timing_out(redis: &RedisServer, max: u64, ttl: u64, on_error: &str, ms: u64) -> String {
     format!(
-        "store:\n  redis_url: {}\n  on_error: {on_error}\n  timeout_ms: 300\n  leases: {{max_credits: {max}, ttl_seconds: {ttl}}}\n",
+        "store:\n  redis_url: {}\n  on_error: {on_error}\n  timeout_ms: {ms}\n  leases: {{max_credits: {max}, ttl_seconds: {ttl}}}\n",
         redis.url()
     )
 }
@@ -326,7 +332,9 @@ async fn one_node_holding_a_lease(redis: &RedisServer) -> (Gateway, Origin) {
     );
     let ok = Origin::json("ok", true, 0).await;
     let routes = [route("t", "/api/", &[&ok], "")];
-    let gw = Gateway::start_with_keys(&routes, &store(redis, 20, 30, "deny"), "").await;
+    // A stalled Redis costs each request `timeout_ms`: keep it short.
+    let store = store_timing_out(redis, 20, 30, "deny", 300);
+    let gw = Gateway::start_with_keys(&routes, &store, "").await;
     assert_eq!(get_with_key(gw.url("/api/0"), PAYER).await.status(), 200);
     tokio::time::sleep(Duration::from_millis(300)).await;
     (gw, ok)
