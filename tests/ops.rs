@@ -1,7 +1,8 @@
 //! Operations: the unit passes `systemd-analyze verify` and its sandboxing
 //! passes `systemd-analyze security --threshold`; the install script stages
-//! a tree and ships no usable key. The reload sequence itself is tested in
-//! `tests/reload.rs`.
+//! a tree and ships no usable key; `generate` writes the completions and man
+//! pages the Debian package ships (`packaging/test-deb` checks the package).
+//! The reload sequence itself is tested in `tests/reload.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
