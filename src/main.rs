@@ -1,12 +1,13 @@
 //! The `tollgate` command: wiring only.
 
 mod demo;
+mod generate;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::Opt;
 use pingora::server::{RunArgs, Server};
@@ -89,6 +90,12 @@ enum Command {
         /// jsonl (JSON lines) or csv (with a header row).
         #[arg(long, default_value = "jsonl")]
         format: String,
+    },
+    /// Write the shell completions and man pages into DIR (packaging).
+    #[command(hide = true)]
+    Generate {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
     },
 }
 
@@ -287,6 +294,15 @@ fn serve(mut config: Config, opt: Opt) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Generate { out } = &cli.command {
+        return match generate::write(Cli::command(), out) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tollgate generate: {}: {e}", out.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
     let config = match load(cli.conf.as_ref()) {
         Ok(c) => c,
         Err(code) => return code,
@@ -358,6 +374,7 @@ fn main() -> ExitCode {
             let run = tollgate::usage::run(&config, range, key.as_deref(), &format, &mut out);
             cli_run("usage", run)
         }
+        Command::Generate { .. } => unreachable!("handled before the config is loaded"),
     }
 }
 

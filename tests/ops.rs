@@ -1,7 +1,8 @@
 //! Operations: the unit passes `systemd-analyze verify` and its sandboxing
 //! passes `systemd-analyze security --threshold`; the install script stages
-//! a tree and ships no usable key. The reload sequence itself is tested in
-//! `tests/reload.rs`.
+//! a tree and ships no usable key; `generate` writes the completions and man
+//! pages the Debian package ships (`packaging/test-deb` checks the package).
+//! The reload sequence itself is tested in `tests/reload.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -167,4 +168,37 @@ fn install_script_stages_binary_config_and_unit() {
     assert!(!d.join("usr/local/bin/tollgate").exists());
     assert!(!d.join("etc/systemd/system/tollgate.service").exists());
     assert!(d.join("etc/tollgate/tollgate.yaml").exists());
+}
+
+/// `tollgate generate` (hidden; `packaging/build-deb` runs it) writes the
+/// completions and man pages from the CLI definition, without a config, and
+/// shows itself in none of them.
+#[test]
+fn generate_writes_completions_and_man_pages_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(tollgate_bin())
+        .args(["generate", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let read = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap();
+    let bash = read("completions/tollgate.bash");
+    assert!(bash.contains("complete -F _tollgate"), "{bash}");
+    assert!(read("completions/_tollgate").starts_with("#compdef tollgate"));
+    assert!(read("completions/tollgate.fish").contains("complete -c tollgate"));
+    let top = read("man/tollgate.1");
+    assert!(top.contains(".TH tollgate 1"), "{top}");
+    assert!(top.contains("tollgate\\-keys(1)"), "{top}");
+    let create = read("man/tollgate-keys-create.1");
+    assert!(create.contains("\\-\\-credits"), "{create}");
+    for text in [bash, top] {
+        assert!(!text.contains("generate"), "the hidden command shows");
+    }
+    let help = Command::new(tollgate_bin()).arg("--help").output().unwrap();
+    assert!(!String::from_utf8_lossy(&help.stdout).contains("generate"));
 }
