@@ -298,9 +298,9 @@ async fn balance(redis: &RedisServer) -> u64 {
     let dump = redis.dump().await;
     let (_, fields) = dump
         .iter()
-        .find(|(k, _)| {
-            k.starts_with("tollgate:key:") && !k.contains(":op:") && !k.ends_with(":leases")
-        })
+        // The key's hash itself, `tollgate:key:{<sha256>}`, not the names
+        // beside it (`…:op:…`, `…:leases`, `…:wanted`).
+        .find(|(k, _)| k.starts_with("tollgate:key:") && k.ends_with('}'))
         .unwrap();
     fields
         .iter()
