@@ -3,8 +3,9 @@
 //! (`hedge_budget_percent`).
 //!
 //! `auto` is the route's observed 95th percentile of answer latency, taken
-//! from race start to the winning answer (so a hedged request counts as
-//! slow: were the winner's own latency taken, every hedge would pull the
+//! from race start to the winning answer, or for a request a hedge won, the
+//! hedge delay it waited (it would have taken at least that unhedged; were
+//! the winner's own latency taken instead, every hedge would pull the
 //! estimate down, and more hedges would follow), over a sliding window
 //! ([`LatencyWindow`]), between 1 ms and `timeout_ms`; 50 ms until the
 //! window holds [`MIN_ANSWERS`] answers. It is recomputed by the first
