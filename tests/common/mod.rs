@@ -120,7 +120,11 @@ impl Origin {
         let n = std::sync::atomic::AtomicUsize::new(0);
         Origin::start(move |_| {
             let i = n.fetch_add(1, Ordering::Relaxed) + 1;
-            let delay = if i.is_multiple_of(every) { slow_ms } else { fast_ms };
+            let delay = if i.is_multiple_of(every) {
+                slow_ms
+            } else {
+                fast_ms
+            };
             Reply::json(200, format!(r#"{{"status": true, "from": "{name}"}}"#))
                 .after(Duration::from_millis(delay))
         })
