@@ -26,7 +26,7 @@ use keys::{parse_keys, KeyRecord};
 pub use route::{Backend, CacheConfig, HealthPolicy, Route};
 use store::convert_store;
 pub use store::{RedisConfig, RedisTarget};
-pub use types::{AccessTarget, Strategy, SuccessRule};
+pub use types::{AccessTarget, HedgeAfter, Strategy, SuccessRule};
 
 /// One problem in a configuration file, with the field path it concerns.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use pingora_prometheus::prometheus::{
-    self, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry,
+    self, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 use crate::answer::Failure;
@@ -43,6 +43,8 @@ pub struct Metrics {
     backend_requests: IntCounterVec,
     backend_duration: HistogramVec,
     race_wins: IntCounterVec,
+    hedges: IntCounterVec,
+    hedge_delay: GaugeVec,
     all_backends_failed: IntCounterVec,
     credits_charged: IntCounterVec,
     credits_refunded: IntCounterVec,
@@ -73,6 +75,8 @@ pub struct RouteSeries {
     credits: CreditCounters,
     backends: Vec<BackendSeries>,
     failed: [IntCounter; 3],
+    /// `tollgate_hedges_total`: attempts started by the hedge timer.
+    hedges: IntCounter,
 }
 
 struct BackendSeries {
@@ -166,6 +170,23 @@ impl Metrics {
                 "Races won, by route and backend.",
                 &["route", "backend"],
             )?,
+            hedges: counter(
+                r,
+                "tollgate_hedges_total",
+                "Backend attempts started by a hedge route's timer (not the first, not after a failure), by route.",
+                &["route"],
+            )?,
+            hedge_delay: {
+                let g = GaugeVec::new(
+                    Opts::new(
+                        "tollgate_hedge_delay_seconds",
+                        "A hedge route's current delay before it starts the next backend (hedge_after_ms, or its observed p95 with auto); 0 on race and failover routes.",
+                    ),
+                    &["route"],
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
             all_backends_failed: counter(
                 r,
                 "tollgate_all_backends_failed_total",
@@ -290,6 +311,7 @@ impl Metrics {
         }
         for route in routes {
             m.route_series(route);
+            m.hedge_delay(&route.name);
         }
     }
 
@@ -328,7 +350,14 @@ impl Metrics {
                 self.all_backends_failed
                     .with_label_values(&[name, f.as_str()])
             }),
+            hedges: self.hedges.with_label_values(&[name]),
         }
+    }
+
+    /// A route's `tollgate_hedge_delay_seconds` (created at 0), which its
+    /// race keeps at the current delay.
+    pub fn hedge_delay(&self, route: &str) -> Gauge {
+        self.hedge_delay.with_label_values(&[route])
     }
 
     /// Count one answered request; `route`: its route's series, `None` when
@@ -454,6 +483,9 @@ impl RouteSeries {
                     .unwrap_or(0);
                 b.outcomes[i].inc();
                 b.duration.observe(a.latency.as_secs_f64());
+            }
+            if a.hedge {
+                self.hedges.inc();
             }
         }
         if let Some(b) = winner.and_then(|w| self.backends.get(w)) {

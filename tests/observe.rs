@@ -27,6 +27,8 @@ const FAMILIES: &[&str] = &[
     "tollgate_all_backends_failed_total",
     "tollgate_notifications_total",
     "tollgate_store_errors_total",
+    "tollgate_hedges_total",
+    "tollgate_hedge_delay_seconds",
 ];
 
 /// The metric families a running gateway exports.
@@ -431,6 +433,8 @@ async fn shipped_alert_rules_and_dashboard_load_and_use_real_metrics() {
         "tollgate_cache_total",
         "tollgate_credits_charged_total",
         "tollgate_rejections_total",
+        "tollgate_hedges_total",
+        "tollgate_hedge_delay_seconds",
     ] {
         assert!(used.contains(needed), "no panel for {needed}");
     }

@@ -179,7 +179,8 @@ pub(super) struct FileRoute {
     pub(super) prefix: String,
     pub(super) backends: Vec<String>,
     pub(super) strategy: String,
-    pub(super) hedge_after_ms: u64,
+    pub(super) hedge_after_ms: FileHedgeAfter,
+    pub(super) hedge_budget_percent: u64,
     pub(super) timeout_ms: u64,
     pub(super) success: String,
     pub(super) cost: u64,
@@ -201,7 +202,8 @@ impl Default for FileRoute {
             prefix: String::new(),
             backends: Vec::new(),
             strategy: "race".to_string(),
-            hedge_after_ms: 50,
+            hedge_after_ms: FileHedgeAfter::Ms(50),
+            hedge_budget_percent: 10,
             timeout_ms: 30_000,
             success: "json_status".to_string(),
             cost: 1,
@@ -212,6 +214,37 @@ impl Default for FileRoute {
             health: FileHealth::default(),
             backend_ca: None,
         }
+    }
+}
+
+/// `routes[].hedge_after_ms`: a whole number of milliseconds, or `auto`.
+/// Read by hand so that a wrong value gets one message that names both
+/// forms (an untagged enum would say "did not match any variant").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum FileHedgeAfter {
+    Ms(u64),
+    Auto,
+}
+
+impl<'de> Deserialize<'de> for FileHedgeAfter {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = FileHedgeAfter;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a whole number of milliseconds or \"auto\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(FileHedgeAfter::Ms(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                match v {
+                    "auto" => Ok(FileHedgeAfter::Auto),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
+                }
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 

@@ -42,6 +42,12 @@ pub const MAX_CREDITS: u64 = 1_000_000_000_000_000;
 pub const STORE_TIMEOUT_MS: Bound = bound("store.timeout_ms", 1, MINUTE_MS, "");
 pub const RATE_PER_SECOND: Bound = bound("rate_limit.per_second", 1, 1_000_000_000, "");
 pub const HEDGE_AFTER_MS: Bound = bound("routes[].hedge_after_ms", 1, HOUR_MS, "");
+pub const HEDGE_BUDGET_PERCENT: Bound = bound(
+    "routes[].hedge_budget_percent",
+    0,
+    100,
+    "a share of the route's requests",
+);
 pub const TIMEOUT_MS: Bound = bound("routes[].timeout_ms", 1, HOUR_MS, "");
 pub const COST: Bound = bound("routes[].cost", 0, 1_000_000_000, "");
 pub const COSTS: Bound = bound("routes[].costs[]", 0, 1_000_000_000, "");
@@ -151,6 +157,7 @@ pub const BOUNDS: &[Bound] = &[
     STORE_TIMEOUT_MS,
     RATE_PER_SECOND,
     HEDGE_AFTER_MS,
+    HEDGE_BUDGET_PERCENT,
     TIMEOUT_MS,
     COST,
     COSTS,

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use http::Uri;
 
-use super::file::{FileCache, FileHealth, FileRoute};
-use super::{choice, err, limits, ConfigError, Strategy, SuccessRule};
+use super::file::{FileCache, FileHealth, FileHedgeAfter, FileRoute};
+use super::{choice, err, limits, ConfigError, HedgeAfter, Strategy, SuccessRule};
 
 const STRATEGIES: &[(&str, Strategy)] = &[
     ("race", Strategy::Race),
@@ -54,7 +54,11 @@ pub struct Route {
     pub prefix: String,
     pub backends: Vec<Backend>,
     pub strategy: Strategy,
-    pub hedge_after: Duration,
+    /// `hedge`: when the next backend starts.
+    pub hedge_after: HedgeAfter,
+    /// `hedge`: attempts started by the hedge timer, at most this share (in
+    /// percent, 0-100) of the route's races over the last 10 s.
+    pub hedge_budget_percent: u32,
     pub timeout: Duration,
     pub success: SuccessRule,
     pub cost: u64,
@@ -130,7 +134,18 @@ fn convert_route(at: &str, r: FileRoute, errors: &mut Vec<ConfigError>) -> Optio
     let strategy = choice(&format!("{at}.strategy"), &r.strategy, STRATEGIES, errors);
     let success = choice(&format!("{at}.success"), &r.success, SUCCESS_RULES, errors);
     limits::TIMEOUT_MS.check(&format!("{at}.timeout_ms"), r.timeout_ms, errors);
-    limits::HEDGE_AFTER_MS.check(&format!("{at}.hedge_after_ms"), r.hedge_after_ms, errors);
+    let hedge_after = match r.hedge_after_ms {
+        FileHedgeAfter::Auto => HedgeAfter::Auto,
+        FileHedgeAfter::Ms(ms) => {
+            limits::HEDGE_AFTER_MS.check(&format!("{at}.hedge_after_ms"), ms, errors);
+            HedgeAfter::Fixed(Duration::from_millis(ms))
+        }
+    };
+    limits::HEDGE_BUDGET_PERCENT.check(
+        &format!("{at}.hedge_budget_percent"),
+        r.hedge_budget_percent,
+        errors,
+    );
     limits::MAX_RESPONSE_BYTES.check(
         &format!("{at}.max_response_bytes"),
         r.max_response_bytes as u64,
@@ -149,7 +164,8 @@ fn convert_route(at: &str, r: FileRoute, errors: &mut Vec<ConfigError>) -> Optio
         prefix: r.prefix,
         backends,
         strategy,
-        hedge_after: Duration::from_millis(r.hedge_after_ms),
+        hedge_after,
+        hedge_budget_percent: u32::try_from(r.hedge_budget_percent).unwrap_or(100),
         timeout: Duration::from_millis(r.timeout_ms),
         success,
         cost: r.cost,

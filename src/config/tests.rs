@@ -576,3 +576,60 @@ fn https_backends_take_port_443_and_keep_their_host_for_verification() {
     let plain = Config::from_yaml(MINIMAL).unwrap();
     assert!(!plain.routes[0].backends[0].tls);
 }
+
+#[test]
+fn hedge_after_ms_takes_milliseconds_or_auto_and_the_budget_a_percentage() {
+    let route = |extra: &str| {
+        let yaml = format!("{MINIMAL}    strategy: hedge\n{extra}");
+        Config::from_yaml(&yaml).map(|c| {
+            let r = &c.routes[0];
+            (r.hedge_after, r.hedge_budget_percent)
+        })
+    };
+    let ms = |n| HedgeAfter::Fixed(Duration::from_millis(n));
+    // Defaults: 50 ms, 10 %.
+    assert_eq!(route("").unwrap(), (ms(50), 10));
+    assert_eq!(
+        route("    hedge_after_ms: auto\n").unwrap(),
+        (HedgeAfter::Auto, 10)
+    );
+    assert_eq!(route("    hedge_after_ms: 1\n").unwrap().0, ms(1));
+    assert_eq!(
+        route("    hedge_after_ms: 3600000\n").unwrap().0,
+        ms(3_600_000)
+    );
+    for (budget, want) in [("0", 0), ("1", 1), ("100", 100)] {
+        let extra = format!("    hedge_after_ms: auto\n    hedge_budget_percent: {budget}\n");
+        assert_eq!(route(&extra).unwrap(), (HedgeAfter::Auto, want));
+    }
+}
+
+#[test]
+fn bad_hedge_values_name_the_field_and_what_is_expected() {
+    let errors = |extra: &str| errors_of(&format!("{MINIMAL}    strategy: hedge\n{extra}"));
+    let expected = r#"expected a whole number of milliseconds or "auto""#;
+    for bad in ["fast", "Auto", "\"50\"", "-5", "2.5", "[]"] {
+        let e = errors(&format!("    hedge_after_ms: {bad}\n"));
+        assert_eq!(e.len(), 1, "{bad}: {e:?}");
+        assert!(
+            e[0].starts_with("routes[0].hedge_after_ms: invalid") && e[0].contains(expected),
+            "{bad}: {e:?}"
+        );
+    }
+    assert_eq!(
+        errors("    hedge_after_ms: 0\n"),
+        vec!["routes[0].hedge_after_ms: must be at least 1"]
+    );
+    assert_eq!(
+        errors("    hedge_budget_percent: 101\n"),
+        vec!["routes[0].hedge_budget_percent: must be at most 100, got 101 (a share of the route's requests)"]
+    );
+    for bad in ["-1", "auto", "10.5", "ten"] {
+        let e = errors(&format!("    hedge_budget_percent: {bad}\n"));
+        assert_eq!(e.len(), 1, "{bad}: {e:?}");
+        assert!(
+            e[0].starts_with("routes[0].hedge_budget_percent: invalid"),
+            "{bad}: {e:?}"
+        );
+    }
+}

@@ -17,6 +17,15 @@ pub enum Strategy {
     Failover,
 }
 
+/// When a `hedge` route starts its next backend (`hedge_after_ms`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HedgeAfter {
+    /// This long after the previous start.
+    Fixed(std::time::Duration),
+    /// The route's observed 95th percentile of answer latency (`auto`).
+    Auto,
+}
+
 /// What makes a backend answer a winner.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SuccessRule {

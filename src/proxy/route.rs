@@ -36,7 +36,12 @@ impl RouteRuntime {
             .zip(notifier.routes())
             .map(|(r, notifier)| RouteRuntime {
                 config: r.clone(),
-                upstream: RouteUpstream::new(r, pool_size, |b| metrics.backend_healthy(&r.name, b)),
+                upstream: RouteUpstream::new(
+                    r,
+                    pool_size,
+                    |b| metrics.backend_healthy(&r.name, b),
+                    metrics.hedge_delay(&r.name),
+                ),
                 series: metrics.route_series(r),
                 notifier,
                 failing: AtomicBool::new(false),

@@ -114,6 +114,24 @@ impl Origin {
         .await
     }
 
+    /// A backend with a deterministic long tail: answers `{"status": true,
+    /// "from": <name>}`, every `every`th request (the `every`th, the
+    /// 2×`every`th, …) after `slow_ms`, the others after `fast_ms`.
+    pub async fn long_tail(name: &'static str, every: usize, fast_ms: u64, slow_ms: u64) -> Origin {
+        let n = std::sync::atomic::AtomicUsize::new(0);
+        Origin::start(move |_| {
+            let i = n.fetch_add(1, Ordering::Relaxed) + 1;
+            let delay = if i.is_multiple_of(every) {
+                slow_ms
+            } else {
+                fast_ms
+            };
+            Reply::json(200, format!(r#"{{"status": true, "from": "{name}"}}"#))
+                .after(Duration::from_millis(delay))
+        })
+        .await
+    }
+
     /// Answers `status` with a JSON error body after `delay_ms`.
     pub async fn status(code: u16, delay_ms: u64) -> Origin {
         Origin::start(move |_| {
