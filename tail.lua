@@ -1,0 +1,2 @@
+wrk.path = "/tail/x"
+wrk.headers["X-API-Key"] = "bench-key"
