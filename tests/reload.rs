@@ -77,6 +77,17 @@ fn conf_listening(
     )
 }
 
+/// The daemons' log lines above INFO (the last 40), to say why a request
+/// failed.
+fn warnings(dir: &Path) -> String {
+    let log = std::fs::read_to_string(dir.join("error.log")).unwrap_or_default();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| !l.contains(" INFO ") && !l.contains(" DEBUG "))
+        .collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, text).unwrap();
@@ -416,9 +427,10 @@ async fn reloads_under_load(reloads: usize, leases: &str) {
     };
     assert!(
         failed.is_empty(),
-        "{} of {served} requests failed (reloads took {took:?}): {:?}",
+        "{} of {served} requests failed (reloads took {took:?}): {:?}\nthe daemons' warnings:\n{}",
         failed.len(),
-        &failed[..failed.len().min(8)]
+        &failed[..failed.len().min(8)],
+        warnings(dir.path())
     );
     assert!(count_from("a") > 0 && count_from("b") > 0);
     eprintln!(
