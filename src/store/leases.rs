@@ -96,7 +96,12 @@ impl Lease {
 
     /// Whether its credits may be spent: renewed recently enough.
     fn valid(&self, ttl: Duration) -> bool {
-        self.renewed.is_some_and(|r| r.elapsed() + MARGIN < ttl)
+        self.valid_at(Instant::now(), ttl)
+    }
+
+    fn valid_at(&self, now: Instant, ttl: Duration) -> bool {
+        self.renewed
+            .is_some_and(|r| now.saturating_duration_since(r) + MARGIN < ttl)
     }
 
     /// What is left as this node sees it.
@@ -390,6 +395,77 @@ impl LeasedStore {
     }
 }
 
+impl LeasedStore {
+    /// Charge `cost` from the lease, which holds it.
+    fn spend(
+        &self,
+        hash: &KeyHash,
+        lease: &Arc<tokio::sync::Mutex<Lease>>,
+        l: &mut Lease,
+        cost: u64,
+        usage: Usage,
+    ) -> Charge {
+        l.unspent -= cost;
+        l.spent += i64::try_from(cost).unwrap_or(i64::MAX);
+        l.count(usage, [1, i64::try_from(cost).unwrap_or(0), 0, 0]);
+        let remaining = l.remaining();
+        self.refill_ahead(*hash, lease, l, cost);
+        Charge::Charged { remaining }
+    }
+
+    /// The lease cannot pay: take more from Redis (waiting up to
+    /// [`WAIT_FOR_RETURNS`] for other nodes to give back), then charge.
+    /// Boxed: the take's state is large, and almost every charge is paid
+    /// from the lease without it (inline, every charge's future would be
+    /// that large, and copied).
+    fn charge_taking<'a>(
+        &'a self,
+        hash: &'a KeyHash,
+        lease: Arc<tokio::sync::Mutex<Lease>>,
+        cost: u64,
+        usage: Usage,
+    ) -> futures::future::BoxFuture<'a, Result<Charge, StoreError>> {
+        Box::pin(async move {
+            let deadline = Instant::now() + WAIT_FOR_RETURNS;
+            loop {
+                // What other nodes' leases hold, as the take below found.
+                let mut others = 0;
+                let mut l = lease.lock().await;
+                l.used = Instant::now();
+                let ttl = self.config.ttl;
+                if !l.valid(ttl) {
+                    // Too long without a renewal: Redis may have taken it back.
+                    l.unspent = 0;
+                }
+                if l.unspent < cost {
+                    let want = self.want(&l, cost).max(cost);
+                    let more = if l.valid(ttl) {
+                        want.saturating_sub(l.unspent)
+                    } else {
+                        want
+                    };
+                    match self.take(hash, &mut l, more.max(1)).await? {
+                        Taken::Unknown => return Ok(Charge::Unknown),
+                        Taken::Revoked => return Ok(Charge::Revoked),
+                        Taken::Granted { others: o, .. } => others = o,
+                    }
+                }
+                if l.unspent >= cost {
+                    return Ok(self.spend(hash, &lease, &mut l, cost, usage));
+                }
+                // Too little free: other nodes hold the rest; the take marked
+                // the key wanted, and they give back what they do not use.
+                let remaining = l.remaining();
+                drop(l);
+                if others <= 0 || Instant::now() >= deadline {
+                    return Ok(Charge::Insufficient { remaining });
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    }
+}
+
 #[async_trait]
 impl Store for LeasedStore {
     async fn key(&self, hash: &KeyHash) -> Result<Option<Arc<KeyInfo>>, StoreError> {
@@ -401,47 +477,15 @@ impl Store for LeasedStore {
             return self.redis.charge(hash, cost, usage).await;
         }
         let lease = self.lease(hash);
-        let deadline = Instant::now() + WAIT_FOR_RETURNS;
-        loop {
-            // What other nodes' leases hold, as the take below found.
-            let mut others = 0;
+        {
             let mut l = lease.lock().await;
-            l.used = Instant::now();
-            let ttl = self.config.ttl;
-            if !l.valid(ttl) {
-                // Too long without a renewal: Redis may have taken it back.
-                l.unspent = 0;
+            let now = Instant::now();
+            l.used = now;
+            if l.unspent >= cost && l.valid_at(now, self.config.ttl) {
+                return Ok(self.spend(hash, &lease, &mut l, cost, usage));
             }
-            if l.unspent < cost {
-                let want = self.want(&l, cost).max(cost);
-                let more = if l.valid(ttl) {
-                    want.saturating_sub(l.unspent)
-                } else {
-                    want
-                };
-                match self.take(hash, &mut l, more.max(1)).await? {
-                    Taken::Unknown => return Ok(Charge::Unknown),
-                    Taken::Revoked => return Ok(Charge::Revoked),
-                    Taken::Granted { others: o, .. } => others = o,
-                }
-            }
-            if l.unspent >= cost {
-                l.unspent -= cost;
-                l.spent += i64::try_from(cost).unwrap_or(i64::MAX);
-                l.count(usage, [1, i64::try_from(cost).unwrap_or(0), 0, 0]);
-                let remaining = l.remaining();
-                self.refill_ahead(*hash, &lease, &mut l, cost);
-                return Ok(Charge::Charged { remaining });
-            }
-            // Too little free: other nodes hold the rest; the take marked
-            // the key wanted, and they give back what they do not use.
-            let remaining = l.remaining();
-            drop(l);
-            if others <= 0 || Instant::now() >= deadline {
-                return Ok(Charge::Insufficient { remaining });
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        self.charge_taking(hash, lease, cost, usage).await
     }
 
     async fn refund(

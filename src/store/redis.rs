@@ -388,6 +388,62 @@ fn periods() -> (Arc<str>, Arc<str>) {
     keys::day_labels(keys::now().div_euclid(86_400))
 }
 
+impl RedisStore {
+    /// A key's metadata read from Redis (and cached), or the copy last read
+    /// when Redis cannot answer. Boxed: the Redis call's state is large, and
+    /// the metadata cache answers almost every lookup without it (inline,
+    /// every lookup's future would be that large, and copied).
+    fn read_key<'a>(
+        &'a self,
+        hash: &'a KeyHash,
+    ) -> futures::future::BoxFuture<'a, Result<Option<Arc<KeyInfo>>, StoreError>> {
+        Box::pin(async move {
+            let (fields, marker) = match self.fields_and_marker(hash).await {
+                Ok(found) => found,
+                Err(e) => match self.meta.get_stale(hash) {
+                    (Some((cached, info, fresh)), status)
+                        if cached == *hash
+                            && match status {
+                                CacheStatus::Stale(age) => age < META_IF_ERROR,
+                                // A refresh that failed: the copy is still fresh.
+                                _ => true,
+                            } =>
+                    {
+                        fresh.refreshing.store(false, Ordering::Release);
+                        return Ok(info);
+                    }
+                    _ => return Err(e),
+                },
+            };
+            let found = fields.get(2).is_some_and(Option::is_some);
+            match (marker, found) {
+                (Some(Marker::Current), _) => {}
+                // The marker's shard is down: a found key stands.
+                (None, true) => {}
+                (None, false) => {
+                    return Err(StoreError(format!(
+                        "cannot read the {} marker (its shard is down?)",
+                        self.marker()
+                    )))
+                }
+                (Some(Marker::OldLayout), _) | (Some(Marker::Missing), false) => {
+                    return Err(self.not_set_up());
+                }
+                // A key, but no marker: a store set up by an older tollgate.
+                (Some(Marker::Missing), true) => self.seen_key.store(true, Ordering::Relaxed),
+            }
+            let info = admin::info_of(hash, &fields).map(Arc::new);
+            let fresh = Arc::new(Freshness {
+                read: Instant::now(),
+                refreshing: AtomicBool::new(false),
+            });
+            self.meta
+                .put(hash, (*hash, info.clone(), fresh), Some(META_TTL));
+            Ok(info)
+        })
+    }
+}
+
 #[async_trait]
 impl Store for RedisStore {
     async fn key(&self, hash: &KeyHash) -> Result<Option<Arc<KeyInfo>>, StoreError> {
@@ -399,48 +455,7 @@ impl Store for RedisStore {
                 return Ok(info);
             }
         }
-        let (fields, marker) = match self.fields_and_marker(hash).await {
-            Ok(found) => found,
-            Err(e) => match self.meta.get_stale(hash) {
-                (Some((cached, info, fresh)), status)
-                    if cached == *hash
-                        && match status {
-                            CacheStatus::Stale(age) => age < META_IF_ERROR,
-                            // A refresh that failed: the copy is still fresh.
-                            _ => true,
-                        } =>
-                {
-                    fresh.refreshing.store(false, Ordering::Release);
-                    return Ok(info);
-                }
-                _ => return Err(e),
-            },
-        };
-        let found = fields.get(2).is_some_and(Option::is_some);
-        match (marker, found) {
-            (Some(Marker::Current), _) => {}
-            // The marker's shard is down: a found key stands.
-            (None, true) => {}
-            (None, false) => {
-                return Err(StoreError(format!(
-                    "cannot read the {} marker (its shard is down?)",
-                    self.marker()
-                )))
-            }
-            (Some(Marker::OldLayout), _) | (Some(Marker::Missing), false) => {
-                return Err(self.not_set_up());
-            }
-            // A key, but no marker: a store set up by an older tollgate.
-            (Some(Marker::Missing), true) => self.seen_key.store(true, Ordering::Relaxed),
-        }
-        let info = admin::info_of(hash, &fields).map(Arc::new);
-        let fresh = Arc::new(Freshness {
-            read: Instant::now(),
-            refreshing: AtomicBool::new(false),
-        });
-        self.meta
-            .put(hash, (*hash, info.clone(), fresh), Some(META_TTL));
-        Ok(info)
+        self.read_key(hash).await
     }
 
     async fn charge(&self, hash: &KeyHash, cost: u64, usage: Usage) -> Result<Charge, StoreError> {
