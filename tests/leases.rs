@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -78,13 +77,35 @@ async fn gateways(n: usize, store: &str, routes: &[String]) -> Vec<Gateway> {
     all
 }
 
-fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig} {pid}");
+/// A Redis with [`PAYER`] holding `credits`, and `n` gateways with leases
+/// of `max` credits for `ttl` s (`on_error: deny`) on one route, `/api/`,
+/// served by the returned origin.
+async fn payer_on_nodes(
+    credits: u64,
+    n: usize,
+    max: u64,
+    ttl: u64,
+) -> (RedisServer, Origin, Vec<Gateway>) {
+    let redis = RedisServer::start();
+    import_keys(
+        &redis,
+        &format!("keys:\n  - {{key: {PAYER}, name: p, credits: {credits}}}\n"),
+    );
+    let ok = Origin::json("ok", true, 0).await;
+    let routes = [route("t", "/api/", &[&ok], "")];
+    let nodes = gateways(n, &store(&redis, max, ttl, "deny"), &routes).await;
+    (redis, ok, nodes)
+}
+
+/// The balance is spent: `node` answers 402, and once every lease is back
+/// the key holds nothing.
+async fn sold_out(redis: &RedisServer, node: &Gateway) {
+    assert_eq!(
+        get_with_key(node.url("/api/last"), PAYER).await.status(),
+        402
+    );
+    until_settled(redis, Duration::from_secs(6)).await;
+    assert_eq!(hget(redis, "credits"), 0);
 }
 
 /// 500 credits, three nodes, 120 clients at once: the answers cost exactly
@@ -128,14 +149,7 @@ async fn three_nodes_never_overspend_and_strand_nothing() {
 /// first did not spend.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traffic_moving_between_nodes_strands_nothing() {
-    let redis = RedisServer::start();
-    import_keys(
-        &redis,
-        &format!("keys:\n  - {{key: {PAYER}, name: p, credits: 100}}\n"),
-    );
-    let ok = Origin::json("ok", true, 0).await;
-    let routes = [route("t", "/api/", &[&ok], "")];
-    let nodes = gateways(2, &store(&redis, 50, 10, "deny"), &routes).await;
+    let (redis, _origin, nodes) = payer_on_nodes(100, 2, 50, 10).await;
     for i in 0..10 {
         assert_eq!(
             get_with_key(nodes[0].url(&format!("/api/{i}")), PAYER)
@@ -151,14 +165,7 @@ async fn traffic_moving_between_nodes_strands_nothing() {
             .status();
         assert_eq!(status, 200, "request {i} on the second node");
     }
-    assert_eq!(
-        get_with_key(nodes[1].url("/api/last"), PAYER)
-            .await
-            .status(),
-        402
-    );
-    until_settled(&redis, Duration::from_secs(6)).await;
-    assert_eq!(hget(&redis, "credits"), 0);
+    sold_out(&redis, &nodes[1]).await;
 }
 
 /// The balance runs out while another node holds an idle lease: the
@@ -168,14 +175,7 @@ async fn traffic_moving_between_nodes_strands_nothing() {
 /// and the holder ends its unused lease at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_node_gets_an_idle_lease_back_soon() {
-    let redis = RedisServer::start();
-    import_keys(
-        &redis,
-        &format!("keys:\n  - {{key: {PAYER}, name: p, credits: 20}}\n"),
-    );
-    let ok = Origin::json("ok", true, 0).await;
-    let routes = [route("t", "/api/", &[&ok], "")];
-    let nodes = gateways(2, &store(&redis, 50, 10, "deny"), &routes).await;
+    let (redis, _origin, nodes) = payer_on_nodes(20, 2, 50, 10).await;
     let start = Instant::now();
     let first = get_with_key(nodes[0].url("/api/a"), PAYER).await;
     assert_eq!(first.status(), 200);
@@ -191,28 +191,14 @@ async fn a_waiting_node_gets_an_idle_lease_back_soon() {
         took < Duration::from_millis(1700),
         "the second node's requests waited until {took:?} for the first node's lease"
     );
-    assert_eq!(
-        get_with_key(nodes[1].url("/api/last"), PAYER)
-            .await
-            .status(),
-        402
-    );
-    until_settled(&redis, Duration::from_secs(6)).await;
-    assert_eq!(hget(&redis, "credits"), 0);
+    sold_out(&redis, &nodes[1]).await;
 }
 
 /// A node stopped (SIGTERM) gives its unspent credits back; one killed
 /// (SIGKILL) loses them only until `ttl_seconds` pass.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopped_nodes_give_back_and_dead_ones_expire() {
-    let redis = RedisServer::start();
-    import_keys(
-        &redis,
-        &format!("keys:\n  - {{key: {PAYER}, name: p, credits: 1000}}\n"),
-    );
-    let ok = Origin::json("ok", true, 0).await;
-    let routes = [route("t", "/api/", &[&ok], "")];
-    let nodes = gateways(2, &store(&redis, 100, 5, "deny"), &routes).await;
+    let (redis, origin, nodes) = payer_on_nodes(1000, 2, 100, 5).await;
     for i in 0..5 {
         assert_eq!(
             get_with_key(nodes[0].url(&format!("/api/{i}")), PAYER)
@@ -248,6 +234,7 @@ async fn stopped_nodes_give_back_and_dead_ones_expire() {
     // to the key at the next script on it (a third node's requests).
     signal(nodes[1].pid(), "-KILL");
     let killed = Instant::now();
+    let routes = [route("t", "/api/", &[&origin], "")];
     let third = Gateway::start_with_keys(&routes, &store(&redis, 1, 5, "deny"), "").await;
     loop {
         assert_eq!(

@@ -230,12 +230,7 @@ async fn failover_under_load(on_error: &str, extra: &str, expected: &[u16]) {
     if !extra.is_empty() {
         // Leases: the node reports what it spent to the promoted master
         // and, stopping, gives its lease back there.
-        let ok = std::process::Command::new("kill")
-            .args(["-TERM", &gw.pid().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
+        signal(gw.pid(), "-TERM");
         let deadline = Instant::now() + Duration::from_secs(10);
         let leased = || {
             common::redis_ha::cli(ha.replica.port, &["HGET", &name, "leased"])
@@ -480,12 +475,7 @@ async fn leases_sell_exactly_the_balance(redis_store: &str) {
     let served = statuses.iter().filter(|&&s| s == 200).count();
     assert_eq!(served, 60, "{statuses:?}");
     for gw in [&one, &two] {
-        let ok = std::process::Command::new("kill")
-            .args(["-TERM", &gw.pid().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
+        signal(gw.pid(), "-TERM");
     }
     // Once both have reported and stopped: the balance is spent, the
     // ledger holds all 60.

@@ -567,13 +567,10 @@ impl RedisServer {
     }
 
     fn signal(&self, sig: &str) {
-        let pid = self.child.as_ref().expect("redis-server is running").id();
-        let ok = Command::new("kill")
-            .args([sig, &pid.to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {sig} {pid} failed");
+        signal(
+            self.child.as_ref().expect("redis-server is running").id(),
+            sig,
+        );
     }
 
     /// Every key and every value in the server, as text.
@@ -646,6 +643,16 @@ pub fn keys_conf(dir: &std::path::Path, redis: &RedisServer) -> PathBuf {
     );
     std::fs::write(&path, yaml).unwrap();
     path
+}
+
+/// Send `sig` (`-TERM`, `-KILL`, …) to the process `pid` with `kill`.
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid} failed");
 }
 
 /// Load a keys file's text into `redis` with `tollgate keys import`.
