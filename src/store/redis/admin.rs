@@ -21,6 +21,15 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 return redis.call('HINCRBY', KEYS[1], 'credits', ARGV[1])
 ";
 
+/// Make a key from (field, value) pairs in ARGV unless it exists: one
+/// script, so that no lookup sees a half-written key and a failed call
+/// leaves nothing behind. Returns 1, or 0 if the key exists (nothing written).
+pub(super) const INSERT_LUA: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+";
+
 /// Set an existing key's state. Returns 1, or 0 if unknown.
 pub(super) const STATE_LUA: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -169,14 +178,12 @@ impl KeyAdmin for RedisStore {
             fields.push(("rate_per_second", rate.to_string()));
         }
         fields.extend(lifecycle_fields(&record.lifecycle, now));
-        // HSETNX on the state field decides atomically whether the key is new.
-        let fresh: bool = self
-            .bounded(c.hset_nx(&key, "state", record.state.as_str()))
-            .await?;
-        if fresh {
-            let () = self.bounded(c.hset_multiple(&key, &fields)).await?;
+        let mut call = self.insert.key(key);
+        for (field, value) in &fields {
+            call.arg(*field).arg(value);
         }
-        Ok(fresh)
+        let fresh: i64 = self.bounded(call.invoke_async(&mut c)).await?;
+        Ok(fresh == 1)
     }
 
     async fn row(&self, hash: &KeyHash) -> Result<Option<KeyRow>, StoreError> {
