@@ -389,6 +389,7 @@ async fn admin_api_endpoints_and_errors_on_both_stores() {
             (json!({"state": "active"}), "state"),
             (json!({}), "nothing to change"),
             (json!({"routes": ["nope"]}), "routes"),
+            (json!({"name": null}), "name: invalid type: null"),
             (json!({"rate_per_second": 0}), "rate_per_second"),
         ] {
             let (status, err) = admin(&gw, "PATCH", &path, Some(body.clone())).await;

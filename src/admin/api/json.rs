@@ -102,10 +102,12 @@ pub(super) struct CreateBody {
     pub(super) refill: Option<RefillJson>,
 }
 
-/// `null` clears a field; a field left out stays as it is.
+/// `null` clears a field; a field left out stays as it is. A key always has
+/// a name: `"name": null` is refused, not ignored.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct PatchBody {
+    #[serde(default, deserialize_with = "not_null")]
     pub(super) name: Option<String>,
     #[serde(default, deserialize_with = "present")]
     pub(super) rate_per_second: Option<Option<u32>>,
@@ -115,6 +117,11 @@ pub(super) struct PatchBody {
     pub(super) routes: Option<Option<Vec<String>>>,
     #[serde(default, deserialize_with = "present")]
     pub(super) refill: Option<Option<RefillJson>>,
+}
+
+/// A field that, when there, must hold a value (`null` is an error).
+fn not_null<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
 }
 
 /// A field that is there, `null` or not.
