@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::pki;
-use common::redis_ha::{Cluster, Sentinels, TlsFiles};
+use common::redis_ha::{cli, credits_on, holds, key_name, Cluster, Sentinels, TlsFiles};
 use common::*;
 
 /// A config for the keys commands on `store`.
@@ -85,10 +85,7 @@ async fn cluster_spreads_keys_and_keeps_credits_exact_across_two_gateways() {
 
     // A shard down fails only the keys on it.
     let mut cluster = cluster;
-    let on = |key: &str, port: u16| {
-        let name = format!("tollgate:key:{{{}}}", tollgate::key::KeyHash::of(key).hex());
-        common::redis_ha::cli(port, &["EXISTS", &name]).is_some_and(|o| o.trim() == "1")
-    };
+    let on = |key: &str, port: u16| holds(port, &key_name("tollgate:", key));
     let down = cluster.nodes[0].port;
     let keys: Vec<String> = (0..20).map(|i| format!("k{i}")).collect();
     let lost: Vec<&String> = keys.iter().filter(|k| on(k, down)).collect();
@@ -102,7 +99,66 @@ async fn cluster_spreads_keys_and_keeps_credits_exact_across_two_gateways() {
     for k in &lost {
         let r = get_with_key(a.url(&format!("/api/after/{k}")), k).await;
         assert_eq!(r.status(), 503, "{k} lives on the shard that is down");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["error"], "store_unavailable", "{k}: {body}");
     }
+}
+
+/// Keys `k0`…`k{n-1}` with `credits` each, imported on `conf`'s store.
+fn import_numbered(conf: &std::path::Path, n: usize, credits: u64) {
+    let mut keys = String::from("keys:\n");
+    for i in 0..n {
+        keys.push_str(&format!(
+            "  - {{key: k{i}, name: k{i}, credits: {credits}}}\n"
+        ));
+    }
+    import(conf, &keys);
+}
+
+/// `k0`…`k{n-1}` split by whether the master on `port` holds them (under
+/// the default prefix); both parts must be there.
+fn split_by_master(port: u16, n: usize) -> (Vec<String>, Vec<String>) {
+    let (on, off): (Vec<String>, Vec<String>) = (0..n)
+        .map(|i| format!("k{i}"))
+        .partition(|k| holds(port, &key_name("tollgate:", k)));
+    assert!(!on.is_empty() && !off.is_empty(), "{on:?} {off:?}");
+    (on, off)
+}
+
+/// With `on_error: allow` a shard down costs its keys' callers nothing
+/// visible: they are served, uncharged (no `X-Credits-Remaining`), while
+/// the keys on the shards that are up are charged as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_shard_down_with_on_error_allow_serves_its_keys_uncharged() {
+    let mut cluster = Cluster::start();
+    let store = format!("{}  on_error: allow\n", cluster.store_yaml());
+    let dir = tempfile::tempdir().unwrap();
+    let conf = keys_conf_for(dir.path(), &store);
+    import_numbered(&conf, 20, 100);
+    let ok = Origin::json("ok", true, 0).await;
+    let gw = Gateway::start_with_keys(&[route("t", "/api/", &[&ok], "")], &store, "").await;
+    let (lost, kept) = split_by_master(cluster.nodes[0].port, 20);
+    for k in lost.iter().chain(&kept) {
+        let r = get_with_key(gw.url("/api/before"), k).await;
+        assert_eq!(r.headers()["x-credits-remaining"], "99", "{k}");
+    }
+    cluster.nodes[0].kill();
+    for k in &kept {
+        let r = get_with_key(gw.url("/api/after"), k).await;
+        assert_eq!(r.status(), 200, "{k} lives on a shard that is up");
+        assert_eq!(r.headers()["x-credits-remaining"], "98", "{k}");
+    }
+    for k in &kept {
+        let port = cluster.nodes[cluster.holder(&key_name("tollgate:", k))].port;
+        assert_eq!(credits_on(port, &key_name("tollgate:", k)), 98, "{k}");
+    }
+    for k in &lost {
+        let r = get_with_key(gw.url("/api/after"), k).await;
+        assert_eq!(r.status(), 200, "{k} lives on the shard that is down");
+        let remaining = r.headers().get("x-credits-remaining");
+        assert!(remaining.is_none(), "{k} charged: {remaining:?}");
+    }
+    assert_eq!(ok.hits(), 40);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -354,12 +410,7 @@ async fn cluster_slots_moved_under_a_running_gateway_are_followed() {
         assert_eq!(r.headers()["x-credits-remaining"], "99");
     }
     let (from, to) = (cluster.nodes[0].port, cluster.nodes[1].port);
-    let id = |port: u16| {
-        common::redis_ha::cli(port, &["CLUSTER", "MYID"])
-            .unwrap()
-            .trim()
-            .to_string()
-    };
+    let id = |port: u16| cli(port, &["CLUSTER", "MYID"]).unwrap().trim().to_string();
     let out = std::process::Command::new("redis-cli")
         .args(["--cluster", "reshard", &format!("127.0.0.1:{from}")])
         .args(["--cluster-from", &id(from), "--cluster-to", &id(to)])
