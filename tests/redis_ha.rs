@@ -33,6 +33,14 @@ fn import(conf: &std::path::Path, keys: &str) {
     assert_eq!(code, 0, "import failed: {out}{err}");
 }
 
+/// What an answer may take beyond the store's budget for it. The budget is
+/// `timeout_ms` for the key lookup and the charge together (one deadline in
+/// `proxy/steps.rs`; `charge_wait` adds nothing without leases, and with
+/// them only for a charge that waits for other nodes to give credits back,
+/// which no test here makes). Beyond it: the proxy's own work and a
+/// loopback origin that answers at once, on a busy two-core machine.
+const MARGIN: Duration = Duration::from_millis(250);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cluster_spreads_keys_and_keeps_credits_exact_across_two_gateways() {
     let cluster = Cluster::start();
@@ -159,6 +167,90 @@ async fn cluster_shard_down_with_on_error_allow_serves_its_keys_uncharged() {
         assert!(remaining.is_none(), "{k} charged: {remaining:?}");
     }
     assert_eq!(ok.hits(), 40);
+}
+
+/// A master that stalls (SIGSTOP: its connections stay open, nothing is
+/// answered) holds a request for one of its keys no longer than the
+/// store's budget, `timeout_ms` for lookup and charge together: 503
+/// `store_unavailable` with `on_error: deny`. Meanwhile the keys on the
+/// other masters are served within the same bound, although the stalled
+/// master holds the store marker. Let go (SIGCONT), its keys are served
+/// again, each charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_stalled_shard_answers_its_keys_within_timeout_ms() {
+    const TIMEOUT_MS: u64 = 300;
+    let budget = Duration::from_millis(TIMEOUT_MS) + MARGIN;
+    let cluster = Cluster::start();
+    let store = cluster.store_yaml_timeout(TIMEOUT_MS);
+    let dir = tempfile::tempdir().unwrap();
+    let conf = keys_conf_for(dir.path(), &store);
+    import_numbered(&conf, 20, 100);
+    let ok = Origin::json("ok", true, 0).await;
+    let gw = Gateway::start_with_keys(&[route("t", "/api/", &[&ok], "")], &store, "").await;
+    let stalled = cluster.holder("tollgate:store");
+    let (held, free) = split_by_master(cluster.nodes[stalled].port, 20);
+
+    // The gateway connects to every master, as one that has served a while
+    // has. A master it never reached is another case: the redis crate then
+    // rebuilds its slot map at each request for that master's keys, which
+    // holds every request meanwhile (README, Stores).
+    let r = get_with_key(gw.url("/api/warm"), &free[0]).await;
+    assert_eq!(r.status(), 200);
+    cluster.nodes[stalled].pause();
+    // Every key at once, twice: the second round after the metadata cache's
+    // second, so that each key is read from Redis again.
+    let client = reqwest::Client::new();
+    for round in 0..2 {
+        let started = Instant::now();
+        let tasks = held.iter().chain(&free).map(|k| {
+            let (client, url, k) = (client.clone(), gw.url("/api/stalled"), k.clone());
+            tokio::spawn(async move { (seen(&client, &url, &k).await, k) })
+        });
+        for task in futures::future::join_all(tasks).await {
+            let (seen, k) = task.unwrap();
+            let on_stalled = held.contains(&k);
+            let want = if on_stalled {
+                (503, Some("store_unavailable"))
+            } else {
+                (200, None)
+            };
+            let took = seen.took();
+            assert_eq!(
+                (seen.status, seen.error.as_deref()),
+                want,
+                "round {round}: {k} took {took:?}"
+            );
+            assert!(
+                took < budget,
+                "round {round}: {k} (stalled: {on_stalled}) took {took:?}"
+            );
+        }
+        eprintln!(
+            "round {round}: every key answered within {:?}",
+            started.elapsed()
+        );
+        if round == 0 {
+            tokio::time::sleep(tollgate::store::redis::META_TTL).await;
+        }
+    }
+
+    cluster.nodes[stalled].resume();
+    for k in &held {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let r = get_with_key(gw.url("/api/resumed"), k).await;
+            if r.status() == 200 {
+                assert_eq!(r.headers()["x-credits-remaining"], "99", "{k}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{k} not served again: {}",
+                r.status()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
