@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::pki;
-use common::redis_ha::{cli, credits_on, holds, key_name, Cluster, Sentinels, TlsFiles};
+use common::redis_ha::{cli, credits_on, holds, key_name, scan, Cluster, Sentinels, TlsFiles};
 use common::*;
 
 /// A config for the keys commands on `store`.
@@ -250,6 +250,171 @@ async fn cluster_stalled_shard_answers_its_keys_within_timeout_ms() {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+/// `store.key_prefix: "acme:"` on a Cluster, with every keys command: the
+/// gateway sees what each did, and every name on every master is under the
+/// prefix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_keys_commands_under_a_key_prefix() {
+    let cluster = Cluster::start();
+    let store = format!("{}  key_prefix: \"acme:\"\n", cluster.store_yaml());
+    let masters: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
+    keys_commands_under_a_key_prefix(&store, &masters).await;
+}
+
+/// The same through Sentinel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sentinel_keys_commands_under_a_key_prefix() {
+    let ha = Sentinels::start();
+    let store = format!("{}  key_prefix: \"acme:\"\n", ha.store_yaml());
+    keys_commands_under_a_key_prefix(&store, &[ha.master.port]).await;
+}
+
+/// On `store` (its `key_prefix` `acme:`; its masters on `masters`):
+/// `import`, `create`, `topup`, `update`, `show` and `revoke`, each seen by
+/// a running gateway with a cached route; then every name tollgate wrote,
+/// of each kind, is under the prefix.
+async fn keys_commands_under_a_key_prefix(store: &str, masters: &[u16]) {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = keys_conf_for(dir.path(), store);
+    import_numbered(&conf, 10, 100);
+    let ok = Origin::json("ok", true, 0).await;
+    let routes = [route("t", "/api/", &[&ok], "cache: {ttl_seconds: 60}")];
+    let gw = Gateway::start_with_keys(&routes, store, "").await;
+    for i in 0..10 {
+        let r = get_with_key(gw.url(&format!("/api/k{i}")), &format!("k{i}")).await;
+        assert_eq!(r.status(), 200, "k{i}");
+        assert_eq!(r.headers()["x-credits-remaining"], "99", "k{i}");
+    }
+
+    let (code, out, err) = tollgate(
+        &[
+            "keys",
+            "create",
+            "--name",
+            "made",
+            "--credits",
+            "1",
+            "--rate",
+            "50",
+        ],
+        &conf,
+    );
+    assert_eq!(code, 0, "{err}");
+    let key = out.lines().next().unwrap().to_string();
+    let id = tollgate::key::KeyHash::of(&key).id();
+    let spend = |n: usize| get_with_key(gw.url(&format!("/api/made/{n}")), &key);
+    let r = spend(0).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-credits-remaining"], "0");
+    assert_eq!(spend(1).await.status(), 402);
+
+    // A top-up is spendable at once.
+    let (code, out, err) = tollgate(&["keys", "topup", &id, "--credits", "100"], &conf);
+    assert_eq!(
+        (code, out.trim()),
+        (0, format!("id {id} credits 100").as_str()),
+        "{err}"
+    );
+    let r = spend(2).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-credits-remaining"], "99");
+
+    // An update shows in `show`, and on the gateway within the metadata
+    // cache's second.
+    let (code, _, err) = tollgate(
+        &["keys", "update", &id, "--name", "renamed", "--rate", "7"],
+        &conf,
+    );
+    assert_eq!(code, 0, "{err}");
+    let show = |arg: &str| {
+        let (code, out, err) = tollgate(&["keys", "show", arg], &conf);
+        assert_eq!(code, 0, "{err}");
+        let row: Vec<String> = out
+            .lines()
+            .nth(1)
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(5)
+            .map(String::from)
+            .collect();
+        row
+    };
+    assert_eq!(show(&id), [id.as_str(), "renamed", "99", "7", "active"]);
+    assert_eq!(show(&key), show(&id));
+    let updated = Instant::now();
+    let mut n = 3;
+    loop {
+        let r = spend(n).await;
+        n += 1;
+        assert_eq!(r.status(), 200);
+        if r.headers()["x-ratelimit-limit"] == "7" {
+            break;
+        }
+        assert!(
+            updated.elapsed() < Duration::from_millis(1_500),
+            "rate not updated"
+        );
+        // Under the new rate: a 429 would not say whether the rate changed.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // A revocation shows within the metadata cache's second.
+    let (code, out, err) = tollgate(&["keys", "revoke", &id], &conf);
+    assert_eq!(
+        (code, out.trim()),
+        (0, format!("id {id} revoked").as_str()),
+        "{err}"
+    );
+    assert_eq!(show(&id)[4], "revoked");
+    let revoked = Instant::now();
+    loop {
+        let seen = seen(&reqwest::Client::new(), &gw.url("/api/made/revoked"), &key).await;
+        if seen.status == 403 {
+            assert_eq!(seen.error.as_deref(), Some("revoked_api_key"));
+            break;
+        }
+        assert!(
+            revoked.elapsed() < Duration::from_millis(1_500),
+            "still served: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Every name is under the prefix: keys, their operation markers and
+    // ledger rows, the cache entries (written off the request path) and the
+    // store marker.
+    let names = || -> Vec<String> { masters.iter().flat_map(|&p| scan(p)).collect() };
+    wait_until("a cache entry in Redis", Duration::from_secs(5), || {
+        names().iter().any(|n| n.starts_with("acme:cache:"))
+    })
+    .await;
+    let names = names();
+    for name in &names {
+        assert!(name.starts_with("acme:"), "{name} is outside the prefix");
+    }
+    for kind in ["acme:key:{", "acme:usage:{", "acme:cache:", "acme:store"] {
+        assert!(
+            names.iter().any(|n| n.starts_with(kind)),
+            "no {kind}…: {names:?}"
+        );
+    }
+    assert!(
+        names.iter().any(|n| n.contains("}:op:")),
+        "no operation marker: {names:?}"
+    );
+    let keys = names
+        .iter()
+        .filter(|n| n.starts_with("acme:key:{") && n.ends_with('}'));
+    assert_eq!(keys.count(), 11, "{names:?}");
+    if masters.len() > 1 {
+        let holding = masters
+            .iter()
+            .filter(|&&p| scan(p).iter().any(|n| n.starts_with("acme:key:{")))
+            .count();
+        assert!(holding >= 2, "keys on {holding} master(s)");
     }
 }
 
