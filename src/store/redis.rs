@@ -302,11 +302,13 @@ impl RedisStore {
     }
 
     /// A key's metadata and what the store marker says: a key is unknown
-    /// only in a store that is set up. One round trip: a pipeline on one
-    /// Redis; on a Cluster, where the two live in different slots, the two
-    /// commands at once, and a marker that cannot be read (its shard is
-    /// down) is `None`: it matters only for a key that is not found, so the
-    /// shards that are up serve their keys.
+    /// only in a store that is set up. On one Redis one round trip (a
+    /// pipeline). On a Cluster the marker lives in a slot of its own, on one
+    /// master, and matters only for a key that is not found: it is read
+    /// only then, and one that cannot be read (its shard is down) is `None`.
+    /// Read with every lookup, a stalled master holding it would hold the
+    /// lookups of every key to `timeout_ms` (503s on the masters that are
+    /// up), and every node's lookups would land on that one master.
     async fn fields_and_marker(
         &self,
         hash: &KeyHash,
@@ -317,13 +319,14 @@ impl RedisStore {
         let mut marker = redis::cmd("GET");
         marker.arg(self.marker());
         if self.connector.is_cluster() {
-            let mut c2 = c.clone();
-            let (f, m) = futures::future::join(
-                self.bounded(fields.query_async::<Fields>(&mut c)),
-                self.bounded(marker.query_async::<Option<String>>(&mut c2)),
-            )
-            .await;
-            return Ok((f?, m.ok().map(|m| Marker::of(m.as_deref()))));
+            let f: Fields = self.bounded(fields.query_async(&mut c)).await?;
+            if key_found(&f) {
+                return Ok((f, None));
+            }
+            let m = self
+                .bounded(marker.query_async::<Option<String>>(&mut c))
+                .await;
+            return Ok((f, m.ok().map(|m| Marker::of(m.as_deref()))));
         }
         let (f, m): (Fields, Option<String>) = self
             .bounded(
@@ -380,6 +383,11 @@ fn key_hash_of(name: &str, prefix: &str) -> Option<KeyHash> {
         .and_then(KeyHash::from_hex)
 }
 
+/// Whether a lookup's [`INFO_FIELDS`] found the key (it has a state).
+fn key_found(fields: &Fields) -> bool {
+    fields.get(2).is_some_and(Option::is_some)
+}
+
 /// Whether a Redis key name is a key's hash (not an operation marker).
 fn is_key_name(name: &str, prefix: &str) -> bool {
     key_hash_of(name, prefix).is_some()
@@ -417,10 +425,10 @@ impl RedisStore {
                     _ => return Err(e),
                 },
             };
-            let found = fields.get(2).is_some_and(Option::is_some);
+            let found = key_found(&fields);
             match (marker, found) {
                 (Some(Marker::Current), _) => {}
-                // The marker's shard is down: a found key stands.
+                // A Cluster, which reads no marker for a found key.
                 (None, true) => {}
                 (None, false) => {
                     return Err(StoreError(format!(

@@ -447,6 +447,45 @@ pub async fn get_with_key(url: impl reqwest::IntoUrl, key: &str) -> reqwest::Res
         .unwrap()
 }
 
+/// One answer a client saw.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub sent: Instant,
+    pub at: Instant,
+    pub status: u16,
+    /// The error code of an answer the gateway made (or its whole body).
+    pub error: Option<String>,
+}
+
+impl Seen {
+    pub fn took(&self) -> Duration {
+        self.at - self.sent
+    }
+}
+
+/// GET `url` with `key` in `X-API-Key`, the body read.
+pub async fn seen(client: &reqwest::Client, url: &str, key: &str) -> Seen {
+    let sent = Instant::now();
+    let r = client
+        .get(url)
+        .header("X-API-Key", key)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let body = r.text().await.unwrap();
+    let error = (status != 200).then(|| {
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        json["error"].as_str().unwrap_or(&body).to_string()
+    });
+    Seen {
+        sent,
+        at: Instant::now(),
+        status,
+        error,
+    }
+}
+
 /// GET every URL at once with `key` in `X-API-Key`; the statuses, in order.
 pub async fn statuses_at_once(urls: Vec<String>, key: &str) -> Vec<u16> {
     let client = reqwest::Client::new();

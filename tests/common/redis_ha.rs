@@ -40,6 +40,21 @@ impl Proc {
         p
     }
 
+    /// Stall it (SIGSTOP): connections stay open, commands wait unread.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Let a paused process go on (SIGCONT); it runs what waited.
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let child = self.child.as_ref().expect("the process is running");
+        super::signal(child.id(), sig);
+    }
+
     /// Kill it now (SIGKILL), as a crash would.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -65,6 +80,33 @@ pub fn cli(port: u16, args: &[&str]) -> Option<String> {
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Whether the Redis on `port` holds `name`.
+pub fn holds(port: u16, name: &str) -> bool {
+    cli(port, &["EXISTS", name]).is_some_and(|o| o.trim() == "1")
+}
+
+/// Every name the Redis on `port` holds, by SCAN (`redis-cli --scan`).
+pub fn scan(port: u16) -> Vec<String> {
+    cli(port, &["--scan"])
+        .expect("redis-cli --scan")
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// The Redis name of a key's hash under `prefix`.
+pub fn key_name(prefix: &str, key: &str) -> String {
+    format!("{prefix}key:{{{}}}", tollgate::key::KeyHash::of(key).hex())
+}
+
+/// A key's `credits` field on the Redis at `port`.
+pub fn credits_on(port: u16, name: &str) -> u64 {
+    let out = cli(port, &["HGET", name, "credits"]).unwrap_or_default();
+    out.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("credits of {name} on {port}: {out:?}"))
 }
 
 fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
@@ -224,6 +266,11 @@ impl Cluster {
 
     /// The `store:` YAML for it.
     pub fn store_yaml(&self) -> String {
+        self.store_yaml_timeout(2000)
+    }
+
+    /// The `store:` YAML for it, with this `timeout_ms`.
+    pub fn store_yaml_timeout(&self, timeout_ms: u64) -> String {
         let urls: Vec<String> = self
             .nodes
             .iter()
@@ -234,9 +281,17 @@ impl Cluster {
             .collect();
         let ca = ca_yaml(&self.tls_ca);
         format!(
-            "store:\n  redis_cluster: [{}]\n  timeout_ms: 2000\n{ca}",
+            "store:\n  redis_cluster: [{}]\n  timeout_ms: {timeout_ms}\n{ca}",
             urls.join(", ")
         )
+    }
+
+    /// Which of the masters holds `name` (it must exist).
+    pub fn holder(&self, name: &str) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| holds(n.port, name))
+            .unwrap_or_else(|| panic!("no master holds {name}"))
     }
 
     /// How many keys each master holds.
@@ -251,6 +306,9 @@ impl Cluster {
             .collect()
     }
 }
+
+/// `store.timeout_ms` of [`Sentinels::store_yaml`].
+pub const SENTINEL_TIMEOUT_MS: u64 = 500;
 
 /// A master, its replica and three sentinels watching it as `tollgate`.
 pub struct Sentinels {
@@ -343,7 +401,7 @@ impl Sentinels {
             .collect();
         let ca = ca_yaml(&self.tls_ca);
         format!(
-            "store:\n  redis_sentinel: {{master_name: tollgate, sentinels: [{}], db: 0}}\n  timeout_ms: 500\n{ca}",
+            "store:\n  redis_sentinel: {{master_name: tollgate, sentinels: [{}], db: 0}}\n  timeout_ms: {SENTINEL_TIMEOUT_MS}\n{ca}",
             s.join(", ")
         )
     }
