@@ -98,6 +98,30 @@ fn hset(redis: &RedisServer, key: &str, field: &str, value: &str) {
     redis_cmd(redis, &["HSET", &name, field, value]);
 }
 
+/// One admin API call with `authorization` as the whole `Authorization`
+/// header (none for `None`) and `body` as sent: status, the answer's text,
+/// and its headers.
+async fn api_raw(
+    gw: &Gateway,
+    method: &str,
+    path: &str,
+    body: Option<String>,
+    authorization: Option<&str>,
+) -> (u16, String, reqwest::header::HeaderMap) {
+    let url = format!("http://{}{path}", gw.admin);
+    let mut req = reqwest::Client::new().request(method.parse().unwrap(), url);
+    if let Some(a) = authorization {
+        req = req.header("Authorization", a);
+    }
+    if let Some(b) = body {
+        req = req.body(b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    (status, resp.text().await.unwrap(), headers)
+}
+
 /// One admin API call: status, JSON body, and the raw headers.
 async fn api(
     gw: &Gateway,
@@ -106,20 +130,39 @@ async fn api(
     body: Option<Value>,
     token: Option<&str>,
 ) -> (u16, Value, reqwest::header::HeaderMap) {
-    let url = format!("http://{}{path}", gw.admin);
-    let mut req = reqwest::Client::new().request(method.parse().unwrap(), url);
-    if let Some(t) = token {
-        req = req.header("Authorization", format!("Bearer {t}"));
-    }
-    if let Some(b) = body {
-        req = req.body(b.to_string());
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let text = resp.text().await.unwrap();
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let (status, text, headers) = api_raw(
+        gw,
+        method,
+        path,
+        body.map(|b| b.to_string()),
+        bearer.as_deref(),
+    )
+    .await;
     let json = serde_json::from_str(&text).unwrap_or(Value::Null);
     (status, json, headers)
+}
+
+/// The admin API's error shape, exactly: `{status: false, error: code,
+/// message}` with a message, and nothing else.
+fn assert_error_shape(body: &Value, code: &str, what: &str) {
+    let mut fields: Vec<&str> = body
+        .as_object()
+        .unwrap_or_else(|| panic!("{what}: not a JSON object: {body}"))
+        .keys()
+        .map(String::as_str)
+        .collect();
+    fields.sort_unstable();
+    assert_eq!(fields, ["error", "message", "status"], "{what}: {body}");
+    assert_eq!(
+        (&body["status"], &body["error"]),
+        (&json!(false), &json!(code)),
+        "{what}: {body}"
+    );
+    assert!(
+        body["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{what}: {body}"
+    );
 }
 
 async fn admin(gw: &Gateway, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
@@ -535,6 +578,116 @@ async fn admin_api_endpoints_and_errors_on_both_stores() {
                 assert!(!name.contains(&key) && !values.iter().any(|v| v.contains(&key)));
             }
         }
+    }
+}
+
+/// Every endpoint of the SPEC's admin table: method, path, a body that the
+/// endpoint takes, its metric label and its status with the right token.
+fn endpoints(id: &str) -> [(&'static str, String, Option<Value>, &'static str, u16); 7] {
+    let key = format!("/v1/keys/{id}");
+    [
+        (
+            "POST",
+            "/v1/keys".into(),
+            Some(json!({"name": "sneaked", "credits": 1})),
+            "create",
+            201,
+        ),
+        ("GET", "/v1/keys".into(), None, "list", 200),
+        ("GET", key.clone(), None, "show", 200),
+        (
+            "PATCH",
+            key.clone(),
+            Some(json!({"name": "renamed"})),
+            "update",
+            200,
+        ),
+        (
+            "POST",
+            format!("{key}/topup"),
+            Some(json!({"credits": 5})),
+            "topup",
+            200,
+        ),
+        ("POST", format!("{key}/revoke"), None, "revoke", 200),
+        ("GET", "/v1/usage".into(), None, "usage", 200),
+    ]
+}
+
+/// Each endpoint refuses a missing token, a wrong one and any scheme but
+/// Bearer: 401 `unauthorized` in the error shape with `WWW-Authenticate`,
+/// before doing anything (the key is as it was, nothing was created).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_admin_endpoint_refuses_a_missing_wrong_or_non_bearer_token_on_both_stores() {
+    let origin = Origin::json("ok", true, 0).await;
+    let keys = "keys:\n  - {key: held, name: held, credits: 10}\n";
+    let refused: Vec<Option<String>> = vec![
+        None,
+        Some("Bearer wrong".into()),
+        Some(format!("Bearer {TOKEN}x")),
+        Some(format!("Bearer {}", TOKEN.to_uppercase())),
+        Some("Bearer ".into()),
+        Some(format!("Basic {TOKEN}")),
+        Some(format!("Token {TOKEN}")),
+        Some(format!("Bearer{TOKEN}")),
+        Some(TOKEN.into()),
+    ];
+    for kind in Kind::both() {
+        let k = kind.name();
+        let gw = kind.gateway(&origin, keys, &admin_yaml()).await;
+        for (method, path, body, label, _) in endpoints(&id("held")) {
+            for auth in &refused {
+                let what = format!("{k}: {method} {path} with {auth:?}");
+                let (status, text, headers) = api_raw(
+                    &gw,
+                    method,
+                    &path,
+                    body.as_ref().map(Value::to_string),
+                    auth.as_deref(),
+                )
+                .await;
+                assert_eq!(status, 401, "{what}: {text}");
+                let json = serde_json::from_str(&text).unwrap_or(Value::Null);
+                assert_error_shape(&json, "unauthorized", &what);
+                assert_eq!(headers["content-type"], "application/json", "{what}");
+                let challenge = headers
+                    .get("www-authenticate")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                assert!(challenge.starts_with("Bearer"), "{what}: {challenge:?}");
+            }
+            let m = gw.metrics().await;
+            let series =
+                format!("tollgate_admin_requests_total{{endpoint=\"{label}\",status=\"401\"}}");
+            assert_eq!(sample(&m, &series), refused.len() as f64, "{k}: {series}");
+        }
+        // Refused before acting: the key is as it was and nothing was made.
+        let (status, page) = admin(&gw, "GET", "/v1/keys", None).await;
+        assert_eq!(status, 200, "{k}: {page}");
+        assert_eq!(
+            page["keys"],
+            json!([{"id": id("held"), "name": "held", "credits": 10, "rate_per_second": null,
+                    "state": "active", "created": page["keys"][0]["created"],
+                    "expires_at": null, "routes": null, "refill": null}]),
+            "{k}"
+        );
+        // The same requests with the token reach their endpoints.
+        for (method, path, body, _, expected) in endpoints(&id("held")) {
+            let bearer = format!("Bearer {TOKEN}");
+            let (status, text, _) = api_raw(
+                &gw,
+                method,
+                &path,
+                body.as_ref().map(Value::to_string),
+                Some(&bearer),
+            )
+            .await;
+            assert_eq!(status, expected, "{k}: {method} {path}: {text}");
+        }
+        // The scheme is case-insensitive (RFC 9110 §11.1).
+        let lower = format!("bearer {TOKEN}");
+        let (status, _, _) = api_raw(&gw, "GET", "/v1/keys", None, Some(&lower)).await;
+        assert_eq!(status, 200, "{k}");
     }
 }
 
