@@ -460,13 +460,17 @@ async fn admin_api_endpoints_and_errors_on_both_stores() {
             (200, &json!(10)),
             "{k}: {topped}"
         );
-        for body in [
-            json!({"credits": 0}),
-            json!({"credits": -3}),
-            json!({"credits": 1, "why": 1}),
+        for (body, field) in [
+            (json!({"credits": 0}), "credits"),
+            (json!({"credits": -3}), "credits"),
+            (json!({"credits": 1, "why": 1}), "why"),
         ] {
-            let (status, _) = admin(&gw, "POST", &format!("{path}/topup"), Some(body)).await;
-            assert_eq!(status, 400, "{k}");
+            let (status, err) =
+                admin(&gw, "POST", &format!("{path}/topup"), Some(body.clone())).await;
+            assert_eq!(status, 400, "{k}: {body}");
+            assert_error_shape(&err, "bad_request", &format!("{k}: {body}"));
+            let message = err["message"].as_str().unwrap();
+            assert!(message.contains(field), "{k}: {body} → {message}");
         }
         let (status, _) = admin(
             &gw,
@@ -688,6 +692,143 @@ async fn every_admin_endpoint_refuses_a_missing_wrong_or_non_bearer_token_on_bot
         let lower = format!("bearer {TOKEN}");
         let (status, _, _) = api_raw(&gw, "GET", "/v1/keys", None, Some(&lower)).await;
         assert_eq!(status, 200, "{k}");
+    }
+}
+
+/// The refusals of the key endpoints that the endpoints test leaves out:
+/// unknown ids on top-up and revoke, wrong methods, bodies over the cap on
+/// PATCH and top-up, an unknown top-up field, and an id two keys share.
+/// None of them changes a key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_refusals_change_nothing_on_both_stores() {
+    let origin = Origin::json("ok", true, 0).await;
+    // Two keys given by hash whose SHA-256 share the 12 digits of an id (no
+    // one knows keys with such hashes; finding a pair is 2^24 work).
+    let shared = "5ca1ab1e0000";
+    let twins = [
+        format!("{shared}{}", "a".repeat(52)),
+        format!("{shared}{}", "b".repeat(52)),
+    ];
+    let keys = format!(
+        "keys:\n  - {{key: solo, name: solo, credits: 10}}\n  \
+         - {{sha256: \"{}\", name: twin_a, credits: 7}}\n  \
+         - {{sha256: \"{}\", name: twin_b, credits: 7}}\n",
+        twins[0], twins[1]
+    );
+    for kind in Kind::both() {
+        let k = kind.name();
+        let gw = kind.gateway(&origin, &keys, &admin_yaml()).await;
+        let solo = format!("/v1/keys/{}", id("solo"));
+
+        // Unknown ids: 404 unknown_key, by a well-formed id or by the key.
+        for unknown in ["000000000000", "solo"] {
+            for (action, body) in [("topup", Some(json!({"credits": 1}))), ("revoke", None)] {
+                let path = format!("/v1/keys/{unknown}/{action}");
+                let (status, err) = admin(&gw, "POST", &path, body).await;
+                assert_eq!(status, 404, "{k}: {path}: {err}");
+                assert_error_shape(&err, "unknown_key", &path);
+            }
+        }
+
+        // Other methods on top-up and revoke: 405 with Allow: POST.
+        for action in ["topup", "revoke"] {
+            for method in ["GET", "PUT", "PATCH", "DELETE"] {
+                let path = format!("{solo}/{action}");
+                let (status, err, headers) =
+                    api(&gw, method, &path, Some(json!({"credits": 1})), Some(TOKEN)).await;
+                let what = format!("{k}: {method} {path}");
+                assert_eq!(status, 405, "{what}: {err}");
+                assert_error_shape(&err, "method_not_allowed", &what);
+                assert_eq!(headers["allow"], "POST", "{what}");
+            }
+        }
+
+        // Bodies: over 64 KiB → 413 on PATCH and top-up; exactly 64 KiB is
+        // read (JSON allows the padding).
+        let cap = tollgate::admin::MAX_BODY;
+        let padded = |json: Value, to: usize| {
+            let text = json.to_string();
+            format!("{text}{}", " ".repeat(to - text.len()))
+        };
+        let bearer = format!("Bearer {TOKEN}");
+        for (method, path, json) in [
+            ("PATCH", solo.clone(), json!({"name": "big"})),
+            ("POST", format!("{solo}/topup"), json!({"credits": 1})),
+        ] {
+            let body = padded(json, cap + 1);
+            let (status, text, _) = api_raw(&gw, method, &path, Some(body), Some(&bearer)).await;
+            let what = format!("{k}: {method} {path} with {} bytes", cap + 1);
+            assert_eq!(status, 413, "{what}: {text}");
+            assert_error_shape(
+                &serde_json::from_str(&text).unwrap(),
+                "payload_too_large",
+                &what,
+            );
+        }
+        let body = padded(json!({"credits": 1}), cap);
+        let (status, text, _) = api_raw(
+            &gw,
+            "POST",
+            &format!("{solo}/topup"),
+            Some(body),
+            Some(&bearer),
+        )
+        .await;
+        assert_eq!(
+            (
+                status,
+                serde_json::from_str::<Value>(&text).unwrap()["credits"].clone()
+            ),
+            (200, json!(11)),
+            "{k}: a body of exactly {cap} bytes: {text}"
+        );
+
+        // An unknown top-up field: 400 naming it.
+        let (status, err) = admin(
+            &gw,
+            "POST",
+            &format!("{solo}/topup"),
+            Some(json!({"credits": 1, "bonus": 5})),
+        )
+        .await;
+        assert_eq!(status, 400, "{k}: {err}");
+        assert_error_shape(&err, "bad_request", "unknown top-up field");
+        assert!(
+            err["message"].as_str().unwrap().contains("bonus"),
+            "{k}: {err}"
+        );
+
+        // An id two keys share: 409 ambiguous_id on each endpoint by id.
+        let twin = format!("/v1/keys/{shared}");
+        for (method, path, body) in [
+            ("GET", twin.clone(), None),
+            ("PATCH", twin.clone(), Some(json!({"name": "one of them"}))),
+            ("POST", format!("{twin}/topup"), Some(json!({"credits": 1}))),
+            ("POST", format!("{twin}/revoke"), None),
+        ] {
+            let (status, err) = admin(&gw, method, &path, body).await;
+            let what = format!("{k}: {method} {path}");
+            assert_eq!(status, 409, "{what}: {err}");
+            assert_error_shape(&err, "ambiguous_id", &what);
+        }
+
+        // Nothing above changed a key: solo has only the one top-up.
+        let (status, page) = admin(&gw, "GET", "/v1/keys", None).await;
+        assert_eq!(status, 200, "{k}: {page}");
+        let mut rows: Vec<String> = page["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| format!("{} {} {} {}", r["id"], r["name"], r["credits"], r["state"]))
+            .collect();
+        rows.sort();
+        let mut expected = vec![
+            format!("\"{}\" \"solo\" 11 \"active\"", id("solo")),
+            format!("\"{shared}\" \"twin_a\" 7 \"active\""),
+            format!("\"{shared}\" \"twin_b\" 7 \"active\""),
+        ];
+        expected.sort();
+        assert_eq!(rows, expected, "{k}");
     }
 }
 
