@@ -832,6 +832,143 @@ async fn admin_api_refusals_change_nothing_on_both_stores() {
     }
 }
 
+/// No answer but create's shows a key or its full SHA-256: list, show,
+/// PATCH, top-up, revoke and the usage export, for a key from the keys file
+/// and one made over the API. Each answer is about the key (holds its id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_answer_but_create_shows_a_key_or_its_full_hash_on_both_stores() {
+    let origin = Origin::json("ok", true, 0).await;
+    let from_file = "tg_plain_key_from_the_keys_file";
+    let keys = format!("keys:\n  - {{key: {from_file}, name: filed, credits: 10}}\n");
+    let bearer = format!("Bearer {TOKEN}");
+    for kind in Kind::both() {
+        let k = kind.name();
+        let gw = kind.gateway(&origin, &keys, &admin_yaml()).await;
+        let (status, made) = admin(
+            &gw,
+            "POST",
+            "/v1/keys",
+            Some(json!({"name": "made", "credits": 10})),
+        )
+        .await;
+        assert_eq!(status, 201, "{k}: {made}");
+        let made = made["key"].as_str().unwrap().to_string();
+        for key in [from_file.to_string(), made] {
+            assert_eq!(call(&gw, "/a/x", &key).await.0, 200, "{k}");
+            let key_id = id(&key);
+            let path = format!("/v1/keys/{key_id}");
+            let hex = KeyHash::of(&key).hex();
+            for (method, path, body) in [
+                ("GET", "/v1/keys".to_string(), None),
+                ("GET", path.clone(), None),
+                ("PATCH", path.clone(), Some(json!({"name": "renamed"}))),
+                ("POST", format!("{path}/topup"), Some(json!({"credits": 1}))),
+                ("POST", format!("{path}/revoke"), None),
+                ("GET", format!("/v1/usage?key={key_id}"), None),
+            ] {
+                let body = body.map(|b| b.to_string());
+                let (status, text, _) = api_raw(&gw, method, &path, body, Some(&bearer)).await;
+                let what = format!("{k}: {method} {path}");
+                assert_eq!(status, 200, "{what}: {text}");
+                assert!(
+                    text.contains(&key_id),
+                    "{what} is not about the key: {text}"
+                );
+                for secret in [key.as_str(), &hex, &hex.to_uppercase()] {
+                    assert!(!text.contains(secret), "{what} shows {secret}: {text}");
+                }
+            }
+        }
+    }
+}
+
+/// Keys from the keys file never reach the error log or the access log,
+/// whether their requests are served or refused, from whichever place the
+/// request carries them in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_from_the_keys_file_never_reach_the_logs() {
+    let origin = Origin::json("ok", true, 0).await;
+    let keys = "keys:\n  \
+        - {key: tg_log_served, name: served, credits: 100, routes: [a]}\n  \
+        - {key: tg_log_expired, name: expired, credits: 100, expires_at: \"2020-01-01T00:00:00Z\"}\n  \
+        - {key: tg_log_revoked, name: revoked, credits: 100, state: revoked}\n  \
+        - {key: tg_log_broke, name: broke, credits: 0}\n  \
+        - {key: tg_log_slow, name: slow, credits: 100, rate_per_second: 1}\n";
+    let dir = tempfile::tempdir().unwrap();
+    let access = dir.path().join("access.log");
+    let top = format!("access_log: {}\n", access.display());
+    let gw = Kind::Embedded.gateway(&origin, keys, &top).await;
+    let cases: [(&str, &str, &[u16]); 7] = [
+        ("tg_log_served", "/a/x", &[200, 200, 200]),
+        ("tg_log_served", "/b/x", &[403, 403, 403]),
+        ("tg_log_expired", "/a/x", &[401, 401, 401]),
+        ("tg_log_revoked", "/a/x", &[403, 403, 403]),
+        ("tg_log_broke", "/a/x", &[402, 402, 402]),
+        ("tg_log_slow", "/a/x", &[200, 429, 429]),
+        ("tg_log_unknown", "/a/x", &[401, 401, 401]),
+    ];
+    let client = reqwest::Client::new();
+    let mut logged = Vec::new();
+    for (key, path, expected) in cases {
+        let sent = [
+            client.get(gw.url(path)).header("X-API-Key", key),
+            client.get(gw.url(&format!("{path}?api_key={key}"))),
+            client.get(gw.url(path)).bearer_auth(key),
+        ];
+        let mut statuses = Vec::new();
+        for req in sent {
+            statuses.push(req.send().await.unwrap().status().as_u16());
+        }
+        if key == "tg_log_slow" {
+            // The rate limiter's estimate decides which of the later two.
+            assert!(
+                statuses[0] == 200 && statuses.contains(&429),
+                "{key}: {statuses:?}"
+            );
+        } else {
+            assert_eq!(statuses, expected, "{key} on {path}");
+        }
+        logged.extend(statuses);
+    }
+    // Every request has its access line, refused ones too.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let text = loop {
+        let text = std::fs::read_to_string(&access).unwrap_or_default();
+        if text.lines().count() >= logged.len() {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "access log has:\n{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut statuses: Vec<u64> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["status"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    let mut sent: Vec<u64> = logged.iter().map(|&s| u64::from(s)).collect();
+    statuses.sort_unstable();
+    sent.sort_unstable();
+    assert_eq!(statuses, sent, "{text}");
+    let errors = gw.logs();
+    for (key, _, _) in cases {
+        let hex = KeyHash::of(key).hex();
+        for secret in [key, &hex] {
+            assert!(
+                !text.contains(secret),
+                "{secret} in the access log:\n{text}"
+            );
+            assert!(
+                !errors.contains(secret),
+                "{secret} in the error log:\n{errors}"
+            );
+        }
+    }
+    assert!(!text.contains("tg_log_") && !errors.contains("tg_log_"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_api_is_off_without_a_token() {
     let origin = Origin::json("ok", true, 0).await;
