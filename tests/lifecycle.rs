@@ -312,6 +312,73 @@ async fn a_refill_happens_once_across_two_gateways() {
     );
 }
 
+/// As [`a_refill_happens_once_across_two_gateways`], with credit leases: the
+/// lease take applies the refill, and the two gateways' first takes of the
+/// new period race. Once every lease has been reported and given back the
+/// key has sold exactly its 100 refilled credits; requests after that (the
+/// balance reported down to 0, in the same period) find no second refill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refill_happens_once_across_two_gateways_with_leases() {
+    let origin = Origin::json("ok", true, 0).await;
+    let keys = "keys:\n  - {key: plan, name: plan, credits: 0, rate_per_second: 100000, refill: {credits: 100, period: daily}}\n";
+    let kind = Kind::Redis(RedisServer::start());
+    let leases = "  timeout_ms: 1000\n  leases: {max_credits: 10, ttl_seconds: 10}\n";
+    let one = kind.gateway(&origin, keys, leases).await;
+    let two = kind.gateway(&origin, "", leases).await;
+    let Kind::Redis(redis) = &kind else {
+        unreachable!()
+    };
+    assert_eq!(get_with_key(one.url("/a/x"), "plan").await.status(), 402);
+    hset(redis, "plan", "refilled_for", "2000-01-01");
+    let round = |n: usize, tag: &str| -> Vec<String> {
+        (0..n)
+            .map(|i| {
+                let gw = if i % 2 == 0 { &one } else { &two };
+                gw.url(&format!("/a/{tag}{i}"))
+            })
+            .collect()
+    };
+    // The race, then rounds until one sells nothing (a node waits for the
+    // other's leases before it answers 402).
+    let mut served = 0;
+    let mut batches = vec![statuses_at_once(round(160, "race"), "plan").await];
+    loop {
+        let statuses = batches.last().unwrap();
+        assert!(
+            statuses.iter().all(|s| [200, 402].contains(s)),
+            "{statuses:?}"
+        );
+        let sold = statuses.iter().filter(|&&s| s == 200).count();
+        served += sold;
+        if sold == 0 {
+            break;
+        }
+        assert!(batches.len() < 20, "still selling after {served}");
+        let tag = format!("r{}-", batches.len());
+        batches.push(statuses_at_once(round(40, &tag), "plan").await);
+    }
+    // Every lease reported and back: the balance is what was not sold.
+    let start = Instant::now();
+    while hget(redis, "plan", "leased").is_some_and(|l| l != "0") {
+        assert!(
+            start.elapsed() < Duration::from_secs(6),
+            "leases still held: {:?}",
+            hget(redis, "plan", "leased")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(hget(redis, "plan", "credits").as_deref(), Some("0"));
+    // Still this period: the takes find it refilled and sell nothing more.
+    let after = statuses_at_once(round(40, "after"), "plan").await;
+    assert!(after.iter().all(|&s| s == 402), "{after:?}");
+    assert_eq!(served, 100, "answers sold in the new period: {batches:?}");
+    assert_eq!(
+        hget(redis, "plan", "refilled_for"),
+        Some(Period::Daily.label(now()))
+    );
+    assert_eq!(hget(redis, "plan", "credits").as_deref(), Some("0"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_api_endpoints_and_errors_on_both_stores() {
     let origin = Origin::json("ok", true, 0).await;
