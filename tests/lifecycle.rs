@@ -13,6 +13,18 @@ use tollgate::key::KeyHash;
 
 const TOKEN: &str = "tga_test_admin_token_for_integration";
 
+/// How long after a change returns its effect may take to show to a request
+/// on any node: the contract's second (no node serves key metadata older
+/// than `store::redis::META_TTL`, and a lookup reads a copy older than 750 ms
+/// again), plus the 10 ms poll and the request that sees it (a new client
+/// each: a revocation, which the next charge sees, showed after 40-260 ms).
+/// Not derived from `META_TTL`: a longer TTL would break the contract, and
+/// this must fail then. Measured on the other node in 12 runs (idle, both
+/// cores busy, a cargo build, the whole file at once): 470-850 ms, most
+/// 650-760 (the poll after a change finds the copy just read, so the next
+/// read is 750 ms away).
+const SEEN_WITHIN: Duration = Duration::from_millis(1200);
+
 fn admin_yaml() -> String {
     format!("admin:\n  token_sha256: \"{}\"\n", KeyHash::of(TOKEN).hex())
 }
@@ -553,10 +565,7 @@ async fn admin_api_endpoints_and_errors_on_both_stores() {
         assert_eq!((status, &row["state"]), (200, &json!("revoked")), "{k}");
         let start = Instant::now();
         while call(&gw, "/a/x", &key).await.0 != 403 {
-            assert!(
-                start.elapsed() < Duration::from_millis(1500),
-                "{k}: still served"
-            );
+            assert!(start.elapsed() < SEEN_WITHIN, "{k}: still served");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
 
@@ -1063,8 +1072,8 @@ async fn changes_show_on_every_node_within_a_second() {
         let start = Instant::now();
         while !check().await {
             assert!(
-                start.elapsed() < Duration::from_millis(1500),
-                "{what} not seen"
+                start.elapsed() < SEEN_WITHIN,
+                "{what} not seen within {SEEN_WITHIN:?}"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -1098,7 +1107,7 @@ async fn changes_show_on_every_node_within_a_second() {
     })
     .await;
     admin(&one, "PATCH", &path, Some(json!({"expires_at": null}))).await;
-    until("un-expiry", async || {
+    let unexpiry = until("un-expiry", async || {
         call(&two, "/a/x", "roamer").await.0 == 200
     })
     .await;
@@ -1107,7 +1116,7 @@ async fn changes_show_on_every_node_within_a_second() {
         call(&two, "/a/x", "roamer").await.0 == 403
     })
     .await;
-    eprintln!("seen on the other node after: rate {rate:?}, routes {routes:?}, expiry {expiry:?}, revocation {revoked:?}");
+    eprintln!("seen on the other node after: rate {rate:?}, routes {routes:?}, expiry {expiry:?}, un-expiry {unexpiry:?}, revocation {revoked:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
