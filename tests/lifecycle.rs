@@ -741,6 +741,26 @@ async fn every_admin_endpoint_refuses_a_missing_wrong_or_non_bearer_token_on_bot
                 format!("tollgate_admin_requests_total{{endpoint=\"{label}\",status=\"401\"}}");
             assert_eq!(sample(&m, &series), refused.len() as f64, "{k}: {series}");
         }
+        // Every /v1 request needs the token, so a wrong method or an unknown
+        // path is a 401 too, before its 405 or 404.
+        let held = format!("/v1/keys/{}", id("held"));
+        for (method, path) in [
+            ("DELETE", held.clone()),
+            ("GET", format!("{held}/topup")),
+            ("PUT", "/v1/keys".into()),
+            ("POST", "/v1/usage".into()),
+            ("GET", "/v1/nothing".into()),
+        ] {
+            for auth in &refused {
+                let what = format!("{k}: {method} {path} with {auth:?}");
+                let (status, text, headers) =
+                    api_raw(&gw, method, &path, None, auth.as_deref()).await;
+                assert_eq!(status, 401, "{what}: {text}");
+                let json = serde_json::from_str(&text).unwrap_or(Value::Null);
+                assert_error_shape(&json, "unauthorized", &what);
+                assert!(headers.contains_key("www-authenticate"), "{what}");
+            }
+        }
         // Refused before acting: the key is as it was and nothing was made.
         let (status, page) = admin(&gw, "GET", "/v1/keys", None).await;
         assert_eq!(status, 200, "{k}: {page}");
@@ -818,6 +838,12 @@ async fn admin_api_refusals_change_nothing_on_both_stores() {
                 assert_eq!(headers["allow"], "POST", "{what}");
             }
         }
+
+        // The usage export, with the token, takes only GET.
+        let (status, err, headers) = api(&gw, "POST", "/v1/usage", None, Some(TOKEN)).await;
+        assert_eq!(status, 405, "{k}: {err}");
+        assert_error_shape(&err, "method_not_allowed", "POST /v1/usage");
+        assert_eq!(headers["allow"], "GET", "{k}");
 
         // Bodies: over 64 KiB → 413 on PATCH and top-up; exactly 64 KiB is
         // read (JSON allows the padding).
