@@ -312,6 +312,9 @@ impl KeyApi {
         &self,
         session: &ServerSession,
     ) -> Result<(((i64, i64), Option<crate::key::KeyHash>), Format), Answer> {
+        // The token first, as on every /v1 path: without it, not even the
+        // methods a path takes are told.
+        self.authorize(session)?;
         let req = session.req_header();
         if req.method != Method::GET {
             return Err(Answer {
@@ -319,7 +322,6 @@ impl KeyApi {
                 ..fail(405, "method_not_allowed", "this path takes GET")
             });
         }
-        self.authorize(session)?;
         let (mut from, mut to, mut key) = (None, None, None);
         let query = req.uri.query().unwrap_or("");
         for (name, value) in form_urlencoded::parse(query.as_bytes()) {
