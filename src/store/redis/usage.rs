@@ -109,11 +109,19 @@ fn rows_of(hash: &KeyHash, date: &str, name: &str, fields: HashMap<String, i64>)
 
 #[async_trait]
 impl UsageLedger for RedisStore {
+    /// A day past `usage.retention_days` has no rows: its hash expires
+    /// during day `day + retention_days` (its TTL runs from its first
+    /// write), and until then it is left out, so that both stores export
+    /// the same days.
     async fn usage_day(
         &self,
         day: i64,
         key: Option<&KeyHash>,
     ) -> Result<Vec<UsageRow>, StoreError> {
+        let keep_days = self.usage_ttl.parse::<i64>().unwrap_or(0) / 86_400;
+        if day < Usage::oldest_kept(Usage::now("").day, keep_days) {
+            return Ok(Vec::new());
+        }
         let date = Usage { route: "", day }.date();
         let mut hashes: Vec<KeyHash> = match key {
             Some(hash) => vec![*hash],
