@@ -193,7 +193,7 @@ pub async fn run(
         .with_usage_retention(config.usage_retention_days);
     let key = match key {
         Some(k) => Some(
-            keyops::find(&store, k)
+            keyops::find_known(&store, k)
                 .await
                 .map_err(|e| format!("--key: {e}"))?,
         ),
