@@ -6,7 +6,7 @@
 //! `usage.retention_days` when a route's first request of the day creates
 //! its counter; a TTL argument of 0 writes no ledger). The ledger is written
 //! by the same script as the balance, so the two cannot drift apart. The
-//! scripts off the hit path (cancel, refund, lease report) also
+//! scripts off the hit path (cancel, refund, lease report, cache hits) also
 //! give a row they write its TTL when it has none (`TTL` answers -1): a
 //! refund that lands after its day's row expired, or on a row that lost its
 //! TTL, must not leave a row that is kept for ever. The charge keeps to one
@@ -89,6 +89,18 @@ if ARGV[4] ~= '0' then
   if redis.call('TTL', KEYS[3]) == -1 then redis.call('EXPIRE', KEYS[3], ARGV[4]) end
 end
 return redis.call('HINCRBY', KEYS[1], 'credits', ARGV[1])
+";
+
+/// Add ARGV[1] delivered cache hits of route ARGV[3] to the ledger row
+/// KEYS[3], once per flush id (KEYS[2], remembered ARGV[2] ms): a flush
+/// whose answer was not seen is sent again with its id and counted once.
+/// A row without a TTL gets ARGV[4] seconds. Returns 1 if counted now, 0
+/// if this flush was counted before.
+pub(super) const HITS: &str = r"
+if not redis.call('SET', KEYS[2], 'h', 'NX', 'PX', ARGV[2]) then return 0 end
+redis.call('HINCRBY', KEYS[3], ARGV[3] .. ':cache_hits', ARGV[1])
+if redis.call('TTL', KEYS[3]) == -1 then redis.call('EXPIRE', KEYS[3], ARGV[4]) end
+return 1
 ";
 
 /// The start of the lease scripts (KEYS[1] the key, KEYS[2] its leases
