@@ -139,6 +139,17 @@ pub async fn find(store: &dyn KeyAdmin, key_or_id: &str) -> Result<KeyHash, OpEr
     }
 }
 
+/// [`find`], for a key that must exist: a key or a full hash that matches
+/// no key is [`OpError::NotFound`], as an unknown id is (and the error does
+/// not repeat what was asked, which may be a key).
+pub async fn find_known(store: &dyn KeyAdmin, key_or_id: &str) -> Result<KeyHash, OpError> {
+    let hash = find(store, key_or_id).await?;
+    match store.row(&hash).await? {
+        Some(_) => Ok(hash),
+        None => Err(OpError::NotFound(None)),
+    }
+}
+
 pub async fn show(store: &dyn KeyAdmin, key_or_id: &str) -> Result<KeyRow, OpError> {
     let hash = find(store, key_or_id).await?;
     store.row(&hash).await?.ok_or(OpError::NotFound(None))

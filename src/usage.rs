@@ -189,10 +189,11 @@ pub async fn run(
             .into());
     };
     let store = RedisStore::new(redis, &config.store.key_prefix, config.store.timeout)
-        .map_err(|e| format!("{}: {e}", redis.field()))?;
+        .map_err(|e| format!("{}: {e}", redis.field()))?
+        .with_usage_retention(config.usage_retention_days);
     let key = match key {
         Some(k) => Some(
-            keyops::find(&store, k)
+            keyops::find_known(&store, k)
                 .await
                 .map_err(|e| format!("--key: {e}"))?,
         ),

@@ -29,6 +29,16 @@ struct Entry {
     usage: Mutex<BTreeMap<(i64, &'static str), Counts>>,
 }
 
+/// Drop the ledger rows of days before `oldest`.
+fn drop_before(rows: &mut BTreeMap<(i64, &'static str), Counts>, oldest: i64) {
+    if rows
+        .first_key_value()
+        .is_some_and(|((day, _), _)| *day < oldest)
+    {
+        *rows = rows.split_off(&(oldest, ""));
+    }
+}
+
 /// One ledger row's numbers.
 #[derive(Debug, Clone, Copy, Default)]
 struct Counts {
@@ -63,8 +73,7 @@ impl Entry {
         }
         let mut rows = self.usage.lock().unwrap_or_else(|p| p.into_inner());
         if !rows.contains_key(&(usage.day, usage.route)) {
-            let oldest = usage.day - keep_days + 1;
-            rows.retain(|(day, _), _| *day >= oldest);
+            drop_before(&mut rows, Usage::oldest_kept(usage.day, keep_days));
         }
         change(rows.entry((usage.day, usage.route)).or_default());
     }
@@ -211,11 +220,18 @@ impl Store for MemoryStore {
 
 #[async_trait]
 impl UsageLedger for MemoryStore {
+    /// A day past `usage.retention_days` has no rows, also for a key that
+    /// wrote nothing since (its old days are dropped here, not only at its
+    /// next write), as on Redis, where such a day has expired.
     async fn usage_day(
         &self,
         day: i64,
         key: Option<&KeyHash>,
     ) -> Result<Vec<UsageRow>, StoreError> {
+        let oldest = Usage::oldest_kept(Usage::now("").day, self.keep_days);
+        if day < oldest {
+            return Ok(Vec::new());
+        }
         let entries: Vec<(KeyHash, Arc<Entry>)> = {
             let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
             keys.iter()
@@ -227,7 +243,8 @@ impl UsageLedger for MemoryStore {
         let mut rows = Vec::new();
         for (hash, entry) in entries {
             let name = entry.info().name.clone();
-            let usage = entry.usage.lock().unwrap_or_else(|p| p.into_inner());
+            let mut usage = entry.usage.lock().unwrap_or_else(|p| p.into_inner());
+            drop_before(&mut usage, oldest);
             for ((_, route), c) in usage.range((day, "")..(day + 1, "")) {
                 rows.push(UsageRow {
                     date: date.to_string(),
@@ -365,6 +382,33 @@ mod tests {
         );
         let (s, h) = store(3, KeyState::Revoked);
         assert_eq!(s.charge(&h, 1, U).await.unwrap(), Charge::Revoked);
+    }
+
+    /// A key that wrote nothing since: its days past the retention are not
+    /// read (and are dropped), as on Redis, where they have expired.
+    #[tokio::test]
+    async fn an_idle_keys_days_past_retention_are_not_read() {
+        let (s, h) = store(100, KeyState::Active);
+        let s = s.with_usage_retention(3);
+        let today = Usage::now("").day;
+        let on = |day| Usage { route: "r", day };
+        // Written while each day was kept (a write keeps three days back
+        // from its own); nothing since.
+        for day in [today - 3, today - 2] {
+            s.charge(&h, 1, on(day)).await.unwrap();
+        }
+        assert_eq!(s.entry(&h).unwrap().usage.lock().unwrap().len(), 2);
+        // Kept: today and the two days before it.
+        assert_eq!(s.usage_day(today - 3, None).await.unwrap(), vec![]);
+        assert_eq!(s.usage_day(today - 3, Some(&h)).await.unwrap(), vec![]);
+        let kept = s.usage_day(today - 2, Some(&h)).await.unwrap();
+        assert_eq!((kept.len(), kept[0].requests), (1, 1), "{kept:?}");
+        assert_eq!(s.entry(&h).unwrap().usage.lock().unwrap().len(), 1);
+        // No retention: nothing is kept, nothing read.
+        let (s, h) = store(100, KeyState::Active);
+        let s = s.with_usage_retention(0);
+        s.charge(&h, 1, on(today)).await.unwrap();
+        assert_eq!(s.usage_day(today, None).await.unwrap(), vec![]);
     }
 
     #[test]

@@ -103,6 +103,14 @@ impl Usage {
     pub fn date(&self) -> Arc<str> {
         crate::config::keys::day_labels(self.day).0
     }
+
+    /// The oldest day a ledger kept `keep_days` days holds on `today`: a
+    /// day is kept from itself through `keep_days - 1` days later (`today`
+    /// counts as one; 0 keeps none). Both stores read by this rule, so they
+    /// export the same days whenever rows were written.
+    pub fn oldest_kept(today: i64, keep_days: i64) -> i64 {
+        today - keep_days + 1
+    }
 }
 
 /// One row of the usage ledger: a key's use of a route on a UTC day.

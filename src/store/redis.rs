@@ -9,9 +9,10 @@
 //! itself. Every call is bounded by `store.timeout_ms`.
 //!
 //! A call that timed out may still run: the command was sent, and a stalled
-//! Redis runs it when it wakes. So every charge and refund carries an id, and
-//! the script that applies it leaves a marker `{prefix}key:{<sha256>}:op:{id}`
-//! for [`OP_MEMORY`]. A charge whose answer the gateway did not see was
+//! Redis runs it when it wakes. So every charge and refund (and each write
+//! of cache hits to the usage ledger) carries an id, and the script that
+//! applies it leaves a marker `{prefix}key:{<sha256>}:op:{id}` for
+//! [`OP_MEMORY`]. A charge whose answer the gateway did not see was
 //! answered as not charged (503, or served uncharged with `on_error: allow`),
 //! so it is cancelled: given back if it ran, made a no-op if it has not run
 //! yet. A refund whose answer was not seen is sent again with the same id,
@@ -23,7 +24,7 @@
 //! marker `{prefix}store`; while it is missing, an unknown key is a store
 //! error (`on_error` decides), counted as `tollgate_store_errors_total{op="setup"}`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
@@ -120,6 +121,7 @@ pub struct RedisStore {
     charge: Script,
     cancel: Script,
     refund: Script,
+    add_hits: Script,
     insert: Script,
     add: Script,
     set_state: Script,
@@ -127,7 +129,7 @@ pub struct RedisStore {
     /// `usage.retention_days` in seconds, as the scripts take it ("0": no ledger).
     usage_ttl: String,
     /// Cache hits not yet written to the ledger (see `usage`).
-    hits: Mutex<HashMap<(KeyHash, Usage), u64>>,
+    hits: Mutex<usage::Hits>,
     unsettled: Mutex<VecDeque<Unsettled>>,
     settle_wake: Notify,
     counters: Option<StoreCounters>,
@@ -156,12 +158,13 @@ impl RedisStore {
             charge: Script::new(scripts::CHARGE),
             cancel: Script::new(scripts::CANCEL),
             refund: Script::new(scripts::REFUND),
+            add_hits: Script::new(scripts::HITS),
             insert: Script::new(admin::INSERT_LUA),
             add: Script::new(admin::ADD_LUA),
             set_state: Script::new(admin::STATE_LUA),
             update: Script::new(admin::UPDATE_LUA),
             usage_ttl: (DEFAULT_RETENTION_DAYS * 86_400).to_string(),
-            hits: Mutex::new(HashMap::new()),
+            hits: Mutex::new(usage::Hits::default()),
             unsettled: Mutex::new(VecDeque::new()),
             settle_wake: Notify::new(),
             counters: None,

@@ -4,8 +4,13 @@
 //! charge's day (`{prefix}usage:{<sha256>}:YYYY-MM-DD`, fields
 //! `<route>:requests|credits|refunded|cache_hits`, given its TTL of
 //! `usage.retention_days` when a route's first request of the day creates
-//! its counter; a TTL argument of 0 writes no ledger). The ledger is written by the same script as the balance, so
-//! the two cannot drift apart.
+//! its counter; a TTL argument of 0 writes no ledger). The ledger is written
+//! by the same script as the balance, so the two cannot drift apart. The
+//! scripts off the hit path (cancel, refund, lease report, cache hits) also
+//! give a row they write its TTL when it has none (`TTL` answers -1): a
+//! refund that lands after its day's row expired, or on a row that lost its
+//! TTL, must not leave a row that is kept for ever. The charge keeps to one
+//! `EXPIRE` per route and day.
 
 /// Check state and balance, refill at the first charge of a new period
 /// (ARGV[3] today, ARGV[4] this month, UTC; never lowering a balance), take
@@ -60,14 +65,17 @@ end
 if ARGV[3] ~= '0' and redis.call('EXISTS', KEYS[3]) == 1 then
   redis.call('HINCRBY', KEYS[3], ARGV[2] .. ':requests', -1)
   if cost > 0 then redis.call('HINCRBY', KEYS[3], ARGV[2] .. ':credits', -cost) end
+  if redis.call('TTL', KEYS[3]) == -1 then redis.call('EXPIRE', KEYS[3], ARGV[3]) end
 end
 return cost
 ";
 
 /// Give ARGV[1] credits back once per id (KEYS[2]), and in the ledger
 /// (route ARGV[3], TTL ARGV[4]) move them from credits to refunded, taking
-/// the request off unless it was delivered (ARGV[5] = '1'). Returns the new
-/// balance, -1 if the key is unknown, -2 if this refund was applied already.
+/// the request off unless it was delivered (ARGV[5] = '1'); a row without a
+/// TTL (one the refund made because its day's row had expired) gets it.
+/// Returns the new balance, -1 if the key is unknown, -2 if this refund was
+/// applied already.
 pub(super) const REFUND: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 if not redis.call('SET', KEYS[2], 'r', 'NX', 'PX', ARGV[2]) then return -2 end
@@ -78,8 +86,21 @@ if ARGV[4] ~= '0' then
     redis.call('HINCRBY', KEYS[3], ARGV[3] .. ':refunded', amount)
   end
   if ARGV[5] ~= '1' then redis.call('HINCRBY', KEYS[3], ARGV[3] .. ':requests', -1) end
+  if redis.call('TTL', KEYS[3]) == -1 then redis.call('EXPIRE', KEYS[3], ARGV[4]) end
 end
 return redis.call('HINCRBY', KEYS[1], 'credits', ARGV[1])
+";
+
+/// Add ARGV[1] delivered cache hits of route ARGV[3] to the ledger row
+/// KEYS[3], once per flush id (KEYS[2], remembered ARGV[2] ms): a flush
+/// whose answer was not seen is sent again with its id and counted once.
+/// A row without a TTL gets ARGV[4] seconds. Returns 1 if counted now, 0
+/// if this flush was counted before.
+pub(super) const HITS: &str = r"
+if not redis.call('SET', KEYS[2], 'h', 'NX', 'PX', ARGV[2]) then return 0 end
+redis.call('HINCRBY', KEYS[3], ARGV[3] .. ':cache_hits', ARGV[1])
+if redis.call('TTL', KEYS[3]) == -1 then redis.call('EXPIRE', KEYS[3], ARGV[4]) end
+return 1
 ";
 
 /// The start of the lease scripts (KEYS[1] the key, KEYS[2] its leases
@@ -160,10 +181,10 @@ return {2, grant, credits, leased, others}
 /// ARGV[5] is 1 (whatever it still holds goes back). A lease already taken
 /// back (the node was silent past its expiry) is charged its late spending
 /// all the same. Then the ledger deltas: from ARGV[7], triples (index of
-/// the usage key among KEYS from 4, field, delta); a new counter's row gets
-/// the TTL ARGV[6] seconds. Returns {credits, leased, outstanding (-1: no
-/// lease), active (1/0), wanted (1/0: another node waits for credits,
-/// KEYS[3])}.
+/// the usage key among KEYS from 4, field, delta); a row written without a
+/// TTL gets ARGV[6] seconds (one `TTL` per row and report). Returns
+/// {credits, leased, outstanding (-1: no lease), active (1/0), wanted (1/0:
+/// another node waits for credits, KEYS[3])}.
 pub(super) const LEASE_REPORT: &str = concat!(
     lease_prelude!(),
     r"
@@ -185,11 +206,18 @@ if mine then
   end
   if known and back ~= 0 then redis.call('HINCRBY', KEYS[1], 'leased', -back) end
 end
+local rows, seen = {}, {}
 for i = 7, #ARGV, 3 do
   local row = KEYS[3 + tonumber(ARGV[i])]
-  local n = redis.call('HINCRBY', row, ARGV[i + 1], tonumber(ARGV[i + 2]))
-  if ARGV[6] ~= '0' and n == tonumber(ARGV[i + 2]) and redis.call('TTL', row) < 0 then
-    redis.call('EXPIRE', row, ARGV[6])
+  redis.call('HINCRBY', row, ARGV[i + 1], tonumber(ARGV[i + 2]))
+  if not seen[row] then
+    seen[row] = true
+    rows[#rows + 1] = row
+  end
+end
+if ARGV[6] ~= '0' then
+  for _, row in ipairs(rows) do
+    if redis.call('TTL', row) == -1 then redis.call('EXPIRE', row, ARGV[6]) end
   end
 end
 local h = redis.call('HMGET', KEYS[1], 'credits', 'leased', 'state')

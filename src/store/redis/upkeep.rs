@@ -204,7 +204,7 @@ impl RedisStore {
         }
     }
 
-    fn unknowable(&self, what: &str) {
+    pub(super) fn unknowable(&self, what: &str) {
         if let Some(c) = &self.counters {
             c.settle.inc();
         }

@@ -5,21 +5,48 @@
 //! `<route>:cache_hits`. The scripts write requests, credits and refunds
 //! with the balance; a cache hit is known only after the charge, so hits are
 //! counted in process and added by [`super::Maintenance`] every second
-//! (one `HINCRBY` per key, day and route seen), never on the request path.
+//! (one script per key, day and route seen), never on the request path.
+//! Each such flush carries an id that the script remembers for
+//! [`OP_MEMORY`], as a refund does: a flush whose answer was not seen (a
+//! timeout: Redis may run it when it wakes) is sent again with the same id
+//! and counted once.
 //! Reading a day SCANs for that day's rows (never `KEYS`), so an export
 //! holds one day's rows at a time.
 
 use std::collections::HashMap;
+use std::time::Instant;
 
 use async_trait::async_trait;
 use redis::AsyncCommands;
 
-use super::RedisStore;
+use super::{Failure, RedisStore, OP_MEMORY};
 use crate::key::KeyHash;
 use crate::store::{StoreError, Usage, UsageLedger, UsageRow};
 
 /// The ledger's fields of one route, in a row's order.
 const FIELDS: [&str; 4] = ["requests", "credits", "refunded", "cache_hits"];
+
+/// Cache hits on their way to the ledger.
+#[derive(Default)]
+pub(super) struct Hits {
+    /// Counted since the last flush, by key and ledger row.
+    counted: HashMap<(KeyHash, Usage), u64>,
+    /// Sent, and may have been counted, without an answer: sent again with
+    /// the same id until Redis answers (at most [`OP_MEMORY`]).
+    unanswered: Vec<Flush>,
+}
+
+/// One key's hits of one ledger row, as a flush sends them.
+struct Flush {
+    hash: KeyHash,
+    usage: Usage,
+    id: u64,
+    hits: u64,
+    /// When the first try that may have run without an answer was sent:
+    /// after [`OP_MEMORY`] Redis no longer remembers it, so it is dropped
+    /// (counted at most once, maybe not at all) rather than sent again.
+    maybe_ran: Option<Instant>,
+}
 
 impl RedisStore {
     /// A key's ledger row for a day (`YYYY-MM-DD`).
@@ -32,47 +59,109 @@ impl RedisStore {
         format!("{}usage:{{{hex}}}:{date}", self.prefix)
     }
 
+    fn lock_hits(&self) -> std::sync::MutexGuard<'_, Hits> {
+        self.hits.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Count a delivered cache hit, to be written within a second.
     pub(super) fn note_hit(&self, hash: &KeyHash, usage: Usage) {
         if self.usage_ttl == "0" {
             return;
         }
-        let mut hits = self.hits.lock().unwrap_or_else(|p| p.into_inner());
-        *hits.entry((*hash, usage)).or_default() += 1;
+        *self.lock_hits().counted.entry((*hash, usage)).or_default() += 1;
     }
 
-    /// Write the cache hits counted so far; those that fail wait for the
-    /// next flush. `true` if all were written.
+    /// Write the cache hits counted so far, and send again those whose
+    /// answer was not seen; those that fail wait for the next flush. `true`
+    /// if all were written.
     pub(super) async fn flush_hits(&self) -> bool {
-        let pending: HashMap<(KeyHash, Usage), u64> =
-            std::mem::take(&mut *self.hits.lock().unwrap_or_else(|p| p.into_inner()));
-        if pending.is_empty() {
+        let batch: Vec<Flush> = {
+            let mut hits = self.lock_hits();
+            let mut batch = std::mem::take(&mut hits.unanswered);
+            batch.extend(hits.counted.drain().map(|((hash, usage), n)| Flush {
+                hash,
+                usage,
+                id: rand::random::<u64>(),
+                hits: n,
+                maybe_ran: None,
+            }));
+            batch
+        };
+        let batch: Vec<Flush> = batch
+            .into_iter()
+            .filter(|f| {
+                let forgotten = f.maybe_ran.is_some_and(|t| t.elapsed() >= OP_MEMORY);
+                if forgotten {
+                    self.unknowable(&format!(
+                        "a write of {} cache hit(s) of key {} to the usage ledger",
+                        f.hits,
+                        f.hash.id()
+                    ));
+                }
+                !forgotten
+            })
+            .collect();
+        if batch.is_empty() {
             return true;
         }
-        let writes = pending.iter().map(|((hash, usage), n)| async move {
-            let mut c = self.conn().await?;
-            let key = self.usage_key(hash, &usage.date());
-            let field = format!("{}:cache_hits", usage.route);
-            let ttl: i64 = self.usage_ttl.parse().unwrap_or(0);
-            let pipe = redis::pipe()
-                .atomic()
-                .hincr(&key, field, *n)
-                .ignore()
-                .expire(&key, ttl)
-                .ignore()
-                .clone();
-            self.bounded(pipe.query_async::<()>(&mut c)).await
+        let memory = Self::op_memory_ms();
+        let writes = batch.iter().map(|f| {
+            let memory = &memory;
+            async move {
+                let sent = Instant::now();
+                let n = f.hits.to_string();
+                let args = [&n, memory, f.usage.route, &self.usage_ttl];
+                let result: Result<i64, Failure> = self
+                    .script_op(&self.add_hits, &f.hash, f.id, f.usage, &args)
+                    .await;
+                (sent, result)
+            }
         });
         let results = futures::future::join_all(writes).await;
-        let mut all = true;
-        let mut hits = self.hits.lock().unwrap_or_else(|p| p.into_inner());
-        for (((hash, usage), n), result) in pending.into_iter().zip(results) {
-            if result.is_err() {
-                all = false;
-                *hits.entry((hash, usage)).or_default() += n;
+        let (mut again, mut twice, mut failed) = (0, 0, Vec::new());
+        let mut error = None;
+        for (mut f, (sent, result)) in batch.into_iter().zip(results) {
+            match result {
+                Ok(counted) => {
+                    if f.maybe_ran.is_some() {
+                        again += f.hits;
+                        if counted == 0 {
+                            twice += f.hits;
+                        }
+                    }
+                }
+                Err(failure) => {
+                    if failure.maybe_ran {
+                        f.maybe_ran.get_or_insert(sent);
+                    }
+                    error = Some(failure.error);
+                    failed.push(f);
+                }
             }
         }
-        all
+        if again > 0 {
+            log::info!(
+                "store: usage ledger: {again} cache hit(s) sent again after no answer, \
+                 {twice} of them counted already (not counted twice)"
+            );
+        }
+        if failed.is_empty() {
+            return true;
+        }
+        if let Some(e) = error {
+            let n: u64 = failed.iter().map(|f| f.hits).sum();
+            log::warn!("store: usage ledger: {n} cache hit(s) not written yet: {e}");
+        }
+        let mut hits = self.lock_hits();
+        for f in failed {
+            if f.maybe_ran.is_some() {
+                hits.unanswered.push(f);
+            } else {
+                // No try of it ran: it joins the next flush's count.
+                *hits.counted.entry((f.hash, f.usage)).or_default() += f.hits;
+            }
+        }
+        false
     }
 }
 
@@ -109,11 +198,19 @@ fn rows_of(hash: &KeyHash, date: &str, name: &str, fields: HashMap<String, i64>)
 
 #[async_trait]
 impl UsageLedger for RedisStore {
+    /// A day past `usage.retention_days` has no rows: its hash expires
+    /// during day `day + retention_days` (its TTL runs from its first
+    /// write), and until then it is left out, so that both stores export
+    /// the same days.
     async fn usage_day(
         &self,
         day: i64,
         key: Option<&KeyHash>,
     ) -> Result<Vec<UsageRow>, StoreError> {
+        let keep_days = self.usage_ttl.parse::<i64>().unwrap_or(0) / 86_400;
+        if day < Usage::oldest_kept(Usage::now("").day, keep_days) {
+            return Ok(Vec::new());
+        }
         let date = Usage { route: "", day }.date();
         let mut hashes: Vec<KeyHash> = match key {
             Some(hash) => vec![*hash],
