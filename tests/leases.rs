@@ -661,3 +661,47 @@ async fn a_node_cut_off_past_the_ttl_is_billed_late_within_its_lease() {
     until_settled(&redis, Duration::from_secs(6)).await;
     assert_eq!(ledger(&redis)["requests"], total);
 }
+
+/// A report whose answer was lost (Redis stalled past `timeout_ms`, then
+/// ran every copy it had been sent when it woke) is applied once: after the
+/// node gives its lease back, the balance and the ledger hold exactly what
+/// was served. (Sent again as a new report, each copy charged its spending:
+/// 25 credits for 7 answers.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_sent_again_after_a_stall_is_applied_once() {
+    let redis = RedisServer::start();
+    let (gw, _origin) = one_node_holding_a_lease(&redis).await;
+    // Right after a report, so that the next one carries what follows.
+    let start = Instant::now();
+    while ledger(&redis).get("requests") != Some(&1) {
+        assert!(start.elapsed() < Duration::from_secs(3), "no report");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for i in 0..5 {
+        let status = get_with_key(gw.url(&format!("/api/r{i}")), PAYER)
+            .await
+            .status();
+        assert_eq!(status, 200);
+    }
+    // Spent from the lease and not reported yet: the reports meet the stall.
+    redis.pause();
+    let unanswered = "got no answer, sent again as it is";
+    let start = Instant::now();
+    while gw.logs().matches(unanswered).count() < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(8),
+            "no report sent again: {}",
+            gw.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    redis.resume();
+    signal(gw.pid(), "-TERM");
+    until_settled(&redis, Duration::from_secs(6)).await;
+    let served = 6;
+    assert_eq!(hget(&redis, "credits"), 1000 - served, "{}", gw.logs());
+    let ledger = ledger(&redis);
+    assert_eq!(ledger.get("requests"), Some(&served), "{ledger:?}");
+    assert_eq!(ledger.get("credits"), Some(&served), "{ledger:?}");
+}
+

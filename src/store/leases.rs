@@ -33,7 +33,9 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use pingora_prometheus::prometheus::{IntCounterVec, IntGauge};
 
-use super::redis::lease::{Deltas, LeaseScripts, Report, Reported, Taken};
+use super::redis::lease::{
+    Deltas, LeaseScripts, Report, ReportFailed, Reported, Taken, REPORT_MEMORY,
+};
 use super::redis::RedisStore;
 use super::{Charge, KeyInfo, Store, StoreError, Usage};
 use crate::config::LeaseConfig;
@@ -75,6 +77,21 @@ struct Lease {
     wanted: bool,
     /// A take ahead of need is under way.
     taking: bool,
+    /// A report Redis may have applied without its answer reaching us: sent
+    /// again as it is (same id) before anything new is reported.
+    unanswered: Option<Unanswered>,
+}
+
+/// A report sent and not answered, as it was sent.
+#[derive(Debug)]
+struct Unanswered {
+    id: u64,
+    spent: i64,
+    give: u64,
+    end: bool,
+    ledger: BTreeMap<Usage, Deltas>,
+    /// When it was first sent.
+    sent: Instant,
 }
 
 impl Lease {
@@ -91,6 +108,7 @@ impl Lease {
             used: Instant::now(),
             wanted: false,
             taking: false,
+            unanswered: None,
         }
     }
 
@@ -291,14 +309,36 @@ impl LeasedStore {
     /// giving back what is above its size (everything when idle, wanted or
     /// ending). The node counts what it holds itself: Redis' record of the
     /// lease changes by exactly what the node sends, so takes and reports
-    /// may cross.
+    /// may cross. A report whose answer was lost is sent again first, as it
+    /// was: Redis applies each report once (by its id), so spending is never
+    /// charged twice.
     async fn report(
         &self,
         hash: &KeyHash,
         lease: &Arc<tokio::sync::Mutex<Lease>>,
         end: bool,
     ) -> Result<Next, StoreError> {
-        let (spent, give, end, ledger) = {
+        let unanswered = {
+            let mut l = lease.lock().await;
+            if l.unanswered.is_some() {
+                if !end && l.reported.elapsed() < REPORT_EVERY {
+                    return Ok(Next::Wait);
+                }
+                l.reported = Instant::now();
+            }
+            l.unanswered.take()
+        };
+        if let Some(report) = unanswered {
+            if report.sent.elapsed() < REPORT_MEMORY {
+                self.send(hash, lease, report).await?;
+            } else {
+                // Redis no longer remembers its id: sending it again could
+                // charge its spending twice. Left uncharged, as a dead node's.
+                self.redis.report_forgotten(hash, report.spent);
+                lease.lock().await.reporting -= report.spent;
+            }
+        }
+        let report = {
             let mut l = lease.lock().await;
             let idle = l.used.elapsed();
             let yielding = l.wanted && l.unspent > 0 && idle >= YIELD_IDLE;
@@ -327,20 +367,44 @@ impl LeasedStore {
             l.reporting += spent;
             l.reported = Instant::now();
             l.unspent -= give;
-            (spent, give, end, std::mem::take(&mut l.ledger))
+            Unanswered {
+                id: rand::random::<u64>(),
+                spent,
+                give,
+                end,
+                ledger: std::mem::take(&mut l.ledger),
+                sent: Instant::now(),
+            }
         };
-        let report = Report {
-            spent,
-            give,
-            end,
-            ledger: &ledger,
-        };
+        self.send(hash, lease, report).await
+    }
+
+    /// Send one report and take in Redis' answer. Failed: a report Redis
+    /// may have applied is kept to be sent again as it is; one it surely did
+    /// not goes back into the next report.
+    async fn send(
+        &self,
+        hash: &KeyHash,
+        lease: &Arc<tokio::sync::Mutex<Lease>>,
+        report: Unanswered,
+    ) -> Result<Next, StoreError> {
         let reported = self
             .redis
-            .report_lease(&self.scripts, hash, &self.node, self.config.ttl, report)
+            .report_lease(
+                &self.scripts,
+                hash,
+                &self.node,
+                self.config.ttl,
+                Report {
+                    id: report.id,
+                    spent: report.spent,
+                    give: report.give,
+                    end: report.end,
+                    ledger: &report.ledger,
+                },
+            )
             .await;
         let mut l = lease.lock().await;
-        l.reporting -= spent;
         match reported {
             Ok(Reported {
                 credits,
@@ -349,6 +413,7 @@ impl LeasedStore {
                 active,
                 wanted,
             }) => {
+                l.reporting -= report.spent;
                 l.balance = credits;
                 l.leased = leased;
                 l.wanted = wanted;
@@ -357,7 +422,10 @@ impl LeasedStore {
                     // Ended, taken back after its expiry, or the key revoked.
                     l.unspent = 0;
                 }
-                let gone = outstanding.is_none() && l.spent == 0 && l.ledger.is_empty();
+                let gone = outstanding.is_none()
+                    && l.spent == 0
+                    && l.ledger.is_empty()
+                    && l.unanswered.is_none();
                 let next = if wanted && l.unspent > 0 && l.used.elapsed() >= YIELD_IDLE {
                     Next::Yield
                 } else {
@@ -369,14 +437,31 @@ impl LeasedStore {
                 }
                 Ok(next)
             }
-            Err(e) => {
-                // Kept for the next report.
-                l.spent += spent;
-                l.unspent += give;
-                for (usage, deltas) in ledger {
+            Err(ReportFailed {
+                error,
+                maybe_ran: true,
+            }) => {
+                log::warn!(
+                    "store: a lease report of key {} got no answer, sent again as it is \
+                     until Redis answers: {error}",
+                    hash.id()
+                );
+                l.unanswered = Some(report);
+                Err(error)
+            }
+            Err(ReportFailed { error, .. }) => {
+                log::warn!(
+                    "store: a lease report of key {} failed, joins the next one: {error}",
+                    hash.id()
+                );
+                // Not applied: it joins the next report.
+                l.reporting -= report.spent;
+                l.spent += report.spent;
+                l.unspent += report.give;
+                for (usage, deltas) in report.ledger {
                     l.count(usage, deltas);
                 }
-                Err(e)
+                Err(error)
             }
         }
     }

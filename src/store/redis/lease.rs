@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use redis::Script;
 
-use super::{scripts, RedisStore};
+use super::{scripts, Failure, RedisStore, OP_MEMORY};
 use crate::config::keys;
 use crate::key::KeyHash;
 use crate::store::{StoreError, Usage};
@@ -45,8 +45,22 @@ pub struct Reported {
     pub wanted: bool,
 }
 
+/// How long Redis remembers a report's id: a report whose answer was lost
+/// may be sent again (unchanged) within this time and counts once.
+pub const REPORT_MEMORY: Duration = OP_MEMORY;
+
+/// A report that failed, and whether Redis may have applied it all the same
+/// (then it is sent again as it is, never merged into the next one).
+#[derive(Debug)]
+pub struct ReportFailed {
+    pub error: StoreError,
+    pub maybe_ran: bool,
+}
+
 /// What a node reports of one lease.
 pub struct Report<'a> {
+    /// Its id: Redis applies a report once, however often it is sent.
+    pub id: u64,
     /// Spent since the last report (negative: refunds came back into it).
     pub spent: i64,
     /// Unspent credits given back.
@@ -128,16 +142,25 @@ impl RedisStore {
         node: &str,
         ttl: Duration,
         report: Report<'_>,
-    ) -> Result<Reported, StoreError> {
+    ) -> Result<Reported, ReportFailed> {
         let Report {
+            id,
             spent,
             give,
             end,
             ledger,
         } = report;
-        let mut c = self.conn().await?;
-        let mut call = scripts.report.key(self.redis_key(hash));
-        call.key(self.leases_key(hash)).key(self.wanted_key(hash));
+        let failed = |Failure { error, maybe_ran }| ReportFailed { error, maybe_ran };
+        let mut c = self.conn().await.map_err(|error| ReportFailed {
+            error,
+            maybe_ran: false,
+        })?;
+        let key = self.redis_key(hash);
+        let op = format!("{key}:op:{id:016x}");
+        let mut call = scripts.report.key(key);
+        call.key(self.leases_key(hash))
+            .key(self.wanted_key(hash))
+            .key(op);
         let mut days: Vec<i64> = ledger.keys().map(|u| u.day).collect();
         days.sort_unstable();
         days.dedup();
@@ -154,7 +177,8 @@ impl RedisStore {
             .arg(ms(ttl))
             .arg(give)
             .arg(if end { "1" } else { "0" })
-            .arg(&self.usage_ttl);
+            .arg(&self.usage_ttl)
+            .arg(Self::op_memory_ms());
         if self.usage_ttl != "0" {
             for (usage, deltas) in ledger {
                 let index = days.iter().position(|d| *d == usage.day).unwrap_or(0) + 1;
@@ -168,7 +192,7 @@ impl RedisStore {
             }
         }
         let (credits, leased, outstanding, active, wanted): (i64, i64, i64, i64, i64) =
-            self.bounded(call.invoke_async(&mut c)).await?;
+            self.call(call.invoke_async(&mut c)).await.map_err(failed)?;
         Ok(Reported {
             credits,
             leased,
@@ -176,5 +200,15 @@ impl RedisStore {
             active: active == 1,
             wanted: wanted == 1,
         })
+    }
+
+    /// A report that may have been applied went unanswered for longer than
+    /// Redis remembers its id: it is not sent again (at most once: its
+    /// spending may go uncharged, never charged twice).
+    pub fn report_forgotten(&self, hash: &KeyHash, spent: i64) {
+        self.unknowable(&format!(
+            "a lease report of key {} ({spent} credit(s) spent)",
+            hash.id()
+        ));
     }
 }

@@ -180,11 +180,13 @@ return {2, grant, credits, leased, others}
 /// hold that much less; the lease is renewed for ARGV[3] ms, or ended when
 /// ARGV[5] is 1 (whatever it still holds goes back). A lease already taken
 /// back (the node was silent past its expiry) is charged its late spending
-/// all the same. Then the ledger deltas: from ARGV[7], triples (index of
-/// the usage key among KEYS from 4, field, delta); a row written without a
-/// TTL gets ARGV[6] seconds (one `TTL` per row and report). Returns
-/// {credits, leased, outstanding (-1: no lease), active (1/0), wanted (1/0:
-/// another node waits for credits, KEYS[3])}.
+/// all the same. Then the ledger deltas: from ARGV[8], triples (index of
+/// the usage key among KEYS from 5, field, delta); a row without a TTL gets
+/// ARGV[6] seconds (one `TTL` per row and report). Once per report id
+/// (KEYS[4], remembered ARGV[7] ms): a
+/// report sent again because its answer was lost changes nothing the second
+/// time. Returns {credits, leased, outstanding (-1: no lease), active (1/0),
+/// wanted (1/0: another node waits for credits, KEYS[3])}.
 pub(super) const LEASE_REPORT: &str = concat!(
     lease_prelude!(),
     r"
@@ -192,33 +194,37 @@ local known = redis.call('EXISTS', KEYS[1]) == 1
 local spent = tonumber(ARGV[2])
 local out = -1
 local mine = redis.call('HGET', KEYS[2], ARGV[1])
-if known and spent ~= 0 then redis.call('HINCRBY', KEYS[1], 'credits', -spent) end
-if mine then
-  local give = tonumber(ARGV[4])
-  out = (tonumber(string.match(mine, '^(%-?%d+)')) or 0) - spent - give
-  local back = spent + give
-  if ARGV[5] == '1' then
-    back = back + out
-    redis.call('HDEL', KEYS[2], ARGV[1])
-    out = -1
-  else
-    redis.call('HSET', KEYS[2], ARGV[1], string.format('%d %d', out, now + tonumber(ARGV[3])))
+if redis.call('SET', KEYS[4], 'l', 'NX', 'PX', ARGV[7]) then
+  if known and spent ~= 0 then redis.call('HINCRBY', KEYS[1], 'credits', -spent) end
+  if mine then
+    local give = tonumber(ARGV[4])
+    out = (tonumber(string.match(mine, '^(%-?%d+)')) or 0) - spent - give
+    local back = spent + give
+    if ARGV[5] == '1' then
+      back = back + out
+      redis.call('HDEL', KEYS[2], ARGV[1])
+      out = -1
+    else
+      redis.call('HSET', KEYS[2], ARGV[1], string.format('%d %d', out, now + tonumber(ARGV[3])))
+    end
+    if known and back ~= 0 then redis.call('HINCRBY', KEYS[1], 'leased', -back) end
   end
-  if known and back ~= 0 then redis.call('HINCRBY', KEYS[1], 'leased', -back) end
-end
-local rows, seen = {}, {}
-for i = 7, #ARGV, 3 do
-  local row = KEYS[3 + tonumber(ARGV[i])]
-  redis.call('HINCRBY', row, ARGV[i + 1], tonumber(ARGV[i + 2]))
-  if not seen[row] then
-    seen[row] = true
-    rows[#rows + 1] = row
+  local rows, seen = {}, {}
+  for i = 8, #ARGV, 3 do
+    local row = KEYS[4 + tonumber(ARGV[i])]
+    redis.call('HINCRBY', row, ARGV[i + 1], tonumber(ARGV[i + 2]))
+    if not seen[row] then
+      seen[row] = true
+      rows[#rows + 1] = row
+    end
   end
-end
-if ARGV[6] ~= '0' then
-  for _, row in ipairs(rows) do
-    if redis.call('TTL', row) == -1 then redis.call('EXPIRE', row, ARGV[6]) end
+  if ARGV[6] ~= '0' then
+    for _, row in ipairs(rows) do
+      if redis.call('TTL', row) == -1 then redis.call('EXPIRE', row, ARGV[6]) end
+    end
   end
+elseif mine then
+  out = tonumber(string.match(mine, '^(%-?%d+)')) or 0
 end
 local h = redis.call('HMGET', KEYS[1], 'credits', 'leased', 'state')
 local active = 0
