@@ -705,3 +705,28 @@ async fn a_report_sent_again_after_a_stall_is_applied_once() {
     assert_eq!(ledger.get("credits"), Some(&served), "{ledger:?}");
 }
 
+/// Redis stalls: past the second for which a key's metadata is cached, a
+/// lookup that Redis does not answer falls back to the copy the node holds
+/// within the request's store budget, so the lease keeps paying and nothing
+/// it can pay is refused. (Waiting the whole budget for Redis, each request
+/// that came to read the metadata again was a 503.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_redis_refuses_nothing_the_lease_can_pay() {
+    let redis = RedisServer::start();
+    let (gw, _origin) = one_node_holding_a_lease(&redis).await;
+    redis.pause();
+    let start = Instant::now();
+    let mut statuses = Vec::new();
+    // Twelve requests over about two seconds: the metadata's second passes.
+    for i in 0..12 {
+        let status = get_with_key(gw.url(&format!("/api/p{i}")), PAYER)
+            .await
+            .status();
+        statuses.push(status.as_u16());
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let took = start.elapsed();
+    redis.resume();
+    assert!(took > Duration::from_millis(1500), "{took:?}");
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+}

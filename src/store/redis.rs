@@ -411,7 +411,19 @@ impl RedisStore {
         hash: &'a KeyHash,
     ) -> futures::future::BoxFuture<'a, Result<Option<Arc<KeyInfo>>, StoreError>> {
         Box::pin(async move {
-            let (fields, marker) = match self.fields_and_marker(hash).await {
+            // With a copy to fall back on, give Redis three quarters of the
+            // request's store budget: a stalled Redis then leaves time to
+            // serve from the copy (and, with leases, to charge in process)
+            // instead of spending the whole budget waiting.
+            let read = self.fields_and_marker(hash);
+            let read = if self.meta.get_stale(hash).0.is_some() {
+                tokio::time::timeout(self.timeout * 3 / 4, read)
+                    .await
+                    .unwrap_or_else(|_| Err(StoreError("no answer to a key lookup in time".into())))
+            } else {
+                read.await
+            };
+            let (fields, marker) = match read {
                 Ok(found) => found,
                 Err(e) => match self.meta.get_stale(hash) {
                     (Some((cached, info, fresh)), status)
