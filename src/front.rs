@@ -39,6 +39,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::BytesMut;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
+use pingora::http::RequestHeader;
+use pingora::protocols::http::authority::validate_request_authority;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::{Ssl, Stream, ALPN, IO};
@@ -52,7 +54,7 @@ use crate::config::LimitsConfig;
 use crate::connections::{Cap, ConnectionCounters};
 use crate::logging::{self, AccessLine, AccessLog};
 use crate::metrics::{Metrics, UNMATCHED};
-use crate::proxy::Gateway;
+use crate::proxy::{Gateway, GatewayProxy};
 use crate::reject::Reject;
 use crate::respond;
 use crate::router::{MAX_HEADER_BYTES, MAX_TARGET_BYTES};
@@ -82,10 +84,12 @@ pub fn service(
     tls: TlsListeners,
 ) -> Service<Front> {
     let (metrics, access_log) = gateway.observers();
-    let proxy = Arc::new(http_proxy(conf, gateway));
+    let gateway = Arc::new(gateway);
+    let proxy = Arc::new(http_proxy(conf, GatewayProxy(gateway.clone())));
     Service::new(
         name.to_string(),
         Front {
+            gateway,
             proxy,
             metrics,
             access_log,
@@ -97,7 +101,9 @@ pub fn service(
 }
 
 pub struct Front {
-    proxy: Arc<HttpProxy<Gateway>>,
+    /// Answers the requests the front door serves itself ([`plain_get`]).
+    gateway: Arc<Gateway>,
+    proxy: Arc<HttpProxy<GatewayProxy>>,
     metrics: Arc<Metrics>,
     access_log: AccessLog,
     /// `limits.max_client_connections`.
@@ -217,6 +223,18 @@ impl Front {
                     return None;
                 }
             };
+            if !head.has_body && !*shutdown.borrow() {
+                if let Some(req) = plain_get(&pending[..head.len]) {
+                    let _ = pending.split_to(head.len);
+                    let client = conn
+                        .get_socket_digest()
+                        .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+                    if !self.gateway.answer_raw(&req, client, &mut *conn).await {
+                        return None;
+                    }
+                    continue;
+                }
+            }
             // A body's bytes are never parsed as a head: hand over all we
             // have and let Pingora close after the answer.
             let take = if head.has_body {
@@ -395,6 +413,44 @@ async fn sleep_until_some(at: Option<Instant>) {
 }
 
 /// 414 when the request line alone is too long, else 431.
+/// The request as Pingora would read it, when the front door may answer it
+/// itself: HTTP/1.1 GET or HEAD, keeping the connection alive (no
+/// `Connection`, `Expect` or `Upgrade` header), no body or body framing
+/// headers, and a target and `Host` Pingora accepts. Anything else goes
+/// through Pingora's session.
+fn plain_get(head: &[u8]) -> Option<RequestHeader> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut slots);
+    if !matches!(parsed.parse(head), Ok(httparse::Status::Complete(_))) || parsed.version != Some(1)
+    {
+        return None;
+    }
+    let method = parsed.method?;
+    if method != "GET" && method != "HEAD" {
+        return None;
+    }
+    let mut req =
+        RequestHeader::build(method, parsed.path?.as_bytes(), Some(parsed.headers.len())).ok()?;
+    for h in parsed.headers.iter() {
+        if [
+            "connection",
+            "expect",
+            "upgrade",
+            "content-length",
+            "transfer-encoding",
+        ]
+        .iter()
+        .any(|n| h.name.eq_ignore_ascii_case(n))
+        {
+            return None;
+        }
+        req.append_header(h.name.to_string(), h.value).ok()?;
+    }
+    // What Pingora refuses (duplicate Host, an ambiguous target) it refuses.
+    validate_request_authority(&req).ok()?;
+    Some(req)
+}
+
 fn too_large(pending: &[u8]) -> Reject {
     match pending.iter().position(|&b| b == b'\n') {
         Some(end) if end <= MAX_TARGET_BYTES + 32 => Reject::HeadersTooLarge,

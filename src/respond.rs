@@ -2,11 +2,15 @@
 //! (`{"status": false, "error": CODE, "message": TEXT}`) and proxied answers.
 //! Each reject reason maps to exactly one status and error code here.
 
-use bytes::Bytes;
+use std::future::Future;
+
+use bytes::{BufMut, Bytes, BytesMut};
 use pingora::http::ResponseHeader;
+use pingora::protocols::http::date;
 use pingora::proxy::Session;
 use pingora::Result;
 use serde::Serialize;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::answer::Answer;
 use crate::reject::Reject;
@@ -58,20 +62,78 @@ pub struct Common<'a> {
     pub extra: &'a [(&'static str, String)],
 }
 
+/// Where an answer is written: Pingora's session, or a connection the front
+/// door answers on itself ([`Raw`]). Both get the same header, built here.
+pub trait Sink: Send {
+    /// Write `resp`, then `body` if there is one (none: the header ends the
+    /// answer).
+    fn write(
+        &mut self,
+        resp: ResponseHeader,
+        body: Option<Bytes>,
+    ) -> impl Future<Output = Result<()>> + Send;
+}
+
+impl Sink for Session {
+    async fn write(&mut self, resp: ResponseHeader, body: Option<Bytes>) -> Result<()> {
+        match body {
+            None => self.write_response_header(Box::new(resp), true).await,
+            Some(body) => {
+                self.write_response_header(Box::new(resp), false).await?;
+                self.write_response_body(Some(body), true).await
+            }
+        }
+    }
+}
+
+/// An HTTP/1.1 connection the front door answers on: the answer goes out
+/// in one write, with the `Date` and `Connection` (`keep-alive`, or `close`
+/// when `.1` is false) that Pingora's session adds, in its order.
+pub struct Raw<'a, C>(pub &'a mut C, pub bool);
+
+impl<C: AsyncWrite + Unpin + Send> Sink for Raw<'_, C> {
+    async fn write(&mut self, mut resp: ResponseHeader, body: Option<Bytes>) -> Result<()> {
+        resp.insert_header(http::header::DATE, date::get_cached_date())?;
+        let connection = if self.1 { "keep-alive" } else { "close" };
+        resp.insert_header(http::header::CONNECTION, connection)?;
+        let body_len = body.as_ref().map_or(0, Bytes::len);
+        let mut buf = BytesMut::with_capacity(512 + body_len);
+        buf.put_slice(b"HTTP/1.1 ");
+        buf.put_slice(resp.status.as_str().as_bytes());
+        buf.put_u8(b' ');
+        if let Some(reason) = resp.get_reason_phrase() {
+            buf.put_slice(reason.as_bytes());
+        }
+        buf.put_slice(b"\r\n");
+        resp.header_to_h1_wire(&mut buf);
+        buf.put_slice(b"\r\n");
+        if let Some(body) = body {
+            buf.put_slice(&body);
+        }
+        let written = async {
+            self.0.write_all(&buf).await?;
+            self.0.flush().await
+        };
+        written.await.map_err(|e| {
+            pingora::Error::because(pingora::ErrorType::WriteError, "writing an answer", e)
+        })
+    }
+}
+
 /// Answer with a gateway-made JSON error.
-pub async fn reject(session: &mut Session, common: &Common<'_>, reject: Reject) -> Result<()> {
+pub async fn reject(sink: &mut impl Sink, common: &Common<'_>, reject: Reject) -> Result<()> {
     let mut resp = ResponseHeader::build(reject.status(), Some(4))?;
     for (name, value) in reject.headers() {
         resp.insert_header(*name, *value)?;
     }
     resp.insert_header("Content-Type", "application/json")?;
-    send(session, common, resp, Bytes::from(error_body(reject))).await
+    send(sink, common, resp, Bytes::from(error_body(reject))).await
 }
 
 /// Answer with a backend's answer (status, Content-Type, Content-Encoding and
 /// body unchanged), fresh from a race or from the cache (`age` in seconds).
 pub async fn proxied(
-    session: &mut Session,
+    sink: &mut impl Sink,
     common: &Common<'_>,
     answer: &Answer,
     x_cache: &'static str,
@@ -88,11 +150,11 @@ pub async fn proxied(
     if let Some(age) = age {
         resp.insert_header("Age", age)?;
     }
-    send(session, common, resp, answer.body.clone()).await
+    send(sink, common, resp, answer.body.clone()).await
 }
 
 async fn send(
-    session: &mut Session,
+    sink: &mut impl Sink,
     common: &Common<'_>,
     mut resp: ResponseHeader,
     body: Bytes,
@@ -102,12 +164,8 @@ async fn send(
     for (name, value) in common.extra {
         resp.insert_header(*name, value.as_str())?;
     }
-    if common.head || body.is_empty() {
-        session.write_response_header(Box::new(resp), true).await
-    } else {
-        session.write_response_header(Box::new(resp), false).await?;
-        session.write_response_body(Some(body), true).await
-    }
+    let body = (!common.head && !body.is_empty()).then_some(body);
+    sink.write(resp, body).await
 }
 
 #[cfg(test)]

@@ -6,13 +6,12 @@
 use std::sync::Arc;
 
 use pingora::prelude::*;
-use pingora::proxy::Session;
 
 use super::{Ctx, Gateway};
 use crate::answer::Answer;
 use crate::cache::{self, Entry};
 use crate::reject::Reject;
-use crate::respond::{self, Common};
+use crate::respond::{self, Common, Sink};
 
 /// What the gateway answers, and what becomes of the charge.
 pub struct Reply {
@@ -151,7 +150,7 @@ impl Gateway {
     /// says, write it, and keep the charge once a backend's answer is out.
     pub(super) async fn send(
         &self,
-        session: &mut Session,
+        sink: &mut impl Sink,
         ctx: &mut Ctx,
         reply: Reply,
     ) -> Result<bool> {
@@ -167,12 +166,12 @@ impl Gateway {
             extra: &extra,
         };
         match &reply.kind {
-            Kind::Reject(reject) => respond::reject(session, &common, *reject).await?,
+            Kind::Reject(reject) => respond::reject(sink, &common, *reject).await?,
             Kind::Proxied {
                 answer,
                 x_cache,
                 age,
-            } => respond::proxied(session, &common, answer.answer(), x_cache, *age).await?,
+            } => respond::proxied(sink, &common, answer.answer(), x_cache, *age).await?,
         }
         Self::delivered(ctx, &reply);
         Ok(true)

@@ -65,7 +65,7 @@ async fn origin() -> (u16, Arc<AtomicUsize>) {
 }
 
 struct World {
-    gateway: Gateway,
+    gateway: GatewayProxy,
     store: Arc<dyn Store>,
     hits: Arc<AtomicUsize>,
 }
@@ -94,7 +94,7 @@ impl World {
             Draining::default(),
         );
         World {
-            gateway,
+            gateway: GatewayProxy(Arc::new(gateway)),
             store,
             hits,
         }
@@ -174,7 +174,7 @@ async fn a_failed_race_is_refunded_in_process() {
 
 /// One request through Pingora's phases, as the service runs them, over an
 /// in-memory stream; returns the raw answer.
-async fn through_session(gateway: &Gateway, request: &str) -> String {
+async fn through_session(gateway: &GatewayProxy, request: &str) -> String {
     let (mut client, server) = tokio::io::duplex(64 * 1024);
     client.write_all(request.as_bytes()).await.unwrap();
     let mut session = Session::new_h1(Box::new(server));
@@ -215,4 +215,66 @@ async fn request_filter_writes_the_one_reply_over_a_session() {
     assert!(failed.starts_with("HTTP/1.1 502"), "{failed}");
     assert!(failed.contains("X-Credits-Cost: 0\r\n"), "{failed}");
     assert_eq!((w.hits.load(Ordering::SeqCst), w.balance().await), (2, 96));
+}
+
+/// One request answered as the front door answers it, on its own
+/// connection (an in-memory stream); returns the raw answer.
+async fn through_front_door(gateway: &Gateway, request: &str) -> String {
+    let (mut client, mut server) = tokio::io::duplex(64 * 1024);
+    let head = request.as_bytes();
+    let mut slots = [httparse::EMPTY_HEADER; 16];
+    let mut parsed = httparse::Request::new(&mut slots);
+    parsed.parse(head).unwrap();
+    let mut req = RequestHeader::build(
+        parsed.method.unwrap(),
+        parsed.path.unwrap().as_bytes(),
+        None,
+    )
+    .unwrap();
+    for h in parsed.headers.iter() {
+        req.append_header(h.name.to_string(), h.value).unwrap();
+    }
+    assert!(gateway.answer_raw(&req, None, &mut server).await);
+    drop(server);
+    let mut out = String::new();
+    client.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// The answer with the lines that differ between two requests (`Date`,
+/// `X-Request-Id`) blanked.
+fn comparable(answer: &str) -> String {
+    answer
+        .split("\r\n")
+        .map(|line| match line.split_once(": ") {
+            Some(("Date" | "X-Request-Id", _)) => "",
+            _ => line,
+        })
+        .collect::<Vec<_>>()
+        .join("\r\n")
+}
+
+/// The front door's own answers are Pingora's, byte for byte (but for the
+/// date and the request id): a miss, a hit, a HEAD, a refusal and a failure.
+#[tokio::test]
+async fn the_front_doors_answers_are_pingoras() {
+    let via_session = World::new(100).await;
+    let via_door = World::new(100).await;
+    for request in [
+        format!("GET /api/s?api_key={KEY} HTTP/1.1\r\nHost: t\r\n\r\n"),
+        format!("GET /api/s?api_key={KEY} HTTP/1.1\r\nHost: t\r\n\r\n"),
+        format!("HEAD /api/s?api_key={KEY} HTTP/1.1\r\nHost: t\r\n\r\n"),
+        "GET /api/s HTTP/1.1\r\nHost: t\r\n\r\n".to_string(),
+        "GET /nowhere HTTP/1.1\r\nHost: t\r\n\r\n".to_string(),
+        format!("GET /api/fail?api_key={KEY} HTTP/1.1\r\nHost: t\r\n\r\n"),
+    ] {
+        let session = through_session(&via_session.gateway, &request).await;
+        let door = through_front_door(&via_door.gateway, &request).await;
+        assert_eq!(comparable(&door), comparable(&session), "{request}");
+        assert!(
+            door.contains("\r\nDate: ") && door.contains("\r\nX-Request-Id: "),
+            "{door}"
+        );
+    }
+    assert_eq!(via_door.balance().await, via_session.balance().await);
 }
