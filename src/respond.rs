@@ -2,13 +2,14 @@
 //! (`{"status": false, "error": CODE, "message": TEXT}`) and proxied answers.
 //! Each reject reason maps to exactly one status and error code here.
 
+use std::borrow::Cow;
 use std::future::Future;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::date;
 use pingora::proxy::Session;
-use pingora::Result;
+use pingora::{Error, ErrorType::InvalidHTTPHeader, OrErr, Result};
 use serde::Serialize;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
@@ -62,20 +63,53 @@ pub struct Common<'a> {
     pub extra: &'a [(&'static str, String)],
 }
 
+/// An answer's status and header fields in the order they go out. A field
+/// set again keeps its place and takes the new value, as
+/// `ResponseHeader::insert_header` does, so both sinks write the same bytes.
+pub struct Fields<'a> {
+    status: u16,
+    list: Vec<(&'static str, Cow<'a, [u8]>)>,
+}
+
+impl<'a> Fields<'a> {
+    fn new(status: u16) -> Fields<'a> {
+        Fields {
+            status,
+            list: Vec::with_capacity(16),
+        }
+    }
+
+    fn insert(&mut self, name: &'static str, value: impl Into<Cow<'a, [u8]>>) {
+        let value = value.into();
+        match self
+            .list
+            .iter_mut()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        {
+            Some(field) => *field = (name, value),
+            None => self.list.push((name, value)),
+        }
+    }
+}
+
 /// Where an answer is written: Pingora's session, or a connection the front
-/// door answers on itself ([`Raw`]). Both get the same header, built here.
+/// door answers on itself ([`Raw`]). Both get the same fields, built here.
 pub trait Sink: Send {
-    /// Write `resp`, then `body` if there is one (none: the header ends the
-    /// answer).
+    /// Write the status and fields, then `body` if there is one (none: the
+    /// header ends the answer).
     fn write(
         &mut self,
-        resp: ResponseHeader,
+        fields: Fields<'_>,
         body: Option<Bytes>,
     ) -> impl Future<Output = Result<()>> + Send;
 }
 
 impl Sink for Session {
-    async fn write(&mut self, resp: ResponseHeader, body: Option<Bytes>) -> Result<()> {
+    async fn write(&mut self, fields: Fields<'_>, body: Option<Bytes>) -> Result<()> {
+        let mut resp = ResponseHeader::build(fields.status, Some(fields.list.len()))?;
+        for (name, value) in fields.list {
+            resp.insert_header(name, &*value)?;
+        }
         match body {
             None => self.write_response_header(Box::new(resp), true).await,
             Some(body) => {
@@ -87,25 +121,36 @@ impl Sink for Session {
 }
 
 /// An HTTP/1.1 connection the front door answers on: the answer goes out
-/// in one write, with the `Date` and `Connection` (`keep-alive`, or `close`
-/// when `.1` is false) that Pingora's session adds, in its order.
+/// in one write, as Pingora's session writes it (status line, the fields,
+/// then the `Date` and `Connection` it adds: `keep-alive`, or `close` when
+/// `.1` is false), without building a header map for it.
 pub struct Raw<'a, C>(pub &'a mut C, pub bool);
 
 impl<C: AsyncWrite + Unpin + Send> Sink for Raw<'_, C> {
-    async fn write(&mut self, mut resp: ResponseHeader, body: Option<Bytes>) -> Result<()> {
-        resp.insert_header(http::header::DATE, date::get_cached_date())?;
-        let connection = if self.1 { "keep-alive" } else { "close" };
-        resp.insert_header(http::header::CONNECTION, connection)?;
+    async fn write(&mut self, fields: Fields<'_>, body: Option<Bytes>) -> Result<()> {
+        let status = http::StatusCode::from_u16(fields.status)
+            .or_err(InvalidHTTPHeader, "invalid status")?;
         let body_len = body.as_ref().map_or(0, Bytes::len);
         let mut buf = BytesMut::with_capacity(512 + body_len);
         buf.put_slice(b"HTTP/1.1 ");
-        buf.put_slice(resp.status.as_str().as_bytes());
+        buf.put_slice(status.as_str().as_bytes());
         buf.put_u8(b' ');
-        if let Some(reason) = resp.get_reason_phrase() {
-            buf.put_slice(reason.as_bytes());
-        }
+        buf.put_slice(status.canonical_reason().unwrap_or("").as_bytes());
         buf.put_slice(b"\r\n");
-        resp.header_to_h1_wire(&mut buf);
+        let date = date::get_cached_date();
+        let connection: &[u8] = if self.1 { b"keep-alive" } else { b"close" };
+        let added = [("Date", date.as_bytes()), ("Connection", connection)];
+        let all = fields.list.iter().map(|(n, v)| (*n, &**v)).chain(added);
+        for (name, value) in all {
+            // What `HeaderValue` refuses, `insert_header` refuses.
+            if !value.iter().all(|&b| (b >= 32 && b != 127) || b == b'\t') {
+                return Error::e_explain(InvalidHTTPHeader, "invalid value while insert");
+            }
+            buf.put_slice(name.as_bytes());
+            buf.put_slice(b": ");
+            buf.put_slice(value);
+            buf.put_slice(b"\r\n");
+        }
         buf.put_slice(b"\r\n");
         if let Some(body) = body {
             buf.put_slice(&body);
@@ -122,12 +167,12 @@ impl<C: AsyncWrite + Unpin + Send> Sink for Raw<'_, C> {
 
 /// Answer with a gateway-made JSON error.
 pub async fn reject(sink: &mut impl Sink, common: &Common<'_>, reject: Reject) -> Result<()> {
-    let mut resp = ResponseHeader::build(reject.status(), Some(4))?;
+    let mut fields = Fields::new(reject.status());
     for (name, value) in reject.headers() {
-        resp.insert_header(*name, *value)?;
+        fields.insert(name, value.as_bytes());
     }
-    resp.insert_header("Content-Type", "application/json")?;
-    send(sink, common, resp, Bytes::from(error_body(reject))).await
+    fields.insert("Content-Type", &b"application/json"[..]);
+    send(sink, common, fields, Bytes::from(error_body(reject))).await
 }
 
 /// Answer with a backend's answer (status, Content-Type, Content-Encoding and
@@ -139,33 +184,33 @@ pub async fn proxied(
     x_cache: &'static str,
     age: Option<u64>,
 ) -> Result<()> {
-    let mut resp = ResponseHeader::build(answer.status, Some(12))?;
+    let mut fields = Fields::new(answer.status);
     if let Some(ct) = &answer.content_type {
-        resp.insert_header("Content-Type", ct)?;
+        fields.insert("Content-Type", ct.as_bytes());
     }
     if let Some(ce) = &answer.content_encoding {
-        resp.insert_header("Content-Encoding", ce)?;
+        fields.insert("Content-Encoding", ce.as_bytes());
     }
-    resp.insert_header("X-Cache", x_cache)?;
+    fields.insert("X-Cache", x_cache.as_bytes());
     if let Some(age) = age {
-        resp.insert_header("Age", age)?;
+        fields.insert("Age", age.to_string().into_bytes());
     }
-    send(sink, common, resp, answer.body.clone()).await
+    send(sink, common, fields, answer.body.clone()).await
 }
 
 async fn send(
     sink: &mut impl Sink,
     common: &Common<'_>,
-    mut resp: ResponseHeader,
+    mut fields: Fields<'_>,
     body: Bytes,
 ) -> Result<()> {
-    resp.insert_header("Content-Length", body.len())?;
-    resp.insert_header("X-Request-Id", common.request_id)?;
+    fields.insert("Content-Length", body.len().to_string().into_bytes());
+    fields.insert("X-Request-Id", common.request_id.as_bytes());
     for (name, value) in common.extra {
-        resp.insert_header(*name, value.as_str())?;
+        fields.insert(name, value.as_bytes());
     }
     let body = (!common.head && !body.is_empty()).then_some(body);
-    sink.write(resp, body).await
+    sink.write(fields, body).await
 }
 
 #[cfg(test)]
