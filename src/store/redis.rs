@@ -402,6 +402,24 @@ fn periods() -> (Arc<str>, Arc<str>) {
 }
 
 impl RedisStore {
+    /// The copy of a key's metadata that stands while Redis cannot answer:
+    /// the last one read for this key, at most [`META_IF_ERROR`] past its
+    /// TTL (or still fresh, when a refresh failed).
+    fn fallback(&self, hash: &KeyHash) -> Option<(Option<Arc<KeyInfo>>, Arc<Freshness>)> {
+        match self.meta.get_stale(hash) {
+            (Some((cached, info, fresh)), status)
+                if cached == *hash
+                    && match status {
+                        CacheStatus::Stale(age) => age < META_IF_ERROR,
+                        _ => true,
+                    } =>
+            {
+                Some((info, fresh))
+            }
+            _ => None,
+        }
+    }
+
     /// A key's metadata read from Redis (and cached), or the copy last read
     /// when Redis cannot answer. Boxed: the Redis call's state is large, and
     /// the metadata cache answers almost every lookup without it (inline,
@@ -416,7 +434,7 @@ impl RedisStore {
             // serve from the copy (and, with leases, to charge in process)
             // instead of spending the whole budget waiting.
             let read = self.fields_and_marker(hash);
-            let read = if self.meta.get_stale(hash).0.is_some() {
+            let read = if self.fallback(hash).is_some() {
                 tokio::time::timeout(self.timeout * 3 / 4, read)
                     .await
                     .unwrap_or_else(|_| Err(StoreError("no answer to a key lookup in time".into())))
@@ -425,19 +443,12 @@ impl RedisStore {
             };
             let (fields, marker) = match read {
                 Ok(found) => found,
-                Err(e) => match self.meta.get_stale(hash) {
-                    (Some((cached, info, fresh)), status)
-                        if cached == *hash
-                            && match status {
-                                CacheStatus::Stale(age) => age < META_IF_ERROR,
-                                // A refresh that failed: the copy is still fresh.
-                                _ => true,
-                            } =>
-                    {
+                Err(e) => match self.fallback(hash) {
+                    Some((info, fresh)) => {
                         fresh.refreshing.store(false, Ordering::Release);
                         return Ok(info);
                     }
-                    _ => return Err(e),
+                    None => return Err(e),
                 },
             };
             let found = key_found(&fields);
