@@ -2,13 +2,12 @@
 //! `Authorization: Bearer`), its SHA-256, the only form anything keeps, and
 //! what the key store's answer about it means for the request.
 
-use percent_encoding::percent_decode_str;
-use pingora::http::RequestHeader;
-
 use crate::config::keys::{self, KeyState};
 use crate::reject::Reject;
+use crate::request::{self, RequestHead};
 use crate::store::KeyInfo;
 use crate::target::Target;
+use percent_encoding::percent_decode_str;
 
 const CONFLICT: Reject = Reject::BadRequest("the request carries two different API keys");
 
@@ -16,7 +15,7 @@ const CONFLICT: Reject = Reject::BadRequest("the request carries two different A
 /// auth parameter (as the router marked it), `X-API-Key`, `Authorization:
 /// Bearer`. `Ok(None)`: none given; two sources with different keys is a bad
 /// request.
-pub fn extract(req: &RequestHeader, target: &Target) -> Result<Option<String>, Reject> {
+pub fn extract(req: &impl RequestHead, target: &Target) -> Result<Option<String>, Reject> {
     let mut found: Option<String> = None;
     let mut offer = |candidate: String| -> Result<(), Reject> {
         match &found {
@@ -36,17 +35,18 @@ pub fn extract(req: &RequestHeader, target: &Target) -> Result<Option<String>, R
             offer(value.into_owned())?;
         }
     }
-    for value in req.headers.get_all("x-api-key") {
-        let v = value
-            .to_str()
-            .map_err(|_| Reject::BadRequest("X-API-Key is not ASCII"))?
+    for value in req.values("x-api-key") {
+        let v = request::text(value)
+            .ok_or(Reject::BadRequest("X-API-Key is not ASCII"))?
             .trim();
         if !v.is_empty() {
             offer(v.to_string())?;
         }
     }
-    for value in req.headers.get_all(http::header::AUTHORIZATION) {
-        let Ok(v) = value.to_str() else { continue };
+    for value in req.values("authorization") {
+        let Some(v) = request::text(value) else {
+            continue;
+        };
         let v = v.trim();
         if v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ") {
             let token = v[7..].trim();
@@ -77,6 +77,8 @@ pub fn admit(found: Option<&KeyInfo>, route: &str) -> Result<Option<u32>, Reject
 
 #[cfg(test)]
 mod tests {
+    use pingora::http::RequestHeader;
+
     use super::*;
     use crate::config::keys::Lifecycle;
 

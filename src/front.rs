@@ -24,9 +24,10 @@
 //! so no body bytes are ever taken for a request head.
 //!
 //! A plain keep-alive HTTP/1.1 GET or HEAD ([`plain_get`]: no body or
-//! framing headers, no `Connection`, `Expect` or `Upgrade`, a target and
-//! `Host` that Pingora accepts) is answered here, on the connection, by the
-//! gateway's own steps and writer ([`Gateway::answer_raw`]): the same bytes
+//! framing headers, no `Connection`, `Expect` or `Upgrade`, a target that
+//! Pingora keeps byte for byte) is answered here, on the connection, by the
+//! gateway's own steps and writer ([`Gateway::answer_raw`]), read straight
+//! off the connection's bytes ([`crate::request::PlainGet`]): the same bytes
 //! as through Pingora's HTTP/1 session, which cost 6.3 of the 10.2 µs of
 //! CPU a cache hit took (bench/RESULTS.md, issue 14). Every other request
 //! goes to Pingora as above.
@@ -44,7 +45,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::stream::Stream as L4Stream;
@@ -61,14 +62,15 @@ use crate::logging::{self, AccessLine, AccessLog};
 use crate::metrics::{Metrics, UNMATCHED};
 use crate::proxy::{Gateway, GatewayProxy};
 use crate::reject::Reject;
+use crate::request::{plain_get, slots};
 use crate::respond;
 use crate::router::{MAX_HEADER_BYTES, MAX_TARGET_BYTES};
 use crate::tls::{TlsConnection, TlsListeners};
 
 mod head;
 
+use head::too_large;
 pub use head::{check_head, Head};
-use head::{plain_get, too_large};
 
 /// Pingora's keep-alive timeout: how long a connection may sit without a
 /// byte of its next request (and how long any one read of a head may wait).
@@ -225,14 +227,15 @@ impl Front {
                 }
             };
             if !head.has_body && !*shutdown.borrow() {
-                if let Some(req) = plain_get(&pending[..head.len]) {
-                    let _ = pending.split_to(head.len);
+                let mut slots = slots();
+                if let Some(req) = plain_get(&pending[..head.len], &mut slots) {
                     let client = conn
                         .get_socket_digest()
                         .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
                     if !self.gateway.answer_raw(&req, client, &mut *conn).await {
                         return None;
                     }
+                    pending.advance(head.len);
                     continue;
                 }
             }

@@ -28,6 +28,7 @@ pub mod proxy;
 pub mod race;
 pub mod reject;
 pub mod reload;
+pub mod request;
 pub mod respond;
 pub mod router;
 pub mod store;

@@ -21,8 +21,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use http::Method;
-use pingora::http::RequestHeader;
 use pingora::modules::http::HttpModules;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -44,6 +42,7 @@ use crate::metrics::{Metrics, UNMATCHED};
 use crate::notify::Notifier;
 use crate::race::Racer;
 use crate::reject::Reject;
+use crate::request::RequestHead;
 use crate::respond::Raw;
 use crate::router::{self, RouteTable};
 use crate::store::{SharedCache, Store};
@@ -105,12 +104,12 @@ impl Gateway {
     /// address the backends get as `X-Forwarded-For`.
     pub async fn decide(
         &self,
-        req: &RequestHeader,
+        req: &impl RequestHead,
         client: Option<IpAddr>,
         ctx: &mut Ctx,
     ) -> Reply {
         ctx.request_id = request_id(req);
-        ctx.head = req.method == Method::HEAD;
+        ctx.head = req.method() == "HEAD";
         let target = match router::check_request(req, &self.auth_param) {
             Ok(target) => target,
             Err(reject) => return Reply::reject(reject),
@@ -144,7 +143,7 @@ impl Gateway {
     /// not go out, or the gateway is handing over and it said `close`).
     pub async fn answer_raw<C>(
         &self,
-        req: &RequestHeader,
+        req: &impl RequestHead,
         client: Option<IpAddr>,
         conn: &mut C,
     ) -> bool
@@ -165,18 +164,18 @@ impl Gateway {
                 0
             }
         };
-        self.log(&ctx, req.method.as_str(), sent);
+        self.log(&ctx, req.method(), sent);
         sent != 0 && keep_alive
     }
 
     /// A request as the error log shows it: the method and the target as
     /// the access log shows it, never the auth parameter.
-    fn summary(&self, req: &RequestHeader, ctx: &Ctx) -> String {
+    fn summary(&self, req: &impl RequestHead, ctx: &Ctx) -> String {
         let target = match &ctx.routed {
             Some(routed) => routed.target.upstream().to_string(),
-            None => router::loggable_target(req.raw_path(), &self.auth_param),
+            None => router::loggable_target(req.target(), &self.auth_param),
         };
-        format!("{} {target}, request_id: {}", req.method, ctx.request_id)
+        format!("{} {target}, request_id: {}", req.method(), ctx.request_id)
     }
 
     /// Count and log a request that got `status` (0: none went out), from
@@ -231,9 +230,8 @@ impl std::ops::Deref for GatewayProxy {
 }
 
 /// Keep a sane client-supplied `X-Request-Id`, otherwise make one.
-fn request_id(req: &RequestHeader) -> String {
-    if let Some(id) = req.headers.get("x-request-id") {
-        let b = id.as_bytes();
+fn request_id(req: &impl RequestHead) -> String {
+    if let Some(b) = req.values("x-request-id").next() {
         if !b.is_empty()
             && b.len() <= 128
             && b.iter()

@@ -12,11 +12,10 @@
 //! characters or spaces, or hidden after a `;` — is refused with 400, so that
 //! no spelling of a key is ever passed on or logged.
 
-use http::Method;
 use percent_encoding::percent_decode;
-use pingora::http::RequestHeader;
 
 use crate::reject::Reject;
+use crate::request::RequestHead;
 use crate::target::{decode_component, Target};
 
 /// Longest request target accepted (nginx's large_client_header_buffers is 8k).
@@ -42,20 +41,19 @@ pub fn loggable_target(raw: &[u8], auth_param: &str) -> String {
 }
 
 /// Size, method and target checks, in that order. HEAD counts as GET.
-pub fn check_request(req: &RequestHeader, auth_param: &str) -> Result<Target, Reject> {
-    let raw = req.raw_path();
+pub fn check_request(req: &impl RequestHead, auth_param: &str) -> Result<Target, Reject> {
+    let raw = req.target();
     if raw.len() > MAX_TARGET_BYTES {
         return Err(Reject::UriTooLong);
     }
     let header_bytes: usize = req
-        .headers
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .fields()
+        .map(|(name, value)| name.len() + value.len() + 4)
         .sum();
     if header_bytes > MAX_HEADER_BYTES {
         return Err(Reject::HeadersTooLarge);
     }
-    if req.method != Method::GET && req.method != Method::HEAD {
+    if req.method() != "GET" && req.method() != "HEAD" {
         return Err(Reject::MethodNotAllowed);
     }
     parse_target(raw, auth_param)

@@ -1,12 +1,9 @@
-//! A request head as the front door reads it: checked strictly ([`check_head`],
-//! what nginx refuses is refused with the gateway's JSON error), and, for a
-//! plain keep-alive GET or HEAD, read into the request Pingora would have
-//! made of it ([`plain_get`]), for the front door to answer itself.
+//! A request head as the front door reads it, checked strictly
+//! ([`check_head`]): what nginx refuses is refused with the gateway's JSON
+//! error. Whether the front door answers it itself is
+//! [`crate::request::plain_get`]'s to say.
 
 use std::mem::MaybeUninit;
-
-use pingora::http::RequestHeader;
-use pingora::protocols::http::authority::validate_request_authority;
 
 use super::MAX_HEADERS;
 use crate::reject::Reject;
@@ -19,44 +16,6 @@ pub struct Head {
     pub len: usize,
     /// Content-Length > 0 or Transfer-Encoding: chunked.
     pub has_body: bool,
-}
-
-/// The request as Pingora would read it, when the front door may answer it
-/// itself: HTTP/1.1 GET or HEAD, keeping the connection alive (no
-/// `Connection`, `Expect` or `Upgrade` header), no body or body framing
-/// headers, and a target and `Host` Pingora accepts. Anything else goes
-/// through Pingora's session.
-pub(super) fn plain_get(head: &[u8]) -> Option<RequestHeader> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Request::new(&mut slots);
-    if !matches!(parsed.parse(head), Ok(httparse::Status::Complete(_))) || parsed.version != Some(1)
-    {
-        return None;
-    }
-    let method = parsed.method?;
-    if method != "GET" && method != "HEAD" {
-        return None;
-    }
-    let mut req =
-        RequestHeader::build(method, parsed.path?.as_bytes(), Some(parsed.headers.len())).ok()?;
-    for h in parsed.headers.iter() {
-        if [
-            "connection",
-            "expect",
-            "upgrade",
-            "content-length",
-            "transfer-encoding",
-        ]
-        .iter()
-        .any(|n| h.name.eq_ignore_ascii_case(n))
-        {
-            return None;
-        }
-        req.append_header(h.name.to_string(), h.value).ok()?;
-    }
-    // What Pingora refuses (duplicate Host, an ambiguous target) it refuses.
-    validate_request_authority(&req).ok()?;
-    Some(req)
 }
 
 /// 414 when the request line alone is too long, else 431.
@@ -245,30 +204,5 @@ mod tests {
         assert_eq!(too_large(long_line.as_bytes()), Reject::UriTooLong);
         let long_headers = format!("GET /a HTTP/1.1\r\n{}", "X: y\r\n".repeat(10_000));
         assert_eq!(too_large(long_headers.as_bytes()), Reject::HeadersTooLarge);
-    }
-
-    #[test]
-    fn only_a_plain_keep_alive_get_or_head_is_answered_in_the_front_door() {
-        let plain = |h: &str| plain_get(format!("{h}\r\n").as_bytes()).is_some();
-        assert!(plain("GET /a?b=1 HTTP/1.1\r\nHost: x\r\n"));
-        assert!(plain("HEAD /a HTTP/1.1\r\nHost: x\r\nX-API-Key: k\r\n"));
-        let req = plain_get(b"GET /a%20b?c HTTP/1.1\r\nHost: x\r\nX-Api-Key: k\r\n\r\n").unwrap();
-        assert_eq!(
-            (req.method.as_str(), req.raw_path()),
-            ("GET", &b"/a%20b?c"[..])
-        );
-        assert_eq!(req.headers.get("x-api-key").unwrap(), "k");
-        for other in [
-            "GET /a HTTP/1.0\r\nHost: x\r\n",
-            "POST /a HTTP/1.1\r\nHost: x\r\n",
-            "GET /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n",
-            "GET /a HTTP/1.1\r\nHost: x\r\nconnection: keep-alive\r\n",
-            "GET /a HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n",
-            "GET /a HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n",
-            "GET /a HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n",
-            "GET /a HTTP/1.1\r\nHost: x\r\nHost: y\r\n",
-        ] {
-            assert!(!plain(other), "{other}");
-        }
     }
 }

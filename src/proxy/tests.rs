@@ -16,6 +16,7 @@ use crate::config::keys::parse_keys;
 use crate::config::AccessTarget;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::request;
 use crate::store::memory::MemoryStore;
 use crate::store::Charge;
 
@@ -221,19 +222,8 @@ async fn request_filter_writes_the_one_reply_over_a_session() {
 /// connection (an in-memory stream); returns the raw answer.
 async fn through_front_door(gateway: &Gateway, request: &str) -> String {
     let (mut client, mut server) = tokio::io::duplex(64 * 1024);
-    let head = request.as_bytes();
-    let mut slots = [httparse::EMPTY_HEADER; 16];
-    let mut parsed = httparse::Request::new(&mut slots);
-    parsed.parse(head).unwrap();
-    let mut req = RequestHeader::build(
-        parsed.method.unwrap(),
-        parsed.path.unwrap().as_bytes(),
-        None,
-    )
-    .unwrap();
-    for h in parsed.headers.iter() {
-        req.append_header(h.name.to_string(), h.value).unwrap();
-    }
+    let mut slots = request::slots();
+    let req = request::plain_get(request.as_bytes(), &mut slots).expect("a plain GET");
     assert!(gateway.answer_raw(&req, None, &mut server).await);
     drop(server);
     let mut out = String::new();
