@@ -106,10 +106,13 @@ pub struct Cache {
     inflight: Inflight,
 }
 
-/// The outcome of the tiers, with whether a tier failed (counted as an error).
+/// The outcome of the tiers, with whether a tier failed (counted as an
+/// error) and when the lookup was made (unix ms: an entry's `Age` is counted
+/// to then).
 pub struct Lookup {
     pub found: Found,
     pub error: bool,
+    pub at: u64,
 }
 
 impl Cache {
@@ -141,54 +144,49 @@ impl Cache {
             Some(entry) => Cache::classify(entry, now),
             None => Found::Miss,
         };
-        if let Found::Fresh(_) = local {
-            return Lookup {
-                found: local,
-                error: false,
-            };
-        }
-        let Some(shared) = &self.shared else {
-            return Lookup {
-                found: local,
-                error: false,
-            };
+        let (found, error) = match &self.shared {
+            Some(shared) if !matches!(local, Found::Fresh(_)) => {
+                self.shared_lookup(shared.as_ref(), key, local, now).await
+            }
+            _ => (local, false),
         };
-        match shared.cache_get(&shared_key(key)).await {
-            Ok(Some(bytes)) => match Entry::decode(&bytes) {
-                Some(entry) => {
-                    let entry = Arc::new(entry);
-                    let found = Cache::classify(entry.clone(), now);
-                    if let Found::Fresh(_) = found {
-                        let left = entry.stale_until.saturating_sub(now);
-                        self.memory
-                            .put(key, entry, Some(Duration::from_millis(left)));
-                    }
-                    match (found, local) {
-                        (Found::Miss, local) => Lookup {
-                            found: local,
-                            error: false,
-                        },
-                        (found, _) => Lookup {
-                            found,
-                            error: false,
-                        },
-                    }
-                }
-                None => Lookup {
-                    found: local,
-                    error: true,
-                },
-            },
-            Ok(None) => Lookup {
-                found: local,
-                error: false,
-            },
+        Lookup {
+            found,
+            error,
+            at: now,
+        }
+    }
+
+    /// The shared tier's entry for `key` when it is better than `local`,
+    /// and whether the tier failed.
+    async fn shared_lookup(
+        &self,
+        shared: &dyn SharedCache,
+        key: &str,
+        local: Found,
+        now: u64,
+    ) -> (Found, bool) {
+        let bytes = match shared.cache_get(&shared_key(key)).await {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return (local, false),
             Err(e) => {
                 log::debug!("cache: shared tier lookup failed: {e}");
-                Lookup {
-                    found: local,
-                    error: true,
+                return (local, true);
+            }
+        };
+        let Some(entry) = Entry::decode(&bytes) else {
+            return (local, true);
+        };
+        let entry = Arc::new(entry);
+        match Cache::classify(entry.clone(), now) {
+            Found::Miss => (local, false),
+            found => {
+                if let Found::Fresh(_) = found {
+                    let left = entry.stale_until.saturating_sub(now);
+                    self.memory
+                        .put(key, entry, Some(Duration::from_millis(left)));
                 }
+                (found, false)
             }
         }
     }

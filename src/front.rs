@@ -204,8 +204,13 @@ impl Front {
         // The first request's clock starts at accept, later ones' at their
         // first byte.
         let mut deadline = Some(Instant::now() + self.header_timeout);
+        // When the current request's first byte came: read_head sets it when
+        // the bytes arrive; a pipelined request's clock starts here.
+        let mut started = Instant::now();
         loop {
-            let mut started = Instant::now();
+            if !pending.is_empty() {
+                started = Instant::now();
+            }
             let read = read_head(
                 &mut *conn,
                 &mut pending,
@@ -232,7 +237,11 @@ impl Front {
                     let client = conn
                         .get_socket_digest()
                         .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
-                    if !self.gateway.answer_raw(&req, client, &mut *conn).await {
+                    if !self
+                        .gateway
+                        .answer_raw(&req, client, started, &mut *conn)
+                        .await
+                    {
                         return None;
                     }
                     pending.advance(head.len);

@@ -32,12 +32,12 @@ pub struct Decision {
 
 impl Decision {
     /// `X-RateLimit-*` headers (and `Retry-After` when refused).
-    pub fn headers(&self) -> impl Iterator<Item = (&'static str, String)> {
-        let retry = (!self.allowed).then(|| ("Retry-After", self.reset_secs.max(1).to_string()));
+    pub fn headers(&self) -> impl Iterator<Item = (&'static str, u64)> {
+        let retry = (!self.allowed).then(|| ("Retry-After", u64::from(self.reset_secs.max(1))));
         [
-            ("X-RateLimit-Limit", self.limit.to_string()),
-            ("X-RateLimit-Remaining", self.remaining.to_string()),
-            ("X-RateLimit-Reset", self.reset_secs.to_string()),
+            ("X-RateLimit-Limit", u64::from(self.limit)),
+            ("X-RateLimit-Remaining", u64::from(self.remaining)),
+            ("X-RateLimit-Reset", u64::from(self.reset_secs)),
         ]
         .into_iter()
         .chain(retry)
@@ -110,11 +110,8 @@ mod tests {
         let k = KeyHash::of("a");
         assert!(l.check(&k, None).allowed);
         let d = l.check(&k, None);
-        let h: Vec<(&str, String)> = d.headers().collect();
-        assert!(h.contains(&("Retry-After", "1".to_string())), "{h:?}");
-        assert!(
-            h.contains(&("X-RateLimit-Remaining", "0".to_string())),
-            "{h:?}"
-        );
+        let h: Vec<(&str, u64)> = d.headers().collect();
+        assert!(h.contains(&("Retry-After", 1)), "{h:?}");
+        assert!(h.contains(&("X-RateLimit-Remaining", 0)), "{h:?}");
     }
 }

@@ -82,13 +82,17 @@ fn rfc3339(unix_ms: i64) -> String {
 
 /// A fresh request id: 128 random bits in hex. `hex::encode_to_slice` into
 /// a stack buffer: 38 ns, where `hex::encode` (a char iterator collected
-/// into a String) took 139 ns, on every request that brings no id.
+/// into a String) took 139 ns, on every request that brings no id. The
+/// digits are ASCII: `from_utf8`, not `from_utf8_lossy`, whose chunk
+/// iterator was 0.3 % of a cache hit's CPU.
 pub fn new_request_id() -> String {
     let mut digits = [0u8; 32];
     if hex::encode_to_slice(rand::random::<[u8; 16]>(), &mut digits).is_err() {
         return String::new();
     }
-    String::from_utf8_lossy(&digits).into_owned()
+    std::str::from_utf8(&digits)
+        .map(str::to_owned)
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ mod tests;
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora::modules::http::HttpModules;
@@ -139,18 +139,20 @@ impl Gateway {
     /// Answer a request the front door read itself (HTTP/1.1, GET or HEAD,
     /// no body, the connection kept alive) on its own connection: the same
     /// steps, the same writer and the same log line as through Pingora, at
-    /// less cost per request. `false`: the connection is done (the answer did
+    /// less cost per request. `started`: when its first byte came (its
+    /// latency counts from then, as nginx's `$request_time` does). `false`: the connection is done (the answer did
     /// not go out, or the gateway is handing over and it said `close`).
     pub async fn answer_raw<C>(
         &self,
         req: &impl RequestHead,
         client: Option<IpAddr>,
+        started: Instant,
         conn: &mut C,
     ) -> bool
     where
         C: tokio::io::AsyncWrite + Unpin + Send,
     {
-        let mut ctx = Ctx::new();
+        let mut ctx = Ctx::starting(started);
         // Handing over: let the client reconnect to the new process.
         let keep_alive = !self.draining.is_set();
         let reply = self.decide(req, client, &mut ctx).await;

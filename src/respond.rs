@@ -2,7 +2,6 @@
 //! (`{"status": false, "error": CODE, "message": TEXT}`) and proxied answers.
 //! Each reject reason maps to exactly one status and error code here.
 
-use std::borrow::Cow;
 use std::future::Future;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -60,7 +59,7 @@ pub struct Common<'a> {
     /// HEAD: send headers only.
     pub head: bool,
     /// Per-request headers (rate limit, credits).
-    pub extra: &'a [(&'static str, String)],
+    pub extra: &'a [(&'static str, u64)],
 }
 
 /// An answer's status and header fields in the order they go out. A field
@@ -68,7 +67,27 @@ pub struct Common<'a> {
 /// `ResponseHeader::insert_header` does, so both sinks write the same bytes.
 pub struct Fields<'a> {
     status: u16,
-    list: Vec<(&'static str, Cow<'a, [u8]>)>,
+    list: Vec<(&'static str, Value<'a>)>,
+}
+
+/// A field's value: bytes, or a number written in decimal as it goes out
+/// (`Content-Length`, `Age`, the rate-limit and credit headers), with no
+/// `String` made for it.
+pub enum Value<'a> {
+    Bytes(&'a [u8]),
+    Number(u64),
+}
+
+impl<'a> From<&'a [u8]> for Value<'a> {
+    fn from(bytes: &'a [u8]) -> Value<'a> {
+        Value::Bytes(bytes)
+    }
+}
+
+impl From<u64> for Value<'_> {
+    fn from(n: u64) -> Self {
+        Value::Number(n)
+    }
 }
 
 impl<'a> Fields<'a> {
@@ -79,7 +98,7 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn insert(&mut self, name: &'static str, value: impl Into<Cow<'a, [u8]>>) {
+    fn insert(&mut self, name: &'static str, value: impl Into<Value<'a>>) {
         let value = value.into();
         match self
             .list
@@ -108,7 +127,10 @@ impl Sink for Session {
     async fn write(&mut self, fields: Fields<'_>, body: Option<Bytes>) -> Result<()> {
         let mut resp = ResponseHeader::build(fields.status, Some(fields.list.len()))?;
         for (name, value) in fields.list {
-            resp.insert_header(name, &*value)?;
+            match value {
+                Value::Bytes(bytes) => resp.insert_header(name, bytes)?,
+                Value::Number(n) => resp.insert_header(name, http::HeaderValue::from(n))?,
+            }
         }
         match body {
             None => self.write_response_header(Box::new(resp), true).await,
@@ -139,9 +161,16 @@ impl<C: AsyncWrite + Unpin + Send> Sink for Raw<'_, C> {
         buf.put_slice(b"\r\n");
         let date = date::get_cached_date();
         let connection: &[u8] = if self.1 { b"keep-alive" } else { b"close" };
-        let added = [("Date", date.as_bytes()), ("Connection", connection)];
-        let all = fields.list.iter().map(|(n, v)| (*n, &**v)).chain(added);
-        for (name, value) in all {
+        let added = [
+            ("Date", Value::Bytes(date.as_bytes())),
+            ("Connection", Value::Bytes(connection)),
+        ];
+        let mut digits = itoa::Buffer::new();
+        for (name, value) in fields.list.into_iter().chain(added) {
+            let value = match value {
+                Value::Bytes(bytes) => bytes,
+                Value::Number(n) => digits.format(n).as_bytes(),
+            };
             // What `HeaderValue` refuses, `insert_header` refuses.
             if !value.iter().all(|&b| (b >= 32 && b != 127) || b == b'\t') {
                 return Error::e_explain(InvalidHTTPHeader, "invalid value while insert");
@@ -193,7 +222,7 @@ pub async fn proxied(
     }
     fields.insert("X-Cache", x_cache.as_bytes());
     if let Some(age) = age {
-        fields.insert("Age", age.to_string().into_bytes());
+        fields.insert("Age", age);
     }
     send(sink, common, fields, answer.body.clone()).await
 }
@@ -204,10 +233,10 @@ async fn send(
     mut fields: Fields<'_>,
     body: Bytes,
 ) -> Result<()> {
-    fields.insert("Content-Length", body.len().to_string().into_bytes());
+    fields.insert("Content-Length", body.len() as u64);
     fields.insert("X-Request-Id", common.request_id.as_bytes());
-    for (name, value) in common.extra {
-        fields.insert(name, value.as_bytes());
+    for &(name, value) in common.extra {
+        fields.insert(name, value);
     }
     let body = (!common.head && !body.is_empty()).then_some(body);
     sink.write(fields, body).await

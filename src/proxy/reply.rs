@@ -9,7 +9,7 @@ use pingora::prelude::*;
 
 use super::{Ctx, Gateway};
 use crate::answer::Answer;
-use crate::cache::{self, Entry};
+use crate::cache::Entry;
 use crate::reject::Reject;
 use crate::respond::{self, Common, Sink};
 
@@ -73,9 +73,10 @@ impl Reply {
         }
     }
 
-    /// A cached entry (`HIT` or `STALE`); free unless `charge_cache_hits`.
-    pub fn cached(entry: Arc<Entry>, x_cache: &'static str, charge: bool) -> Reply {
-        let age = entry.age_secs(cache::now_ms());
+    /// A cached entry (`HIT` or `STALE`) as of `now` (unix ms); free unless
+    /// `charge_cache_hits`.
+    pub fn cached(entry: Arc<Entry>, now: u64, x_cache: &'static str, charge: bool) -> Reply {
+        let age = entry.age_secs(now);
         Reply {
             kind: Kind::Proxied {
                 answer: Served::Cached(entry),

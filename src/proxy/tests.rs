@@ -224,7 +224,11 @@ async fn through_front_door(gateway: &Gateway, request: &str) -> String {
     let (mut client, mut server) = tokio::io::duplex(64 * 1024);
     let mut slots = request::slots();
     let req = request::plain_get(request.as_bytes(), &mut slots).expect("a plain GET");
-    assert!(gateway.answer_raw(&req, None, &mut server).await);
+    assert!(
+        gateway
+            .answer_raw(&req, None, std::time::Instant::now(), &mut server)
+            .await
+    );
     drop(server);
     let mut out = String::new();
     client.read_to_string(&mut out).await.unwrap();
