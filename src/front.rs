@@ -188,6 +188,38 @@ impl Connection for TlsConnection {
     }
 }
 
+/// Pingora's session for the request whose `head` starts `pending`: that
+/// request's bytes go back into `conn`, and the session keeps the previous
+/// request's `settings`, or else the keep-alive timeout.
+fn pingora_session<C: Connection>(
+    mut conn: Box<C>,
+    pending: &mut BytesMut,
+    head: &Head,
+    settings: Option<HttpPersistentSettings>,
+    shutdown: &ShutdownWatch,
+) -> ServerSession {
+    // A body's bytes are never parsed as a head: hand over all we have and
+    // let Pingora close after the answer.
+    let take = if head.has_body {
+        pending.len()
+    } else {
+        head.len
+    };
+    conn.put_back(&pending.split_to(take));
+    if pending.is_empty() {
+        *pending = BytesMut::new();
+    }
+    let mut session = ServerSession::new_http1(conn);
+    match settings {
+        Some(s) => s.apply_to_session(&mut session),
+        None => session.set_keepalive(Some(IDLE.as_secs())),
+    }
+    if head.has_body || *shutdown.borrow() {
+        session.set_keepalive(None);
+    }
+    session
+}
+
 impl Front {
     /// Serve HTTP/1 requests on `conn` one at a time, each head read and
     /// checked here first, until the client leaves, a request is refused or
@@ -248,25 +280,7 @@ impl Front {
                     continue;
                 }
             }
-            // A body's bytes are never parsed as a head: hand over all we
-            // have and let Pingora close after the answer.
-            let take = if head.has_body {
-                pending.len()
-            } else {
-                head.len
-            };
-            conn.put_back(&pending.split_to(take));
-            if pending.is_empty() {
-                pending = BytesMut::new();
-            }
-            let mut session = ServerSession::new_http1(conn);
-            match settings.take() {
-                Some(s) => s.apply_to_session(&mut session),
-                None => session.set_keepalive(Some(IDLE.as_secs())),
-            }
-            if head.has_body || *shutdown.borrow() {
-                session.set_keepalive(None);
-            }
+            let session = pingora_session(conn, &mut pending, &head, settings.take(), shutdown);
             let reused = self.proxy.process_new_http(session, shutdown).await?;
             let (stream, next) = reused.consume();
             settings = next;

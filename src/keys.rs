@@ -185,27 +185,21 @@ pub async fn run(config: &Config, cmd: KeysCommand, out: &mut impl Write) -> Res
     }
 }
 
+/// A subcommand on the Redis store: refused while the store is in the old
+/// layout (but `migrate`, which moves it out of it).
 async fn run_redis(
     store: &RedisStore,
     routes: &[&str],
     cmd: KeysCommand,
     out: &mut impl Write,
 ) -> Result<(), String> {
-    let e = redis_error;
-    let marker = store.marker_state().await.map_err(e)?;
+    let marker = store.marker_state().await.map_err(redis_error)?;
     if marker == Marker::OldLayout && !matches!(cmd, KeysCommand::Migrate) {
         return Err(OLD_LAYOUT.into());
     }
     let op = |e: keyops::OpError| e.to_string();
     match cmd {
-        KeysCommand::Migrate => {
-            let (moved, kept) = store.migrate().await.map_err(e)?;
-            writeln!(
-                out,
-                "moved {moved} key(s) to the current layout; {kept} already there under the new name, old entry left"
-            )
-            .map_err(io)?;
-        }
+        KeysCommand::Migrate => migrate_redis(store, out).await,
         KeysCommand::Create {
             name,
             credits,
@@ -218,14 +212,7 @@ async fn run_redis(
                 rate_per_second: rate,
                 lifecycle: lifecycle_of(&plan)?,
             };
-            let (key, row) = keyops::create(store, new, routes).await.map_err(op)?;
-            writeln!(out, "{key}").map_err(io)?;
-            writeln!(
-                out,
-                "id {} name {} credits {}",
-                row.id, row.name, row.credits
-            )
-            .map_err(io)?;
+            create_redis(store, new, routes, out).await
         }
         KeysCommand::Update {
             key_or_id,
@@ -233,51 +220,93 @@ async fn run_redis(
             rate,
             plan,
         } => {
-            let mut patch = plan_patch(&plan)?;
-            patch.name = name;
-            patch.rate_per_second = set_or_clear(rate.as_deref(), "default", |n| {
-                n.parse()
-                    .map_err(|_| format!("--rate: expected a number or default, got \"{n}\""))
-            })?;
-            if patch.is_empty() {
-                return Err(
-                    "nothing to change: give --name, --rate, --expires, --routes or --refill"
-                        .into(),
-                );
-            }
+            let patch = update_patch(name, rate.as_deref(), &plan)?;
             let row = keyops::update(store, &key_or_id, &patch, routes)
                 .await
                 .map_err(op)?;
-            writeln!(out, "{HEADER}").map_err(io)?;
-            print_row(out, &row).map_err(io)?;
+            print_table(out, [row])
         }
         KeysCommand::List => {
             let (mut rows, _) = keyops::page(store, None, usize::MAX).await.map_err(op)?;
             rows.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
-            writeln!(out, "{HEADER}").map_err(io)?;
-            for row in rows {
-                print_row(out, &row).map_err(io)?;
-            }
+            print_table(out, rows)
         }
         KeysCommand::Show { key_or_id } => {
             let row = keyops::show(store, &key_or_id).await.map_err(op)?;
-            writeln!(out, "{HEADER}").map_err(io)?;
-            print_row(out, &row).map_err(io)?;
+            print_table(out, [row])
         }
         KeysCommand::Topup { key_or_id, credits } => {
             let (id, balance) = keyops::topup(store, &key_or_id, credits)
                 .await
                 .map_err(op)?;
-            writeln!(out, "id {id} credits {balance}").map_err(io)?;
+            writeln!(out, "id {id} credits {balance}").map_err(io)
         }
         KeysCommand::Revoke { key_or_id } => {
             let row = keyops::revoke(store, &key_or_id).await.map_err(op)?;
-            writeln!(out, "id {} revoked", row.id).map_err(io)?;
+            writeln!(out, "id {} revoked", row.id).map_err(io)
         }
-        KeysCommand::Import { file, init } => import_redis(store, routes, &file, init, out).await?,
-        KeysCommand::AdminToken => {}
+        KeysCommand::Import { file, init } => import_redis(store, routes, &file, init, out).await,
+        KeysCommand::AdminToken => Ok(()),
+    }
+}
+
+/// The key table: the header, then a row per key.
+fn print_table(out: &mut impl Write, rows: impl IntoIterator<Item = KeyRow>) -> Result<(), String> {
+    writeln!(out, "{HEADER}").map_err(io)?;
+    for row in rows {
+        print_row(out, &row).map_err(io)?;
     }
     Ok(())
+}
+
+/// `keys migrate`: move keys of the old layout under their hash-tagged names.
+async fn migrate_redis(store: &RedisStore, out: &mut impl Write) -> Result<(), String> {
+    let (moved, kept) = store.migrate().await.map_err(redis_error)?;
+    writeln!(
+        out,
+        "moved {moved} key(s) to the current layout; {kept} already there under the new name, old entry left"
+    )
+    .map_err(io)
+}
+
+/// `keys create` on Redis: prints the key alone on the first line, as it is
+/// shown only this once.
+async fn create_redis(
+    store: &RedisStore,
+    new: NewKey,
+    routes: &[&str],
+    out: &mut impl Write,
+) -> Result<(), String> {
+    let (key, row) = keyops::create(store, new, routes)
+        .await
+        .map_err(|e| e.to_string())?;
+    writeln!(out, "{key}").map_err(io)?;
+    writeln!(
+        out,
+        "id {} name {} credits {}",
+        row.id, row.name, row.credits
+    )
+    .map_err(io)
+}
+
+/// `keys update`'s flags as a patch; one that changes nothing is refused.
+fn update_patch(
+    name: Option<String>,
+    rate: Option<&str>,
+    plan: &PlanArgs,
+) -> Result<KeyPatch, String> {
+    let mut patch = plan_patch(plan)?;
+    patch.name = name;
+    patch.rate_per_second = set_or_clear(rate, "default", |n| {
+        n.parse()
+            .map_err(|_| format!("--rate: expected a number or default, got \"{n}\""))
+    })?;
+    if patch.is_empty() {
+        return Err(
+            "nothing to change: give --name, --rate, --expires, --routes or --refill".into(),
+        );
+    }
+    Ok(patch)
 }
 
 fn redis_error(e: crate::store::StoreError) -> String {
@@ -331,74 +360,22 @@ async fn import_redis(
     .map_err(io)
 }
 
+/// A subcommand on the embedded store, whose keys file is the store: only
+/// `list`, `show` and `create` work on it.
 fn run_embedded(config: &Config, cmd: KeysCommand, out: &mut impl Write) -> Result<(), String> {
     let records = &config.store.keys;
-    let find = |key_or_id: &str| -> Result<&KeyRecord, String> {
-        let hit: Vec<&KeyRecord> = if is_id(key_or_id) {
-            records
-                .iter()
-                .filter(|r| r.hash.id() == key_or_id)
-                .collect()
-        } else {
-            let h = KeyHash::from_hex(key_or_id).unwrap_or_else(|| KeyHash::of(key_or_id));
-            records.iter().filter(|r| r.hash == h).collect()
-        };
-        match hit.as_slice() {
-            [one] => Ok(one),
-            [] => Err("no such key in store.keys_file".into()),
-            _ => Err(format!("more than one key with id {key_or_id}")),
-        }
-    };
     match cmd {
-        KeysCommand::List => {
-            writeln!(out, "{HEADER}").map_err(io)?;
-            for r in records {
-                print_row(out, &KeyRow::of(r)).map_err(io)?;
-            }
-            Ok(())
-        }
+        KeysCommand::List => print_table(out, records.iter().map(KeyRow::of)),
         KeysCommand::Show { key_or_id } => {
-            let r = find(&key_or_id)?;
-            writeln!(out, "{HEADER}").map_err(io)?;
-            print_row(out, &KeyRow::of(r)).map_err(io)
+            let r = find(records, &key_or_id)?;
+            print_table(out, [KeyRow::of(r)])
         }
         KeysCommand::Create {
             name,
             credits,
             rate,
             plan,
-        } => {
-            let file = config
-                .store
-                .keys_file
-                .as_deref()
-                .ok_or("the embedded store needs store.keys_file to create keys in")?;
-            let key = keyops::generate();
-            let record = KeyRecord {
-                hash: KeyHash::of(&key),
-                name,
-                credits,
-                rate_per_second: rate,
-                state: keys::KeyState::Active,
-                lifecycle: lifecycle_of(&plan)?,
-            };
-            let routes = record.lifecycle.routes.as_deref().unwrap_or_default();
-            if let Some(problem) = (!routes.is_empty())
-                .then(|| keys::routes_problem(routes, Some(&config.route_names())))
-                .flatten()
-            {
-                return Err(format!("--routes: {problem}"));
-            }
-            append_entry(file, &record)?;
-            writeln!(out, "{key}").map_err(io)?;
-            writeln!(
-                out,
-                "id {} name {} credits {credits} (added to {file}; active after the next start or reload)",
-                record.hash.id(),
-                record.name
-            )
-            .map_err(io)
-        }
+        } => create_embedded(config, name, credits, rate, &plan, out),
         KeysCommand::Topup { .. }
         | KeysCommand::Update { .. }
         | KeysCommand::AdminToken
@@ -410,6 +387,66 @@ fn run_embedded(config: &Config, cmd: KeysCommand, out: &mut impl Write) -> Resu
                 .into(),
         ),
     }
+}
+
+/// The one record of the keys file with this key or id.
+fn find<'a>(records: &'a [KeyRecord], key_or_id: &str) -> Result<&'a KeyRecord, String> {
+    let hit: Vec<&KeyRecord> = if is_id(key_or_id) {
+        records
+            .iter()
+            .filter(|r| r.hash.id() == key_or_id)
+            .collect()
+    } else {
+        let h = KeyHash::from_hex(key_or_id).unwrap_or_else(|| KeyHash::of(key_or_id));
+        records.iter().filter(|r| r.hash == h).collect()
+    };
+    match hit.as_slice() {
+        [one] => Ok(one),
+        [] => Err("no such key in store.keys_file".into()),
+        _ => Err(format!("more than one key with id {key_or_id}")),
+    }
+}
+
+/// `keys create` on the embedded store: appends the hashed key to the keys
+/// file, which the gateway reads at its next start or reload.
+fn create_embedded(
+    config: &Config,
+    name: String,
+    credits: u64,
+    rate: Option<u32>,
+    plan: &PlanArgs,
+    out: &mut impl Write,
+) -> Result<(), String> {
+    let file = config
+        .store
+        .keys_file
+        .as_deref()
+        .ok_or("the embedded store needs store.keys_file to create keys in")?;
+    let key = keyops::generate();
+    let record = KeyRecord {
+        hash: KeyHash::of(&key),
+        name,
+        credits,
+        rate_per_second: rate,
+        state: keys::KeyState::Active,
+        lifecycle: lifecycle_of(plan)?,
+    };
+    let routes = record.lifecycle.routes.as_deref().unwrap_or_default();
+    if let Some(problem) = (!routes.is_empty())
+        .then(|| keys::routes_problem(routes, Some(&config.route_names())))
+        .flatten()
+    {
+        return Err(format!("--routes: {problem}"));
+    }
+    append_entry(file, &record)?;
+    writeln!(out, "{key}").map_err(io)?;
+    writeln!(
+        out,
+        "id {} name {} credits {credits} (added to {file}; active after the next start or reload)",
+        record.hash.id(),
+        record.name
+    )
+    .map_err(io)
 }
 
 /// Append a hashed entry to a keys file, keeping its text (and comments);

@@ -3,7 +3,7 @@
 mod demo;
 mod generate;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -14,10 +14,13 @@ use pingora::server::{RunArgs, Server};
 
 use pingora::services::background::background_service;
 use tollgate::config::Config;
+use tollgate::connections::ConnectionCounters;
 use tollgate::drain::{Draining, PhaseWatch};
 use tollgate::keys::KeysCommand;
 use tollgate::listeners::{Guarded, Health};
+use tollgate::logging::AccessLogService;
 use tollgate::metrics::Metrics;
+use tollgate::notify::NotifierService;
 use tollgate::proxy::Gateway;
 use tollgate::store::leases::{LeaseCounters, LeaseKeeper, LeasedStore};
 use tollgate::store::memory::MemoryStore;
@@ -195,6 +198,67 @@ fn add_listeners<A: Send + Sync + 'static>(
     }
 }
 
+/// What `serve` builds before Pingora's server exists: the gateway and what
+/// the services around it take. A failure here ends `serve` before a socket
+/// is opened, with the message `tollgate: {error}`.
+struct Parts {
+    gateway: Gateway,
+    /// The admin API's key endpoints, when `admin_token_sha256` is set.
+    key_api: Option<admin::KeyApi>,
+    lease_keeper: Option<LeaseKeeper>,
+    maintenance: Option<Maintenance>,
+    notifier: NotifierService,
+    access_log: AccessLogService,
+    connections: ConnectionCounters,
+    tls: TlsListeners,
+}
+
+impl Parts {
+    /// Metrics, store, notifier, access log and TLS, in that order, then the
+    /// gateway over them; `draining` is what the gateway reads to answer
+    /// while the server drains.
+    fn build(config: &Config, draining: Draining) -> Result<Parts, String> {
+        let metrics = match Metrics::register(&config.routes) {
+            Ok(m) => Arc::new(m),
+            Err(e) => return Err(format!("cannot register metrics: {e}")),
+        };
+        let stores = open_store(config, &metrics)?;
+        let (notifier, notifier_service) =
+            notify::channel(&config.notify, &config.routes, metrics.notifications());
+        let (access_log, access_log_service) =
+            logging::access_log(config.access_log.clone(), metrics.access_log_dropped());
+        let connections = metrics.connections();
+        let admin_requests = metrics.admin_requests();
+        let tls = TlsListeners::new(&config.listen, metrics.tls_handshake_errors())?;
+        let key_api = config.admin_token_sha256.map(|token_sha256| admin::KeyApi {
+            store: stores.admin.clone(),
+            ledger: stores.ledger.clone(),
+            token_sha256,
+            routes: config.routes.iter().map(|r| r.name.clone()).collect(),
+            requests: admin_requests,
+        });
+        let gateway = Gateway::new(
+            config,
+            stores.keys,
+            stores.shared_cache,
+            metrics,
+            notifier,
+            access_log,
+            draining,
+        );
+        Ok(Parts {
+            gateway,
+            key_api,
+            lease_keeper: stores.lease_keeper,
+            maintenance: stores.maintenance,
+            notifier: notifier_service,
+            access_log: access_log_service,
+            connections,
+            tls,
+        })
+    }
+}
+
 fn serve(mut config: Config, opt: Opt) -> ExitCode {
     if opt.upgrade {
         // Before the running process is asked for its sockets.
@@ -204,88 +268,66 @@ fn serve(mut config: Config, opt: Opt) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    let metrics = match Metrics::register(&config.routes) {
-        Ok(m) => Arc::new(m),
-        Err(e) => {
-            eprintln!("tollgate: cannot register metrics: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let stores = match open_store(&config, &metrics) {
-        Ok(stores) => stores,
-        Err(e) => {
-            eprintln!("tollgate: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let (notifier, notifier_service) =
-        notify::channel(&config.notify, &config.routes, metrics.notifications());
-    let (access_log, access_log_service) =
-        logging::access_log(config.access_log.clone(), metrics.access_log_dropped());
-    let connections = metrics.connections();
-    let admin_requests = metrics.admin_requests();
-    let tls = match TlsListeners::new(&config.listen, metrics.tls_handshake_errors()) {
-        Ok(tls) => tls,
-        Err(e) => {
-            eprintln!("tollgate: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let draining = Draining::default();
-    let gateway = Gateway::new(
-        &config,
-        stores.keys,
-        stores.shared_cache,
-        metrics,
-        notifier,
-        access_log,
-        draining.clone(),
-    );
+    let parts = match Parts::build(&config, draining.clone()) {
+        Ok(parts) => parts,
+        Err(e) => {
+            eprintln!("tollgate: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let mut server = Server::new_with_opt_and_conf(opt, std::mem::take(&mut config.server));
     let phases = PhaseWatch::new(server.watch_execution_phase(), draining);
     // With -t this checks Pingora's side too, then exits.
     server.bootstrap();
+    add_services(&mut server, &config, parts, phases);
+    run(server, &config.listen)
+}
 
+/// Pingora's services: the proxy on the client listeners and the admin API,
+/// both guarded by one `Health`, then the background work.
+fn add_services(server: &mut Server, config: &Config, parts: Parts, phases: PhaseWatch) {
     let mut proxy = tollgate::front::service(
         &server.configuration,
-        gateway,
+        parts.gateway,
         "tollgate",
         &config.limits,
-        connections,
-        tls,
+        parts.connections,
+        parts.tls,
     );
     add_listeners(&mut proxy, &config.listen);
     let health = Health::default();
     server.add_service(Guarded::new(proxy, "proxy", &health));
-    let key_api = config.admin_token_sha256.map(|token_sha256| admin::KeyApi {
-        store: stores.admin.clone(),
-        ledger: stores.ledger.clone(),
-        token_sha256,
-        routes: config.routes.iter().map(|r| r.name.clone()).collect(),
-        requests: admin_requests,
-    });
-    let admin = admin::service(&config.admin_listen.to_string(), health.clone(), key_api);
+    let admin = admin::service(
+        &config.admin_listen.to_string(),
+        health.clone(),
+        parts.key_api,
+    );
     server.add_service(Guarded::new(admin, "admin", &health));
-    server.add_service(background_service("notifier", notifier_service));
-    server.add_service(background_service("access log", access_log_service));
+    server.add_service(background_service("notifier", parts.notifier));
+    server.add_service(background_service("access log", parts.access_log));
     server.add_service(background_service("drain", phases));
     server.add_service(background_service(
         "allocator purge",
         tollgate::memory::Purger,
     ));
-    if let Some(k) = stores.lease_keeper {
+    if let Some(k) = parts.lease_keeper {
         server.add_service(background_service("leases", k));
     }
-    if let Some(m) = stores.maintenance {
+    if let Some(m) = parts.maintenance {
         server.add_service(background_service("store", m));
     }
+}
+
+/// Run `server` until it stops. A process that handed its sockets over (a
+/// graceful upgrade) fails if no process listens on them afterwards.
+fn run(server: Server, listen: &[tollgate::config::Listener]) -> ExitCode {
     let signals = reload::Signals::new(&server.configuration.upgrade_sock);
     let handed_over = signals.handed_over();
     server.run(RunArgs {
         shutdown_signal: Box::new(signals),
     });
-    if handed_over.load(std::sync::atomic::Ordering::Relaxed) && !reload::taken_over(&config.listen)
-    {
+    if handed_over.load(std::sync::atomic::Ordering::Relaxed) && !reload::taken_over(listen) {
         log::error!("handed the sockets over, but no process listens on them now");
         return ExitCode::FAILURE;
     }
@@ -308,37 +350,16 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     match cli.command {
-        Command::Check => {
-            for w in &config.warnings {
-                eprintln!("warning: {w}");
-            }
-            println!("configuration OK: {} route(s)", config.routes.len());
-            ExitCode::SUCCESS
-        }
-        Command::Reload { pid } => {
-            let Some(conf) = cli.conf.as_ref() else {
-                return ExitCode::from(2);
-            };
-            match reload::reload(&config, conf, pid) {
-                Ok(done) => {
-                    println!("{done}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("tollgate reload: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Command::Check => check(&config),
+        Command::Reload { pid } => match cli.conf.as_ref() {
+            Some(conf) => reload_to(&config, conf, pid),
+            None => ExitCode::from(2),
+        },
         Command::Serve {
             daemon,
             upgrade,
             test,
         } => {
-            logging::init();
-            for w in &config.warnings {
-                log::warn!("{w}");
-            }
             let opt = Opt {
                 upgrade,
                 daemon,
@@ -346,19 +367,9 @@ fn main() -> ExitCode {
                 test,
                 conf: None,
             };
-            serve(config, opt)
+            serve_logged(config, opt)
         }
-        Command::Demo => {
-            logging::init();
-            match demo::start(&config) {
-                Ok(addrs) => log::info!("demo backends listening on {addrs:?}"),
-                Err(e) => {
-                    eprintln!("tollgate demo: {e}");
-                    return ExitCode::FAILURE;
-                }
-            }
-            serve(config, Opt::default())
-        }
+        Command::Demo => serve_demo(config),
         Command::Keys { command } => {
             let mut out = std::io::stdout().lock();
             cli_run("keys", tollgate::keys::run(&config, command, &mut out))
@@ -376,6 +387,51 @@ fn main() -> ExitCode {
         }
         Command::Generate { .. } => unreachable!("handled before the config is loaded"),
     }
+}
+
+/// `tollgate check`: the config loaded, so print its warnings and say OK.
+fn check(config: &Config) -> ExitCode {
+    for w in &config.warnings {
+        eprintln!("warning: {w}");
+    }
+    println!("configuration OK: {} route(s)", config.routes.len());
+    ExitCode::SUCCESS
+}
+
+/// `tollgate reload`: a graceful upgrade to a new process on `conf`.
+fn reload_to(config: &Config, conf: &Path, pid: Option<u32>) -> ExitCode {
+    match reload::reload(config, conf, pid) {
+        Ok(done) => {
+            println!("{done}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tollgate reload: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `tollgate serve`: start the log, put the config's warnings in it, serve.
+fn serve_logged(config: Config, opt: Opt) -> ExitCode {
+    logging::init();
+    for w in &config.warnings {
+        log::warn!("{w}");
+    }
+    serve(config, opt)
+}
+
+/// `tollgate demo`: start the demo backends, then serve in the foreground.
+fn serve_demo(config: Config) -> ExitCode {
+    logging::init();
+    match demo::start(&config) {
+        Ok(addrs) => log::info!("demo backends listening on {addrs:?}"),
+        Err(e) => {
+            eprintln!("tollgate demo: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    serve(config, Opt::default())
 }
 
 /// Run a command's work on a one-thread runtime; its error on stderr.

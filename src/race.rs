@@ -23,6 +23,7 @@ mod attempt;
 mod health;
 mod hedge;
 mod pool;
+mod progress;
 mod window;
 
 use std::sync::Arc;
@@ -41,6 +42,7 @@ pub use attempt::{classify, UpstreamRequest};
 use health::{Admit, Health, Verdict};
 use hedge::Hedging;
 use pool::Pool;
+use progress::Progress;
 
 use crate::config::{Backend, Route, Strategy, SuccessRule};
 
@@ -359,82 +361,30 @@ impl Racer {
         req: &UpstreamRequest<'_>,
     ) -> (RaceReport, Option<Answer>) {
         let n = route.replicas.len();
-        let Plan {
-            order,
-            probes,
-            admitted,
-        } = route.plan();
-        let scheduled = |i: usize| order[probes..admitted].contains(&i);
-        let mut schedule = route.schedule();
-        let start = Instant::now();
+        let mut race = Progress::new(route);
         let verdict = Arc::new(Verdict::default());
-        let mut attempts: Vec<AttemptRecord> = Vec::with_capacity(n);
         let mut in_flight = FuturesUnordered::new();
-        // Scheduled attempts in flight (probes and skipped ones not counted).
-        let mut running = 0;
-        let mut next = 0;
         let mut winner = None;
 
         loop {
             // Start every backend that is due, and the next one at once when
             // no scheduled one is in flight (nothing left to wait for).
-            while next < n {
+            while race.next < n {
                 let now = Instant::now();
-                let start_as = match next {
-                    k if k < probes => Some(false),
-                    k if k < admitted => {
-                        if running == 0 {
-                            Some(false)
-                        } else if schedule.due(k - probes).is_some_and(|d| start + d <= now) {
-                            schedule.start_due()
-                        } else {
-                            None
-                        }
-                    }
-                    // Skipped backends: only once every other one failed.
-                    k => (k > admitted || (in_flight.is_empty() && all_failed(&attempts)))
-                        .then_some(false),
-                };
-                let Some(hedge) = start_as else {
+                let Some(hedge) = race.start_as(now, in_flight.is_empty()) else {
                     break;
                 };
-                let i = order[next];
-                if scheduled(i) {
-                    running += 1;
-                }
-                let attempt = attempt::run(
-                    self.connector.clone(),
-                    route.replicas[i].clone(),
-                    req,
-                    route.rules,
-                    verdict.clone(),
-                );
-                in_flight.push(async move { (i, attempt.await) });
-                attempts.push(AttemptRecord::started(
-                    i,
-                    now.saturating_duration_since(start),
-                    hedge,
-                ));
-                next += 1;
+                let i = race.started(now, hedge);
+                in_flight.push(self.attempt(route, i, req, &verdict));
             }
             if in_flight.is_empty() {
                 break;
             }
-            let wake = if (probes..admitted).contains(&next) {
-                schedule.due(next - probes).map(|d| start + d)
-            } else {
-                None
-            };
+            let wake = race.wake();
             tokio::select! {
                 Some((i, result)) = in_flight.next() => {
-                    if scheduled(i) {
-                        running -= 1;
-                    }
-                    let answer = record(&mut attempts, i, result);
-                    if let Some((latency, answer)) = answer {
-                        verdict.won(latency);
-                        schedule.won(&attempts, i, start.elapsed());
-                        winner = answer.map(|a| (i, a));
+                    if let Some(won) = race.ended(i, result, &verdict) {
+                        winner = won;
                         break;
                     }
                 }
@@ -444,42 +394,27 @@ impl Racer {
         if !in_flight.is_empty() {
             drain(in_flight, route.drain_losers);
         }
-        settle_cancelled(&mut attempts, start);
+        let attempts = race.settle();
         let (winner, answer) = winner.unzip();
         (RaceReport { attempts, winner }, answer)
     }
-}
 
-/// Note how backend `i`'s attempt ended; a success returns its latency and
-/// answer.
-fn record(
-    attempts: &mut [AttemptRecord],
-    i: usize,
-    result: AttemptResult,
-) -> Option<(Duration, Option<Answer>)> {
-    if let Some(rec) = attempts.iter_mut().find(|a| a.backend == i) {
-        rec.outcome = result.outcome;
-        rec.latency = result.latency;
-        rec.detail = result.detail;
-    }
-    (result.outcome == Outcome::Success).then_some((result.latency, result.answer))
-}
-
-/// Every attempt so far failed (an error or a timeout).
-fn all_failed(attempts: &[AttemptRecord]) -> bool {
-    attempts
-        .iter()
-        .all(|a| matches!(a.outcome, Outcome::Error | Outcome::Timeout))
-}
-
-/// Attempts still running when the race ended were cancelled now.
-fn settle_cancelled(attempts: &mut [AttemptRecord], start: Instant) {
-    let now = Instant::now();
-    for rec in attempts
-        .iter_mut()
-        .filter(|a| a.outcome == Outcome::Cancelled)
-    {
-        rec.latency = now.saturating_duration_since(start + rec.started);
+    /// Backend `i`'s attempt at `req`, which yields `i` beside how it ended.
+    fn attempt(
+        &self,
+        route: &RouteUpstream,
+        i: usize,
+        req: &UpstreamRequest<'_>,
+        verdict: &Arc<Verdict>,
+    ) -> impl std::future::Future<Output = (usize, AttemptResult)> + Send + 'static {
+        let attempt = attempt::run(
+            self.connector.clone(),
+            route.replicas[i].clone(),
+            req,
+            route.rules,
+            verdict.clone(),
+        );
+        async move { (i, attempt.await) }
     }
 }
 

@@ -258,7 +258,48 @@ fn convert_key(i: usize, k: FileKey, errors: &mut Vec<ConfigError>) -> Option<Ke
             message,
         })
     };
-    let hash = match (&k.key, &k.sha256) {
+    let hash = key_hash(k.key.as_deref(), k.sha256.as_deref(), &mut fail);
+    if k.name.is_empty() {
+        fail("name", "must not be empty".into());
+    }
+    if let Some(e) = limits::KEY_CREDITS.problem("credits", k.credits) {
+        fail("credits", e.message);
+    }
+    if let Some(e) = k
+        .rate_per_second
+        .and_then(|r| limits::KEY_RATE.problem("", r.into()))
+    {
+        fail("rate_per_second", e.message);
+    }
+    let expires_at = k.expires_at.as_deref().and_then(|t| expiry(t, &mut fail));
+    if let Some(problem) = k.routes.as_deref().and_then(|r| routes_problem(r, None)) {
+        fail("routes", problem);
+    }
+    let refill = k.refill.and_then(|r| convert_refill(r, &mut fail));
+    let state = k.state.as_deref().unwrap_or("active");
+    let state = choice(&format!("keys[{i}].state"), state, KEY_STATES, errors);
+    Some(KeyRecord {
+        hash: hash?,
+        name: k.name,
+        credits: k.credits,
+        rate_per_second: k.rate_per_second,
+        state,
+        lifecycle: Lifecycle {
+            expires_at,
+            routes: k.routes,
+            refill,
+        },
+    })
+}
+
+/// An entry's key hash, from exactly one of `key` (plaintext, hashed here)
+/// and `sha256`; `fail` takes a problem's field and message.
+fn key_hash(
+    key: Option<&str>,
+    sha256: Option<&str>,
+    fail: &mut impl FnMut(&str, String),
+) -> Option<KeyHash> {
+    match (key, sha256) {
         (Some(key), None) if !key.is_empty() => Some(KeyHash::of(key)),
         (Some(_), None) => {
             fail("key", "must not be empty".into());
@@ -278,61 +319,37 @@ fn convert_key(i: usize, k: FileKey, errors: &mut Vec<ConfigError>) -> Option<Ke
             );
             None
         }
-    };
-    if k.name.is_empty() {
-        fail("name", "must not be empty".into());
     }
-    if let Some(e) = limits::KEY_CREDITS.problem("credits", k.credits) {
-        fail("credits", e.message);
+}
+
+/// An entry's `expires_at`, in unix seconds.
+fn expiry(t: &str, fail: &mut impl FnMut(&str, String)) -> Option<i64> {
+    let parsed = parse_time(t);
+    if parsed.is_none() {
+        fail(
+            "expires_at",
+            format!("expected an RFC 3339 time such as 2027-01-31T00:00:00Z, got \"{t}\""),
+        );
     }
-    if let Some(e) = k
-        .rate_per_second
-        .and_then(|r| limits::KEY_RATE.problem("", r.into()))
-    {
-        fail("rate_per_second", e.message);
+    parsed
+}
+
+/// An entry's `refill`: both its credits and its period are checked, and
+/// either problem is reported.
+fn convert_refill(r: FileRefill, fail: &mut impl FnMut(&str, String)) -> Option<Refill> {
+    if let Some(e) = limits::KEY_CREDITS.problem("", r.credits) {
+        fail("refill.credits", e.message);
     }
-    let expires_at = k.expires_at.as_deref().and_then(|t| {
-        let parsed = parse_time(t);
-        if parsed.is_none() {
-            fail(
-                "expires_at",
-                format!("expected an RFC 3339 time such as 2027-01-31T00:00:00Z, got \"{t}\""),
-            );
-        }
-        parsed
-    });
-    if let Some(problem) = k.routes.as_deref().and_then(|r| routes_problem(r, None)) {
-        fail("routes", problem);
+    let period = Period::parse(&r.period);
+    if period.is_none() {
+        fail(
+            "refill.period",
+            format!("unknown value \"{}\", expected daily | monthly", r.period),
+        );
     }
-    let refill = k.refill.and_then(|r| {
-        if let Some(e) = limits::KEY_CREDITS.problem("", r.credits) {
-            fail("refill.credits", e.message);
-        }
-        let period = Period::parse(&r.period);
-        if period.is_none() {
-            fail(
-                "refill.period",
-                format!("unknown value \"{}\", expected daily | monthly", r.period),
-            );
-        }
-        Some(Refill {
-            credits: r.credits,
-            period: period?,
-        })
-    });
-    let state = k.state.as_deref().unwrap_or("active");
-    let state = choice(&format!("keys[{i}].state"), state, KEY_STATES, errors);
-    Some(KeyRecord {
-        hash: hash?,
-        name: k.name,
-        credits: k.credits,
-        rate_per_second: k.rate_per_second,
-        state,
-        lifecycle: Lifecycle {
-            expires_at,
-            routes: k.routes,
-            refill,
-        },
+    Some(Refill {
+        credits: r.credits,
+        period: period?,
     })
 }
 

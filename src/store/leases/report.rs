@@ -168,31 +168,8 @@ impl LeasedStore {
             .await;
         let mut l = lease.lock().await;
         match reported {
-            Ok(Reported {
-                credits,
-                leased,
-                outstanding,
-                active,
-                wanted,
-            }) => {
-                l.reporting -= report.spent;
-                l.balance = credits;
-                l.leased = leased;
-                l.wanted = wanted;
-                l.renewed = Some(Instant::now());
-                if outstanding.is_none() || !active {
-                    // Ended, taken back after its expiry, or the key revoked.
-                    l.unspent = 0;
-                }
-                let gone = outstanding.is_none()
-                    && l.spent == 0
-                    && l.ledger.is_empty()
-                    && l.unanswered.is_none();
-                let next = if wanted && l.unspent > 0 && l.used.elapsed() >= YIELD_IDLE {
-                    Next::Yield
-                } else {
-                    Next::Wait
-                };
+            Ok(answer) => {
+                let (next, gone) = l.answered(report.spent, answer);
                 drop(l);
                 if gone {
                     self.forget(hash, lease);
@@ -216,15 +193,55 @@ impl LeasedStore {
                     "store: a lease report of key {} failed, joins the next one: {error}",
                     hash.id()
                 );
-                // Not applied: it joins the next report.
-                l.reporting -= report.spent;
-                l.spent += report.spent;
-                l.unspent += report.give;
-                for (usage, deltas) in report.ledger {
-                    l.count(usage, deltas);
-                }
+                l.take_back(report);
                 Err(error)
             }
+        }
+    }
+}
+
+impl Lease {
+    /// Redis applied a report that spent `spent` and answered: the key's
+    /// balance, the lease as Redis has it now, and whether another node
+    /// wants credits. Also whether the lease is gone (ended in Redis, and
+    /// nothing here left to report), for the caller to forget.
+    fn answered(&mut self, spent: i64, answer: Reported) -> (Next, bool) {
+        let Reported {
+            credits,
+            leased,
+            outstanding,
+            active,
+            wanted,
+        } = answer;
+        self.reporting -= spent;
+        self.balance = credits;
+        self.leased = leased;
+        self.wanted = wanted;
+        self.renewed = Some(Instant::now());
+        if outstanding.is_none() || !active {
+            // Ended, taken back after its expiry, or the key revoked.
+            self.unspent = 0;
+        }
+        let gone = outstanding.is_none()
+            && self.spent == 0
+            && self.ledger.is_empty()
+            && self.unanswered.is_none();
+        let next = if wanted && self.unspent > 0 && self.used.elapsed() >= YIELD_IDLE {
+            Next::Yield
+        } else {
+            Next::Wait
+        };
+        (next, gone)
+    }
+
+    /// A report Redis surely did not apply: its spending, the credits it
+    /// gave back and its ledger join the next report.
+    fn take_back(&mut self, report: Unanswered) {
+        self.reporting -= report.spent;
+        self.spent += report.spent;
+        self.unspent += report.give;
+        for (usage, deltas) in report.ledger {
+            self.count(usage, deltas);
         }
     }
 }

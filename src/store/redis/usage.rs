@@ -75,6 +75,27 @@ impl RedisStore {
     /// answer was not seen; those that fail wait for the next flush. `true`
     /// if all were written.
     pub(super) async fn flush_hits(&self) -> bool {
+        let batch = self.take_hits();
+        if batch.is_empty() {
+            return true;
+        }
+        let results = self.write_hits(&batch).await;
+        let (failed, error) = sort_answers(batch, results);
+        if failed.is_empty() {
+            return true;
+        }
+        if let Some(e) = error {
+            let n: u64 = failed.iter().map(|f| f.hits).sum();
+            log::warn!("store: usage ledger: {n} cache hit(s) not written yet: {e}");
+        }
+        self.keep_hits(failed);
+        false
+    }
+
+    /// This flush's batch: the unanswered ones, then one new flush (with a
+    /// new id) per key and row counted since the last. An unanswered one
+    /// that Redis no longer remembers is dropped and counted as unknowable.
+    fn take_hits(&self) -> Vec<Flush> {
         let batch: Vec<Flush> = {
             let mut hits = self.lock_hits();
             let mut batch = std::mem::take(&mut hits.unanswered);
@@ -87,7 +108,7 @@ impl RedisStore {
             }));
             batch
         };
-        let batch: Vec<Flush> = batch
+        batch
             .into_iter()
             .filter(|f| {
                 let forgotten = f.maybe_ran.is_some_and(|t| t.elapsed() >= OP_MEMORY);
@@ -100,10 +121,12 @@ impl RedisStore {
                 }
                 !forgotten
             })
-            .collect();
-        if batch.is_empty() {
-            return true;
-        }
+            .collect()
+    }
+
+    /// Send the batch's flushes at once: for each, when it was sent and
+    /// Redis's answer (whether it counted them now, or a failure).
+    async fn write_hits(&self, batch: &[Flush]) -> Vec<(Instant, Result<i64, Failure>)> {
         let memory = Self::op_memory_ms();
         let writes = batch.iter().map(|f| {
             let memory = &memory;
@@ -117,41 +140,12 @@ impl RedisStore {
                 (sent, result)
             }
         });
-        let results = futures::future::join_all(writes).await;
-        let (mut again, mut twice, mut failed) = (0, 0, Vec::new());
-        let mut error = None;
-        for (mut f, (sent, result)) in batch.into_iter().zip(results) {
-            match result {
-                Ok(counted) => {
-                    if f.maybe_ran.is_some() {
-                        again += f.hits;
-                        if counted == 0 {
-                            twice += f.hits;
-                        }
-                    }
-                }
-                Err(failure) => {
-                    if failure.maybe_ran {
-                        f.maybe_ran.get_or_insert(sent);
-                    }
-                    error = Some(failure.error);
-                    failed.push(f);
-                }
-            }
-        }
-        if again > 0 {
-            log::info!(
-                "store: usage ledger: {again} cache hit(s) sent again after no answer, \
-                 {twice} of them counted already (not counted twice)"
-            );
-        }
-        if failed.is_empty() {
-            return true;
-        }
-        if let Some(e) = error {
-            let n: u64 = failed.iter().map(|f| f.hits).sum();
-            log::warn!("store: usage ledger: {n} cache hit(s) not written yet: {e}");
-        }
+        futures::future::join_all(writes).await
+    }
+
+    /// Failed flushes wait for the next: one that may have run is sent
+    /// again as it is (same id), one that did not joins the next count.
+    fn keep_hits(&self, failed: Vec<Flush>) {
         let mut hits = self.lock_hits();
         for f in failed {
             if f.maybe_ran.is_some() {
@@ -161,8 +155,44 @@ impl RedisStore {
                 *hits.counted.entry((f.hash, f.usage)).or_default() += f.hits;
             }
         }
-        false
     }
+}
+
+/// Match a batch with its answers: log how many hits sent again had been
+/// counted already, and return the flushes that failed (marked from when
+/// one may have run without an answer) with the last failure's error.
+fn sort_answers(
+    batch: Vec<Flush>,
+    results: Vec<(Instant, Result<i64, Failure>)>,
+) -> (Vec<Flush>, Option<StoreError>) {
+    let (mut again, mut twice, mut failed) = (0, 0, Vec::new());
+    let mut error = None;
+    for (mut f, (sent, result)) in batch.into_iter().zip(results) {
+        match result {
+            Ok(counted) => {
+                if f.maybe_ran.is_some() {
+                    again += f.hits;
+                    if counted == 0 {
+                        twice += f.hits;
+                    }
+                }
+            }
+            Err(failure) => {
+                if failure.maybe_ran {
+                    f.maybe_ran.get_or_insert(sent);
+                }
+                error = Some(failure.error);
+                failed.push(f);
+            }
+        }
+    }
+    if again > 0 {
+        log::info!(
+            "store: usage ledger: {again} cache hit(s) sent again after no answer, \
+             {twice} of them counted already (not counted twice)"
+        );
+    }
+    (failed, error)
 }
 
 /// A day's rows of one key from its ledger hash, sorted by route.
