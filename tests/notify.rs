@@ -118,8 +118,10 @@ async fn no_failure_summary_follows_a_recovery() {
     broken.store(true, Ordering::Relaxed);
     assert_eq!(get_with_id(&c, &gw, "/api/x", "post-1").await, 502);
     let n = p.len();
-    let p = wait_post(&hook, "after the recovery", Duration::from_secs(5), |_| {
-        posts(&hook).len() > n
+    // Waits on the snapshot it returns (a fresh read here could be longer
+    // than that snapshot, and `p[n]` out of its bounds).
+    let p = wait_post(&hook, "after the recovery", Duration::from_secs(5), |v| {
+        v["request_id"] == "post-1"
     })
     .await;
     let next = &p[n];
