@@ -58,8 +58,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::LimitsConfig;
 use crate::connections::{Cap, ConnectionCounters};
-use crate::logging::{self, AccessLine, AccessLog};
-use crate::metrics::{Metrics, UNMATCHED};
 use crate::proxy::{Gateway, GatewayProxy};
 use crate::reject::Reject;
 use crate::request::{plain_get, slots};
@@ -95,7 +93,6 @@ pub fn service(
     counters: ConnectionCounters,
     tls: TlsListeners,
 ) -> Service<Front> {
-    let (metrics, access_log) = gateway.observers();
     let gateway = Arc::new(gateway);
     let proxy = Arc::new(http_proxy(conf, GatewayProxy(gateway.clone())));
     Service::new(
@@ -103,8 +100,6 @@ pub fn service(
         Front {
             gateway,
             proxy,
-            metrics,
-            access_log,
             cap: Cap::new(limits.max_client_connections, counters),
             header_timeout: limits.request_header_timeout,
             tls,
@@ -113,11 +108,10 @@ pub fn service(
 }
 
 pub struct Front {
-    /// Answers the requests the front door serves itself ([`plain_get`]).
+    /// Answers the requests the front door serves itself ([`plain_get`]),
+    /// and counts and logs those it refuses.
     gateway: Arc<Gateway>,
     proxy: Arc<HttpProxy<GatewayProxy>>,
-    metrics: Arc<Metrics>,
-    access_log: AccessLog,
     /// `limits.max_client_connections`.
     cap: Cap,
     /// `limits.request_header_timeout_ms`: how long one whole request head
@@ -291,24 +285,7 @@ impl Front {
     /// Answer with the JSON error, count and log it (no path: the target is
     /// not known to be safe to log), and close.
     async fn refuse<C: Connection>(&self, conn: &mut C, reject: Reject, started: Instant) {
-        let request_id = logging::new_request_id();
-        let elapsed = started.elapsed();
-        self.metrics.request(None, reject.status(), elapsed);
-        self.metrics.rejection(reject);
-        self.access_log.write(&AccessLine {
-            time: logging::now_rfc3339(),
-            request_id: &request_id,
-            method: "-",
-            route: UNMATCHED,
-            path: None,
-            status: reject.status(),
-            latency_ms: logging::ms(elapsed),
-            cache: None,
-            winner: None,
-            key_id: None,
-            credits: None,
-            error: Some(reject.code()),
-        });
+        let request_id = self.gateway.log_refused(reject, started);
         let answer = respond::raw_reject(reject, &request_id);
         if conn.write_all(&answer).await.is_err() || conn.flush().await.is_err() {
             return;

@@ -94,11 +94,6 @@ impl Gateway {
         }
     }
 
-    /// The metrics and access log, for the HTTP/1 front door's own answers.
-    pub fn observers(&self) -> (Arc<Metrics>, AccessLog) {
-        (self.metrics.clone(), self.access_log.clone())
-    }
-
     /// The reply to a request, in the contract's order of checks: request
     /// and route → auth → rate limit → credits → cache → race. `client`: the
     /// address the backends get as `X-Forwarded-For`.
@@ -178,6 +173,17 @@ impl Gateway {
             None => router::loggable_target(req.target(), &self.auth_param),
         };
         format!("{} {target}, request_id: {}", req.method(), ctx.request_id)
+    }
+
+    /// Count and log a request the front door refused from its head alone
+    /// (no method or path: the head is not known to be safe to log), and
+    /// return the request id its answer carries.
+    pub fn log_refused(&self, reject: Reject, started: Instant) -> String {
+        let mut ctx = Ctx::starting(started);
+        ctx.request_id = logging::new_request_id();
+        ctx.reject = Some(reject);
+        self.log(&ctx, "-", reject.status());
+        ctx.request_id
     }
 
     /// Count and log a request that got `status` (0: none went out), from

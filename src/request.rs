@@ -2,13 +2,13 @@
 //! as sent and its header fields. Two kinds of head provide it: Pingora's
 //! `RequestHeader` (HTTP/2, and the HTTP/1 requests the front door hands to
 //! Pingora), and the front door's own reading of a plain GET straight off
-//! the connection's bytes (`front::head::PlainGet`).
+//! the connection's bytes ([`PlainGet`]).
 //!
 //! Why not one type: building a `RequestHeader` for every request the front
 //! door answers itself (its URI, header map and case map, an allocation per
-//! header name) was about 5 % of a cache hit's CPU, for three fields the
-//! steps look at (bench/RESULTS.md, issue 14: "A request head without a
-//! header map").
+//! header name, and 8 KiB of header slots initialised) was about 8 % of a
+//! cache hit's CPU, for three fields the steps look at (bench/RESULTS.md,
+//! issue 14: "A request head without a header map").
 
 use std::mem::MaybeUninit;
 
@@ -77,9 +77,9 @@ pub fn slots<'b>() -> Slots<'b> {
 /// headers, at most [`PLAIN_HEADERS`] fields, and a target that Pingora would
 /// keep byte for byte (its URI parser drops a `#…` fragment and refuses
 /// `<`, `>` and `` ` ``; such targets go to Pingora, as everything else
-/// does). [`check_head`] has already refused a second `Host` and userinfo in
-/// it, which is all Pingora's `validate_request_authority` checks of an
-/// origin-form target.
+/// does). The front door's `check_head` has already refused a second `Host`
+/// and userinfo in it, which is all Pingora's `validate_request_authority`
+/// checks of an origin-form target.
 pub struct PlainGet<'h, 'b> {
     method: &'b str,
     target: &'b [u8],
